@@ -1,0 +1,1 @@
+"""dfjax: diffusion inference in JAX over a device mesh."""
