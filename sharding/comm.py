@@ -1,0 +1,125 @@
+"""Communication accounting: bytes each device receives per denoising step, per collective kind.
+
+Read from the compiled program itself, so it counts what XLA really runs. Each top-level
+`while` loop is one phase's `lax.scan` (one iteration per step); the collectives in its body,
+and in what the body calls, are that phase's per-step traffic.
+
+Bytes are what one device receives per step: an all-gather brings (n−1)/n of its output, a
+collective-permute its whole output (interior devices of a patch ring; edge devices get less),
+an all-reduce moves its payload.
+"""
+
+import dataclasses
+
+from sharding import hlo
+
+COLLECTIVES = {"all-gather", "collective-permute", "all-reduce", "all-to-all", "reduce-scatter"}
+# Ops that only move or relabel data: a collective's result passing only through them to the
+# loop's ROOT is carried to the next iteration, not consumed in this one.
+_PASS_THROUGH = {"copy", "bitcast", "tuple", "get-tuple-element", "reshape", "copy-start", "copy-done",
+                 "all-gather-done", "collective-permute-done", "all-reduce-done", "async-done",
+                 "optimization-barrier"}
+
+
+def collective_kind(opcode: str) -> str | None:
+  kind = opcode.removesuffix("-start")
+  return kind if kind in COLLECTIVES else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTraffic:
+  """One phase's per-step collectives: {kind: (count, bytes received per device)}."""
+
+  by_kind: dict[str, tuple[int, int]]
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(b for _, b in self.by_kind.values())
+
+  def format(self) -> str:
+    parts = [f"{kind} ×{count} {size / 2**20:.3f} MiB" for kind, (count, size) in sorted(self.by_kind.items())]
+    return ", ".join(parts) or "none"
+
+
+def _received_bytes(inst: hlo.Instruction, shapes: dict[str, str]) -> int:
+  arrays = hlo.array_shapes(inst.shape)
+  if inst.opcode.endswith("-start") and len(arrays) > 1:
+    arrays = arrays[len(arrays) // 2:] if collective_kind(inst.opcode) == "all-gather" else arrays[1:2]
+  out = sum(hlo.nbytes(d, s) for d, s in arrays)
+  operand = sum(hlo.nbytes(d, s) for name in inst.operands for d, s in hlo.array_shapes(shapes.get(name, "")))
+  match collective_kind(inst.opcode):
+    case "all-gather":
+      return out - operand
+    case "reduce-scatter":
+      return operand - out
+    case _:
+      return out
+
+
+def _collectives(module: hlo.Module, computation: str):
+  """(instruction, its computation's shape table) for every collective reachable from `computation`."""
+  for name in module.reachable(computation):
+    shapes = {i.name: i.shape for i in module.computations[name]}
+    for inst in module.computations[name]:
+      if collective_kind(inst.opcode):
+        yield inst, shapes
+
+
+def step_loops(module: hlo.Module) -> list[str]:
+  """Body computations of the entry's while loops, in program order (one per scan phase)."""
+  bodies = []
+  for inst in module.computations[module.entry]:
+    if inst.opcode == "while":
+      bodies += [c for c in inst.called() if c in module.computations and _is_body(inst, c)]
+  return bodies
+
+
+def _is_body(inst: hlo.Instruction, name: str) -> bool:
+  return f"body=%{name}" in inst.attributes or f"body={name}" in inst.attributes
+
+
+def traffic_per_step(compiled_text: str) -> list[StepTraffic]:
+  """Per-step traffic of each scan phase of a compiled program (`compiled.as_text()`)."""
+  module = hlo.parse(compiled_text)
+  phases = []
+  for body in step_loops(module):
+    by_kind: dict[str, tuple[int, int]] = {}
+    for inst, shapes in _collectives(module, body):
+      count, size = by_kind.get(collective_kind(inst.opcode), (0, 0))
+      by_kind[collective_kind(inst.opcode)] = (count + 1, size + _received_bytes(inst, shapes))
+    phases.append(StepTraffic(by_kind))
+  return phases
+
+
+def consumed_in_step(compiled_text: str) -> list[list[str]]:
+  """For each scan phase, the collectives whose results are used by computation in the same step.
+
+  An empty list means every collective of that phase only feeds the carry: nothing waits for it
+  inside the step, so XLA is free to overlap it with the step's compute.
+  """
+  module = hlo.parse(compiled_text)
+  result = []
+  for body in step_loops(module):
+    users = module.users(body)
+    consumed = []
+    for inst in module.computations[body]:
+      if collective_kind(inst.opcode) and _feeds_compute(inst, users):
+        consumed.append(inst.name)
+    consumed += [i.name for name in module.reachable(body)[1:] for i in module.computations[name]
+                 if collective_kind(i.opcode)]  # collectives inside nested computations: conservatively consumed
+    result.append(consumed)
+  return result
+
+
+def _feeds_compute(inst: hlo.Instruction, users: dict[str, list[hlo.Instruction]]) -> bool:
+  stack, seen = [inst], set()
+  while stack:
+    current = stack.pop()
+    for user in users.get(current.name, []):
+      if user.name in seen:
+        continue
+      seen.add(user.name)
+      if user.opcode not in _PASS_THROUGH:
+        return True
+      stack.append(user)
+  return False
