@@ -1,0 +1,218 @@
+"""Reading a diffusers UNet from disk: which files hold it, and their tensors as numpy arrays.
+
+A source is either a pipeline folder (`model_index.json`, `unet/`, maybe `scheduler/`) or a single
+UNet folder (`config.json` + weights). Weights are safetensors only:
+
+  diffusion_pytorch_model[.VARIANT].safetensors               one file
+  diffusion_pytorch_model.safetensors.index[.VARIANT].json     shards named by the index
+  diffusion_pytorch_model.VARIANT.safetensors.index.json       (older spelling of the same)
+
+Full precision is preferred when both it and a variant are present, unless a variant is asked for.
+Every problem (no weights, `.bin` only, a missing shard, a corrupted file) is a `ValueError` naming
+the folder or file; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+_SINGLE_RE = re.compile(rf"^{WEIGHTS_STEM}(?:\.(?P<variant>\w+))?\.safetensors$")
+_INDEX_RES = (
+    re.compile(rf"^{WEIGHTS_STEM}\.safetensors\.index(?:\.(?P<variant>\w+))?\.json$"),
+    re.compile(rf"^{WEIGHTS_STEM}\.(?P<variant>\w+)\.safetensors\.index\.json$"),
+)
+SAFETENSORS_HINT = (
+    "dfjax reads safetensors only. Re-save the model with diffusers: "
+    "`UNet2DConditionModel.from_pretrained(SRC).save_pretrained(DST, safe_serialization=True)` "
+    "(or `pipe.save_pretrained(DST, safe_serialization=True)` for a whole pipeline)."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFiles:
+  """The files of one diffusers UNet checkpoint.
+
+  Attributes:
+    root: the folder the user named (pipeline or UNet folder).
+    unet_dir: the folder holding the UNet's `config.json` and weights.
+    config: that `config.json`.
+    weights: the safetensors files, in reading order (one file, or the shards of the index).
+    index: the shard index when the weights are sharded.
+    variant: the weights' variant (`"fp16"`…), None for the full-precision files.
+    scheduler_config: `scheduler/scheduler_config.json` of a pipeline folder, when present.
+  """
+
+  root: Path
+  unet_dir: Path
+  config: Path
+  weights: tuple[Path, ...]
+  index: Path | None = None
+  variant: str | None = None
+  scheduler_config: Path | None = None
+
+  @property
+  def all_files(self) -> tuple[Path, ...]:
+    """Every file the checkpoint is read from, for the manifest."""
+    extra = (self.index, self.scheduler_config)
+    return (self.config, *(p for p in extra if p is not None), *self.weights)
+
+
+def find_source(src: str | Path, variant: str | None = None) -> SourceFiles:
+  """Finds the UNet config and weight files under `src` (a pipeline or a UNet folder).
+
+  Args:
+    src: a diffusers pipeline folder (with `model_index.json`) or a UNet folder (`config.json`).
+    variant: the weights variant to read (`"fp16"`…); None prefers full precision, falling back
+      to the one variant present.
+  Raises:
+    ValueError: the folder is not a diffusers UNet, or holds no usable safetensors weights.
+  """
+  src = Path(src)
+  if not src.is_dir():
+    raise ValueError(f"{src}: not a folder; expected a diffusers pipeline or UNet folder")
+  unet_dir, pipeline = src, None
+  if (src / "model_index.json").is_file():
+    unet_dir, pipeline = src / "unet", src
+    if not (unet_dir / "config.json").is_file():
+      raise ValueError(f"{src} is a diffusers pipeline folder without a `unet/config.json`")
+  elif (src.parent / "model_index.json").is_file():  # the unet/ folder of a pipeline
+    pipeline = src.parent
+  scheduler_config = None
+  if pipeline is not None and (pipeline / "scheduler" / "scheduler_config.json").is_file():
+    scheduler_config = pipeline / "scheduler" / "scheduler_config.json"
+  config = unet_dir / "config.json"
+  if not config.is_file():
+    raise ValueError(
+        f"{src}: no `config.json` or `model_index.json`; expected a diffusers pipeline folder "
+        f"(model_index.json + unet/) or a UNet folder (config.json + {WEIGHTS_STEM}.safetensors)")
+  chosen_variant, weights, index = _choose_weights(unet_dir, variant)
+  return SourceFiles(src, unet_dir, config, weights, index, chosen_variant, scheduler_config)
+
+
+def _weight_sets(unet_dir: Path) -> dict[str | None, dict[str, Path]]:
+  """Variant → {"single": file, "index": file} for the safetensors weights in the folder."""
+  sets: dict[str | None, dict[str, Path]] = {}
+  for path in sorted(unet_dir.iterdir()):
+    if match := _SINGLE_RE.match(path.name):
+      sets.setdefault(match["variant"], {})["single"] = path
+    for index_re in _INDEX_RES:
+      if match := index_re.match(path.name):
+        sets.setdefault(match["variant"], {})["index"] = path
+  return sets
+
+
+def _choose_weights(unet_dir: Path, variant: str | None
+                    ) -> tuple[str | None, tuple[Path, ...], Path | None]:
+  """Picks the variant and returns (variant, weight files, index or None)."""
+  sets = _weight_sets(unet_dir)
+  if not sets:
+    bins = sorted(p.name for p in unet_dir.glob("*.bin"))
+    if bins:
+      raise ValueError(f"{unet_dir} holds only PyTorch pickle weights ({', '.join(bins)}). "
+                       + SAFETENSORS_HINT)
+    listing = ", ".join(sorted(p.name for p in unet_dir.iterdir())) or "nothing"
+    raise ValueError(f"{unet_dir}: no {WEIGHTS_STEM}*.safetensors weights (the folder holds "
+                     f"{listing})")
+  available = ", ".join(_variant_name(v) for v in sorted(sets, key=lambda v: (v is not None, v or "")))
+  if variant is None and None not in sets:
+    if len(sets) > 1:
+      raise ValueError(f"{unet_dir}: no full-precision weights and several variants ({available});"
+                       " choose one with variant=")
+    (variant,) = sets
+  if variant not in sets:
+    raise ValueError(f"{unet_dir}: no weights of variant {_variant_name(variant)}; "
+                     f"available: {available}")
+  files = sets[variant]
+  if len(files) == 2:
+    raise ValueError(f"{unet_dir}: both {files['single'].name} and {files['index'].name} exist for "
+                     f"variant {_variant_name(variant)}; remove the stale one")
+  if "single" in files:
+    return variant, (files["single"],), None
+  return variant, _shards_of(files["index"]), files["index"]
+
+
+def _variant_name(variant: str | None) -> str:
+  return "full precision (no variant)" if variant is None else repr(variant)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+  """The index's weight_map, tensor name → shard file name."""
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{index}: not a safetensors shard index ({type(e).__name__}: {e})") from e
+  if not isinstance(weight_map, dict):
+    raise ValueError(f"{index}: `weight_map` is not a mapping")
+  return weight_map
+
+
+def _shards_of(index: Path) -> tuple[Path, ...]:
+  """The shard files an index names, all present (else one error listing the missing ones)."""
+  names = sorted(set(_read_index(index).values()))
+  missing = [n for n in names if not (index.parent / n).is_file()]
+  if missing:
+    raise ValueError(f"{index} lists {len(names)} shards but {len(missing)} are missing from "
+                     f"{index.parent}: {', '.join(missing)}")
+  return tuple(index.parent / n for n in names)
+
+
+def read_tensors(source: SourceFiles) -> dict[str, np.ndarray]:
+  """All tensors of the source's weight files, by diffusers key.
+
+  Raises:
+    ValueError: a file is not valid safetensors (named), a key is in two files, or the shards do
+      not hold what the index says.
+  """
+  tensors: dict[str, np.ndarray] = {}
+  origin: dict[str, Path] = {}
+  for path in source.weights:
+    for key, array in read_safetensors(path).items():
+      if key in tensors:
+        raise ValueError(f"tensor {key!r} is in both {origin[key]} and {path}")
+      tensors[key], origin[key] = array, path
+  if source.index is not None:
+    _check_index_matches(source.index, {k: p.name for k, p in origin.items()})
+  return tensors
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  """One safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16).
+
+  Raises:
+    ValueError: naming the file, when safetensors cannot parse it (truncated, corrupted).
+  """
+  try:
+    with safe_open(path, framework="np") as f:
+      return {key: f.get_tensor(key) for key in f.keys()}
+  except Exception as e:  # safetensors raises its own SafetensorError, or OSError/ValueError
+    raise ValueError(f"{path}: cannot read as safetensors, the file may be truncated or "
+                     f"corrupted ({type(e).__name__}: {e})") from e
+
+
+def _check_index_matches(index: Path, found: Mapping[str, str]) -> None:
+  """The shards hold exactly the tensors the index places in them."""
+  expected = _read_index(index)
+  problems = [f"{k} (index: {v}, not found there)" for k, v in expected.items()
+              if found.get(k) != v]
+  problems += [f"{k} (in {v}, not in the index)" for k, v in found.items() if k not in expected]
+  if problems:
+    raise ValueError(f"{index} does not match its shards: " + "; ".join(sorted(problems)))
+
+
+def read_json(path: Path) -> dict:
+  """A JSON object from `path`, with the file named in the error when it is not one."""
+  try:
+    value = json.loads(Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
