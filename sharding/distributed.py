@@ -7,6 +7,9 @@ collectives through gloo over TCP (loopback for tests, a network across hosts).
 
 import dataclasses
 import os
+import socket
+import sys
+import time
 
 import jax
 
@@ -46,15 +49,35 @@ class ProcessGroup:
 
 
 def initialize(group: ProcessGroup | None, *, timeout_s: int = 60) -> None:
-  """Joins the process group (no-op for None); fails within `timeout_s` if the coordinator is unreachable."""
+  """Joins the process group (no-op for None).
+
+  A process other than 0 first waits up to `timeout_s` for the coordinator's port to accept
+  connections and raises ConnectionError if it never does: JAX's runtime would abort the process
+  with a fatal log instead of an exception.
+  """
   if group is None or group.num_processes == 1:
     return
+  if group.process_id != 0:
+    _wait_for_coordinator(group, timeout_s)
+  else:
+    print(f"dfjax: coordinating {group.num_processes} processes at {group.coordinator} "
+          f"(waiting up to {timeout_s} s for them to join)", file=sys.stderr)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  try:
-    jax.distributed.initialize(group.coordinator, group.num_processes, group.process_id,
-                               initialization_timeout=timeout_s)
-  except Exception as error:  # the runtime's errors name gRPC internals; say what to check
-    raise RuntimeError(
-        f"process {group.process_id} of {group.num_processes} could not join the coordinator at "
-        f"{group.coordinator} within {timeout_s} s: check that process 0 runs and that the address "
-        f"and port are reachable from this host. ({type(error).__name__}: {error})") from error
+  jax.distributed.initialize(group.coordinator, group.num_processes, group.process_id,
+                             initialization_timeout=timeout_s)
+
+
+def _wait_for_coordinator(group: ProcessGroup, timeout_s: float) -> None:
+  host, _, port = group.coordinator.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1):
+        return
+    except OSError as error:
+      if time.monotonic() > deadline:
+        raise ConnectionError(
+            f"process {group.process_id} of {group.num_processes} could not join the coordinator at "
+            f"{group.coordinator} within {timeout_s} s: check that process 0 runs and that the "
+            f"address and port are reachable from this host ({error}).") from None
+      time.sleep(0.2)

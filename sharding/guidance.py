@@ -13,7 +13,8 @@ CFG_AXIS = "cfg"
 
 def gather_pair(eps_pbhwc: jax.Array) -> jax.Array:
   """(2/cfg, B, h, W, C) local share of the (uncond, cond) predictions → (2, B, h, W, C)."""
-  return lax.all_gather(eps_pbhwc, CFG_AXIS, axis=0, tiled=True)
+  # Invariant over `cfg`: both groups then hold, and update, the same latents.
+  return lax.all_gather(eps_pbhwc, CFG_AXIS, axis=0, tiled=True, to="invarying")
 
 
 def guide(eps_pair_2bhwc: jax.Array, guidance_scale: jax.Array) -> jax.Array:

@@ -1,0 +1,255 @@
+"""The jitted sampling loop: `shard_map` over the mesh around `lax.scan` over the steps.
+
+One `jax.jit` runs the whole denoising: every device runs `_denoise_on_device` on its rows of
+its batch share; each strategy phase (warm-up, displaced) is one `lax.scan`, so the program does
+not grow with the number of steps. Latents stay sharded by rows the whole run: the scheduler
+update is elementwise, so no device ever needs the full image until the result is returned.
+
+Shape letters: P guidance pair (uncond, cond), B batch, H/h rows (image/patch), W columns,
+C channels, T text tokens, D text width.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dfjax import schedulers
+from sharding import guidance
+from sharding.mesh import axis_sizes, single_device_mesh
+from sharding.strategy import Phase, Strategy
+
+LATENT_SPEC = P("data", "patch")  # batch over data, rows over patch
+
+
+def _pair_spec(mesh: Mesh) -> P:
+  """Guidance halves over cfg (when it splits them), batch over data."""
+  return P("cfg" if mesh.shape["cfg"] > 1 else None, "data")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  """What the UNet is conditioned on, batch-first. Unused fields stay None.
+
+  Attributes:
+    encoder_hidden_states: (B, T, D) text (or class-token) embeddings.
+    text_embeds: (B, D_pool) pooled text embedding (SDXL micro-conditioning).
+    time_ids: (B, 6) SDXL size/crop conditioning.
+    class_labels: (B,) class ids of class-conditional UNets.
+  """
+
+  encoder_hidden_states: jax.Array
+  text_embeds: jax.Array | None = None
+  time_ids: jax.Array | None = None
+  class_labels: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Everything static about a sampling run (the jit cache key beside the model's graph)."""
+
+  mesh: Mesh
+  strategy: Strategy
+  scheduler: str
+  scheduler_config: schedulers.SchedulerConfig
+  num_steps: int
+  guided: bool
+
+
+def _prepare(
+    model: nnx.Module,
+    noise: jax.Array,
+    cond: Conditioning,
+    *,
+    uncond: Conditioning | None = None,
+    scheduler: str = "ddim",
+    scheduler_config: schedulers.SchedulerConfig | dict | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 5.0,
+    mesh: Mesh | None = None,
+    strategy: Strategy | None = None,
+) -> jax.Array:
+  """Denoises `noise` into latents with one jitted program (`dfjax.sample`).
+
+  Args:
+    model: a UNet (`models.unet.UNet2DConditionModel`) or any NNX module with its call signature.
+    noise: (B, H, W, C) unit Gaussian latents, NHWC.
+    cond: the conditioning; `uncond` the unconditional one for classifier-free guidance,
+      needed unless guidance_scale == 1.
+    scheduler: "ddim", "euler" or "dpmpp_2m"; `scheduler_config` a diffusers
+      scheduler_config.json dict or a SchedulerConfig (default: diffusers' defaults).
+    mesh: a `dfjax.make_mesh` mesh; None runs on one device.
+    strategy: how the `patch` axis is used; None means `exact` when patch > 1, else `single`.
+
+  Returns:
+    (B, H, W, C) latents, sharded by rows over `patch` and by batch over `data`.
+  """
+  mesh = single_device_mesh() if mesh is None else mesh
+  sizes = axis_sizes(mesh)
+  if strategy is None:
+    strategy = Strategy.exact() if sizes["patch"] > 1 else Strategy.single()
+  strategy.check_patches(sizes["patch"])
+  if not isinstance(scheduler_config, schedulers.SchedulerConfig):
+    scheduler_config = schedulers.SchedulerConfig.from_diffusers_config(scheduler_config or {})
+  schedulers.make_scheduler(scheduler, scheduler_config, num_steps)  # bad names/steps fail here
+  guided = guidance_scale != 1.0
+  pair = _guidance_pair(cond, uncond, guided, sizes["cfg"])
+  _check_latents(model, noise, pair, sizes)
+
+  plan = _Plan(mesh, strategy, scheduler, scheduler_config, num_steps, guided)
+  graphdef, params = nnx.split(model)
+  place = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
+  return graphdef, (place(params, P()), place(noise, LATENT_SPEC), place(pair, _pair_spec(mesh)),
+                    jnp.float32(guidance_scale)), plan
+
+
+@functools.wraps(_prepare)
+def sample(*args, **kwargs) -> jax.Array:
+  graphdef, inputs, plan = _prepare(*args, **kwargs)
+  return _sample_jit(graphdef, *inputs, plan=plan)
+
+
+def lower_sample(*args, **kwargs) -> jax.stages.Lowered:
+  """`sample`'s program, lowered (same arguments): `.compile()` it to inspect HLO or costs."""
+  graphdef, inputs, plan = _prepare(*args, **kwargs)
+  return _sample_jit.lower(graphdef, *inputs, plan=plan)
+
+
+def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:
+  """Per-device shapes of the stale activations the run carries between steps (same arguments).
+
+  Empty for strategies without stale state. Read from the model's own exchanges, not derived.
+  """
+  graphdef, inputs, plan = _prepare(*args, **kwargs)
+  phases = plan.strategy.phases(plan.num_steps, plan.mesh.shape["patch"])
+  recording = next((p for p in phases if p.records), None)
+  if recording is None:
+    return {}
+
+  def record_on_device(params, noise, pair, guidance_scale):
+    run = _DeviceRun(graphdef, params, pair, guidance_scale, plan)
+    x = noise * run.sched.init_noise_sigma
+    record = run.denoise(x, run.sched.init_state(x), None, recording.start, recording)[2]
+    return jax.tree.map(lambda a: a[None], record)  # one slot per device
+
+  every_device = P(tuple(plan.mesh.axis_names))
+  shapes = jax.eval_shape(jax.shard_map(record_on_device, mesh=plan.mesh, in_specs=_in_specs(plan.mesh),
+                                        out_specs=every_device), *inputs)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
+
+
+def _guidance_pair(cond: Conditioning, uncond: Conditioning | None, guided: bool, cfg: int) -> Conditioning:
+  """Stacks (uncond, cond) on a leading pair axis; a pair of one when unguided."""
+  if not isinstance(cond, Conditioning):
+    raise ValueError(f"cond must be a dfjax.Conditioning, got {type(cond).__name__}.")
+  if not guided:
+    if cfg > 1:
+      raise ValueError(f"the mesh splits guidance over cfg={cfg} devices, but guidance_scale=1 runs "
+                       "no unconditional half: use a mesh with cfg=1 or a guidance_scale ≠ 1.")
+    return jax.tree.map(lambda c: jnp.asarray(c)[None], cond)
+  if uncond is None:
+    raise ValueError("classifier-free guidance (guidance_scale ≠ 1) needs `uncond`, the "
+                     "unconditional Conditioning; pass it, or guidance_scale=1.0 to sample without.")
+  if jax.tree.structure(uncond) != jax.tree.structure(cond):
+    raise ValueError("`uncond` and `cond` must set the same fields (e.g. both time_ids for SDXL).")
+  return jax.tree.map(lambda u, c: jnp.stack([jnp.asarray(u), jnp.asarray(c)]), uncond, cond)
+
+
+def _check_latents(model, noise, pair: Conditioning, sizes: dict[str, int]) -> None:
+  if noise.ndim != 4:
+    raise ValueError(f"noise must be NHWC (B, H, W, C); got shape {tuple(noise.shape)}.")
+  batch, height, width, _ = noise.shape
+  cond_batch = pair.encoder_hidden_states.shape[1]
+  if cond_batch != batch:
+    raise ValueError(f"noise has batch {batch} but the conditioning has batch {cond_batch}.")
+  if batch % sizes["data"]:
+    raise ValueError(f"batch {batch} does not split over data={sizes['data']} devices: use a "
+                     f"batch that is a multiple of {sizes['data']} or a smaller data axis.")
+  patches, factor = sizes["patch"], model.config.downsample_factor
+  if height % (patches * factor):
+    valid = [n for n in range(1, height // factor + 1) if height % (n * factor) == 0]
+    raise ValueError(
+        f"latent height {height} cannot be split into patch={patches} row patches: every patch "
+        f"needs a whole number of rows at all {model.config.num_levels} resolution levels (a "
+        f"multiple of {factor}). Valid patch counts for height {height}: {valid}; or choose a "
+        f"height that is a multiple of {patches * factor}.")
+  model.config.check_latent_size(height, width, row_splits=patches)
+
+
+def _in_specs(mesh: Mesh) -> tuple[P, ...]:
+  return P(), LATENT_SPEC, _pair_spec(mesh), P()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _sample_jit(graphdef, params, noise, pair, guidance_scale, *, plan: _Plan):
+  def on_device(params, noise, pair, guidance_scale):
+    return _DeviceRun(graphdef, params, pair, guidance_scale, plan).run(noise)
+
+  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan.mesh), out_specs=LATENT_SPEC)(
+      params, noise, pair, guidance_scale)
+
+
+class _DeviceRun:
+  """One device's whole run: its rows of its batch share, through every phase."""
+
+  def __init__(self, graphdef, params, pair: Conditioning, guidance_scale, plan: _Plan):
+    self.model = nnx.merge(graphdef, params)
+    self.sched = schedulers.make_scheduler(plan.scheduler, plan.scheduler_config, plan.num_steps)
+    self.pair, self.guidance_scale, self.plan = pair, guidance_scale, plan
+
+  def denoise(self, x, sched_state, stale, i, phase: Phase):
+    """Step i: returns the next latents, scheduler state and what this step recorded."""
+    record = {} if phase.records else None
+    ctx = phase.context(stale if phase.uses_stale else None, record)
+    x_in = self.sched.scale_model_input(x, i)
+    eps = _predict_noise(self.model, x_in, self.sched.model_timestep(i), self.pair, self.guidance_scale,
+                         self.plan.guided, ctx)
+    x, sched_state = self.sched.step(sched_state, eps, i, x)
+    return x, sched_state, record
+
+  def run(self, noise):
+    x = noise * self.sched.init_noise_sigma  # B, h, W, C
+    sched_state = self.sched.init_state(x)
+    stale = None
+    for phase in self.plan.strategy.phases(self.plan.num_steps, self.plan.mesh.shape["patch"]):
+      if phase.records and not phase.uses_stale:  # the carry needs a value of the record's shape
+        shapes = jax.eval_shape(lambda: self.denoise(x, sched_state, None, phase.start, phase)[2])
+        stale = jax.tree.map(_zeros_like_abstract, shapes)
+
+      def body(carry, i, phase=phase):
+        x, sched_state, stale = carry
+        x, sched_state, record = self.denoise(x, sched_state, stale, i, phase)
+        return (x, sched_state, record if phase.records else stale), None
+
+      steps = jnp.arange(phase.start, phase.stop, dtype=jnp.int32)
+      (x, sched_state, stale), _ = lax.scan(body, (x, sched_state, stale), steps)
+    return x
+
+
+def _zeros_like_abstract(shape: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros with the shape, dtype and device-variance (shard_map's vma) of `shape`."""
+  zeros = jnp.zeros(shape.shape, shape.dtype)
+  varying = tuple(shape.manual_axis_type.varying) if shape.manual_axis_type else ()
+  return lax.pcast(zeros, varying, to="varying") if varying else zeros
+
+
+def _predict_noise(model, x, t, pair: Conditioning, guidance_scale, guided: bool, ctx) -> jax.Array:
+  """The (guided) model prediction for this device's rows."""
+  share, batch = pair.encoder_hidden_states.shape[:2]  # this device's part of the pair
+  flat = jax.tree.map(lambda a: a.reshape(share * batch, *a.shape[2:]), pair)
+  x_in = jnp.broadcast_to(x, (share, *x.shape)).reshape(share * batch, *x.shape[1:])  # P·B, h, W, C
+  eps = model(x_in, t, flat.encoder_hidden_states, text_embeds=flat.text_embeds,
+              time_ids=flat.time_ids, class_labels=flat.class_labels, ctx=ctx)
+  eps = eps.reshape(share, batch, *eps.shape[1:])  # P, B, h, W, C
+  if not guided:
+    return eps[0]
+  if share == 1:  # the other half was computed by the other `cfg` device group
+    eps = guidance.gather_pair(eps)  # 2, B, h, W, C
+  return guidance.guide(eps, guidance_scale)  # B, h, W, C

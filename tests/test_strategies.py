@@ -1,0 +1,134 @@
+"""Patch-parallel strategies through `dfjax.sample` on 8 virtual CPU devices, fp32.
+
+exact = single; displaced with warm-up over every step = exact; displaced after warm-up really
+uses stale values yet stays close; naive differs more. The compiled program is inspected:
+displaced steps consume none of their collectives, exact steps do, and the per-step traffic
+equals the analytic volume.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfjax.sampling import Conditioning, lower_sample, sample, stale_buffer_shapes
+from models.config import UNetConfig
+from models.unet import UNet2DConditionModel
+from sharding import analytic, comm
+from sharding.mesh import make_mesh
+from sharding.strategy import Strategy
+
+STEPS = 6
+HEIGHT = 48  # latent rows: 48 / patches / 2 (one downsampling) is whole for 1, 2, 3, 4, 6, 8 patches
+# Two levels keep compile times short on a 2-core CI machine; every parallel layer kind is there:
+# halo convs (incl. the strided one), self-attention, GroupNorm, cross-attention.
+TWO_LEVEL_UNET = {
+    "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 4,
+    "cross_attention_dim": 32, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
+# Stable Diffusion's DDIM settings; the random model's predictions are far from denoising, and
+# DDIM's default clip_sample would clip them into ±1 and hide every difference.
+SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+@pytest.fixture(scope="module")
+def model():
+  return UNet2DConditionModel(UNetConfig.from_diffusers_config(TWO_LEVEL_UNET), rngs=nnx.Rngs(0))
+
+
+def _inputs(config: UNetConfig, height: int = HEIGHT, width: int = 8, batch: int = 1):
+  keys = jax.random.split(jax.random.key(1), 3)
+  noise = jax.random.normal(keys[0], (batch, height, width, config.in_channels))
+  context = lambda key: Conditioning(jax.random.normal(key, (batch, 5, config.encoder_dim)))
+  return noise, context(keys[1]), context(keys[2])
+
+
+def _sample_args(model, height, mesh, strategy, steps=STEPS):
+  noise, cond, uncond = _inputs(model.config, height)
+  return (model, noise, cond), dict(uncond=uncond, num_steps=steps, mesh=mesh, strategy=strategy,
+                                    scheduler_config=SD_SCHEDULER)
+
+
+def _run(model, height=HEIGHT, mesh=None, strategy=None):
+  args, kwargs = _sample_args(model, height, mesh, strategy)
+  return np.asarray(sample(*args, **kwargs))
+
+
+def _relative_error(a, b):
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def single(model):
+  return _run(model)
+
+
+@pytest.fixture(scope="module")
+def naive(model):
+  return _run(model, mesh=make_mesh(1, 1, 4), strategy=Strategy.naive())
+
+
+@pytest.mark.parametrize("cfg,patch", [(1, 2), (1, 3), (1, 4), (1, 8), (2, 4)])  # 3: not a power of 2
+def test_exact_equals_single(model, single, cfg, patch):
+  got = _run(model, mesh=make_mesh(1, cfg, patch), strategy=Strategy.exact())
+  assert _relative_error(got, single) <= 1e-5
+
+
+def test_displaced_with_warmup_over_every_step_equals_single(model, single):
+  got = _run(model, mesh=make_mesh(1, 1, 4), strategy=Strategy.displaced(warmup_steps=STEPS))
+  assert _relative_error(got, single) <= 1e-5
+
+
+@pytest.mark.parametrize("groupnorm", ["corrected_async", "stale", "sync", "separate"])
+def test_displaced_uses_stale_values_but_stays_close(model, single, naive, groupnorm):
+  strategy = Strategy.displaced(warmup_steps=1, groupnorm=groupnorm)
+  error = _relative_error(_run(model, mesh=make_mesh(1, 1, 4), strategy=strategy), single)
+  naive_error = _relative_error(naive, single)
+  assert 1e-4 < error < 0.5 * naive_error, (error, naive_error)
+
+
+def test_patch_counts_that_do_not_fit_name_the_valid_ones(model):
+  with pytest.raises(ValueError, match=r"patch=5 .* Valid patch counts for height 48: \[1, 2, 3, 4, 6, 8, 12, 24\]"):
+    _run(model, mesh=make_mesh(1, 1, 5), strategy=Strategy.exact())
+
+
+def test_single_strategy_refuses_a_patch_mesh(model):
+  with pytest.raises(ValueError, match="patch=1"):
+    _run(model, mesh=make_mesh(1, 1, 2), strategy=Strategy.single())
+
+
+def _compiled_text(model, height, mesh, strategy):
+  args, kwargs = _sample_args(model, height, mesh, strategy)
+  return lower_sample(*args, **kwargs).compile().as_text()
+
+
+def test_displaced_steps_consume_no_collective_and_exact_steps_do(model):
+  mesh = make_mesh(1, 1, 4)
+  warmup, displaced = comm.consumed_in_step(_compiled_text(model, HEIGHT, mesh, Strategy.displaced(warmup_steps=1)))
+  assert warmup, "warm-up steps are synchronous: their collectives are consumed at once"
+  assert displaced == []
+  (exact,) = comm.consumed_in_step(_compiled_text(model, HEIGHT, mesh, Strategy.exact()))
+  assert exact
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_traffic_per_step_matches_the_analytic_volume(model, patch):
+  config, height, width, batch = model.config, HEIGHT, 8, 2  # batch 2: the guidance pair of one image
+  expected = analytic.bytes_per_step(config, height, width, patch, batch, activation_bytes=4)
+  for strategy in (Strategy.exact(), Strategy.displaced(warmup_steps=1)):
+    for traffic in comm.traffic_per_step(_compiled_text(model, height, make_mesh(1, 1, patch), strategy)):
+      kinds = traffic.by_kind
+      assert kinds["collective-permute"][1] == expected["halo"]
+      assert kinds["all-gather"][1] == expected["kv"] + expected["moments"]
+      assert set(kinds) == {"collective-permute", "all-gather"}
+
+
+def test_stale_buffers_match_the_analytic_size(model):
+  args, kwargs = _sample_args(model, HEIGHT, make_mesh(1, 1, 4), Strategy.displaced(warmup_steps=1))
+  shapes = stale_buffer_shapes(*args, **kwargs)
+  measured = sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+  expected = analytic.stale_bytes(model.config, HEIGHT, 8, 4, batch=2, activation_bytes=4)
+  assert measured == sum(expected.values())
