@@ -1,3 +1,17 @@
-"""dfjax: diffusion inference in JAX over a device mesh."""
+"""dfjax: high-resolution diffusion inference in JAX, one image spread over a device mesh.
 
-from dfjax.loading import load_model  # noqa: E402,F401
+  model = dfjax.load_model("ckpt/")
+  mesh = dfjax.make_mesh(cfg=2, patch=4)
+  latents = dfjax.sample(model, noise, dfjax.Conditioning(text), uncond=dfjax.Conditioning(empty),
+                         mesh=mesh, strategy=dfjax.Strategy.displaced(warmup_steps=4))
+"""
+
+from dfjax.loading import load_model
+from dfjax.sampling import Conditioning, lower_sample, sample, stale_buffer_shapes
+from dfjax.schedulers import SchedulerConfig, make_scheduler
+from sharding.groupnorm import GroupNormMode
+from sharding.mesh import make_mesh
+from sharding.strategy import Strategy
+
+__all__ = ["Conditioning", "GroupNormMode", "SchedulerConfig", "Strategy", "load_model", "lower_sample",
+           "make_mesh", "make_scheduler", "sample", "stale_buffer_shapes"]

@@ -173,6 +173,7 @@ def _check_latents(model, noise, pair: Conditioning, sizes: dict[str, int]) -> N
     raise ValueError(f"batch {batch} does not split over data={sizes['data']} devices: use a "
                      f"batch that is a multiple of {sizes['data']} or a smaller data axis.")
   patches, factor = sizes["patch"], model.config.downsample_factor
+  model.config.check_latent_size(height, width)  # first what one device needs
   if height % (patches * factor):
     valid = [n for n in range(1, height // factor + 1) if height % (n * factor) == 0]
     raise ValueError(
@@ -180,7 +181,6 @@ def _check_latents(model, noise, pair: Conditioning, sizes: dict[str, int]) -> N
         f"needs a whole number of rows at all {model.config.num_levels} resolution levels (a "
         f"multiple of {factor}). Valid patch counts for height {height}: {valid}; or choose a "
         f"height that is a multiple of {patches * factor}.")
-  model.config.check_latent_size(height, width, row_splits=patches)
 
 
 def _in_specs(mesh: Mesh) -> tuple[P, ...]:
