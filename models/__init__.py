@@ -1,0 +1,6 @@
+"""Flax NNX model code, NHWC, with no mesh knowledge: layers ask a parallel context for other rows."""
+
+from models.config import UNetConfig
+from models.unet import UNet2DConditionModel
+
+__all__ = ["UNetConfig", "UNet2DConditionModel"]

@@ -1,0 +1,149 @@
+"""Attention layers of the diffusion UNet: diffusers' `Attention`, `FeedForward` (GEGLU),
+`BasicTransformerBlock` and `Transformer2DModel` (continuous input), NHWC.
+
+Self-attention (`attn1`) keeps its queries local and asks the parallel context for the keys and
+values of every token of the image (`ctx.attention_kv`); cross-attention (`attn2`) attends to the
+text and never needs other devices. Renames against diffusers (the only ones in the UNet):
+`attnN.to_out.0` → `attnN.to_out`, `ff.net.0.proj` → `ff.proj_in`, `ff.net.2` → `ff.proj_out`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import Conv2d, Dtype, GroupNorm, LayerNorm, Linear
+from sharding.context import SINGLE_DEVICE, ParallelContext
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out`.
+
+  Scores and softmax are fp32 for any activation dtype (`jax.nn.dot_product_attention`
+  accumulates the scores in fp32 and takes the softmax in fp32). `upcast` (diffusers'
+  `upcast_attention`, against fp16 overflow) additionally runs fp16 attention in fp32.
+
+  Shape letters: B batch, T query tokens, S key tokens, C query channels, E context channels,
+  N heads, H head width, I = N·H.
+  """
+
+  def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
+               upcast: bool = False, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    inner = heads * head_dim
+    self.to_q = Linear(query_dim, inner, use_bias=False, **kw)
+    self.to_k = Linear(context_dim or query_dim, inner, use_bias=False, **kw)
+    self.to_v = Linear(context_dim or query_dim, inner, use_bias=False, **kw)
+    self.to_out = Linear(inner, query_dim, **kw)
+    self.heads = heads
+    self.is_self_attention = context_dim is None
+    self.upcast = upcast
+    self.dtype = dtype
+    self.ctx_key = ""
+
+  def __call__(self, x_btc: jax.Array, context_bse: jax.Array | None = None, *,
+               ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    b, t, _ = x_btc.shape
+    q_bti = self.to_q(x_btc)  # B, T, I
+    if self.is_self_attention:
+      k_bti, v_bti = self.to_k(x_btc), self.to_v(x_btc)  # B, T, I each
+      k_bsi, v_bsi = ctx.attention_kv(k_bti, v_bti, self.ctx_key)  # B, S, I each (all tokens)
+    else:
+      k_bsi, v_bsi = self.to_k(context_bse), self.to_v(context_bse)  # B, S, I each
+    n, s = self.heads, k_bsi.shape[1]
+    q_btnh = q_bti.reshape(b, t, n, -1)  # B, T, N, H
+    k_bsnh, v_bsnh = k_bsi.reshape(b, s, n, -1), v_bsi.reshape(b, s, n, -1)  # B, S, N, H each
+    if self.upcast and q_btnh.dtype == jnp.float16:
+      q_btnh, k_bsnh, v_bsnh = (a.astype(jnp.float32) for a in (q_btnh, k_bsnh, v_bsnh))  # fp32
+    o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh)  # B, T, N, H
+    o_bti = o_btnh.astype(self.dtype).reshape(b, t, -1)  # B, T, I
+    return self.to_out(o_bti)  # B, T, C
+
+
+class FeedForward(nnx.Module):
+  """GEGLU feed-forward: `proj_in` (C → 2·F), value · gelu(gate) (exact erf), `proj_out` (F → C).
+
+  Shape letters: B batch, T tokens, C channels, F inner width.
+  """
+
+  def __init__(self, dim: int, inner_dim: int, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.proj_in = Linear(dim, 2 * inner_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj_out = Linear(inner_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_btc: jax.Array) -> jax.Array:
+    value_btf, gate_btf = jnp.split(self.proj_in(x_btc), 2, axis=-1)  # B, T, F each
+    return self.proj_out(value_btf * jax.nn.gelu(gate_btf, approximate=False))  # B, T, C
+
+
+class BasicTransformerBlock(nnx.Module):
+  """Pre-LayerNorm block: self-attention, cross-attention to the text, GEGLU feed-forward.
+
+  Shape letters: B batch, T image tokens, S text tokens, C channels, E text channels.
+  """
+
+  def __init__(self, dim: int, heads: int, head_dim: int, *, context_dim: int, upcast: bool,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def norm():  # diffusers: nn.LayerNorm(dim, eps=1e-5)
+      return LayerNorm(dim, epsilon=1e-5, **kw)
+
+    self.norm1 = norm()
+    self.attn1 = Attention(dim, heads, head_dim, upcast=upcast, **kw)
+    self.norm2 = norm()
+    self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast, **kw)
+    self.norm3 = norm()
+    self.ff = FeedForward(dim, 4 * dim, **kw)
+
+  def __call__(self, x_btc: jax.Array, context_bse: jax.Array, *,
+               ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    x_btc = x_btc + self.attn1(self.norm1(x_btc), ctx=ctx)  # B, T, C
+    x_btc = x_btc + self.attn2(self.norm2(x_btc), context_bse, ctx=ctx)  # B, T, C
+    return x_btc + self.ff(self.norm3(x_btc))  # B, T, C
+
+
+class Transformer2DModel(nnx.Module):
+  """GroupNorm, `proj_in`, `transformer_blocks` over the image tokens, `proj_out`, residual.
+
+  `proj_in`/`proj_out` are 1×1 convs (SD1.x) or Linear layers (`use_linear_projection`, SD2.x and
+  SDXL), as in the checkpoints. Tokens are the image's pixels in row-major order.
+
+  Shape letters: B batch, H rows, W columns, C channels, I inner width, T = H·W tokens,
+  S text tokens, E text channels.
+  """
+
+  def __init__(self, in_channels: int, heads: int, head_dim: int, *, context_dim: int,
+               num_layers: int, groups: int, use_linear_projection: bool, upcast: bool,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    inner = heads * head_dim
+    self.norm = GroupNorm(groups, in_channels, epsilon=1e-6, **kw)
+    if use_linear_projection:
+      self.proj_in = Linear(in_channels, inner, **kw)
+      self.proj_out = Linear(inner, in_channels, **kw)
+    else:
+      self.proj_in = Conv2d(in_channels, inner, 1, **kw)
+      self.proj_out = Conv2d(inner, in_channels, 1, **kw)
+    self.transformer_blocks = nnx.List([
+        BasicTransformerBlock(inner, heads, head_dim, context_dim=context_dim, upcast=upcast, **kw)
+        for _ in range(num_layers)])
+    self.use_linear_projection = use_linear_projection
+
+  def __call__(self, x_bhwc: jax.Array, context_bse: jax.Array, *,
+               ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    b, h, w, c = x_bhwc.shape
+    h_bhwc = self.norm(x_bhwc, ctx=ctx)  # B, H, W, C
+    if self.use_linear_projection:
+      h_bti = self.proj_in(h_bhwc.reshape(b, h * w, c))  # B, T, I
+    else:
+      h_bti = self.proj_in(h_bhwc).reshape(b, h * w, -1)  # B, T, I
+    for block in self.transformer_blocks:
+      h_bti = block(h_bti, context_bse, ctx=ctx)  # B, T, I
+    if self.use_linear_projection:
+      out_bhwc = self.proj_out(h_bti).reshape(b, h, w, c)  # B, H, W, C
+    else:
+      out_bhwc = self.proj_out(h_bti.reshape(b, h, w, -1))  # B, H, W, C
+    return out_bhwc + x_bhwc  # B, H, W, C

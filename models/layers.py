@@ -1,0 +1,281 @@
+"""Convolution, normalisation, embedding and resnet layers of the diffusion UNet (NHWC).
+
+The layers that need rows beyond this device's (a k×k conv's halo, GroupNorm's image-wide
+moments) ask the parallel context `ctx` given at call time, with their `ctx_key`: the layer's
+dotted path in diffusers naming ("down_blocks.0.resnets.1.conv1"), set once by the model's
+constructor with `assign_ctx_keys`. With the default `SINGLE_DEVICE` context they are ordinary
+layers. Attribute and param names mirror diffusers' modules so that checkpoints map one-for-one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from sharding.context import SINGLE_DEVICE, ParallelContext
+
+Dtype = Any
+
+
+def param_key(rngs: nnx.Rngs) -> jax.Array:
+  """The next key of the `params` stream; the same key as `rngs.params()`.
+
+  `rngs.params()` writes its counter through an indexed update whose check asks a tracer for
+  its sharding, and under `nnx.eval_shape`/`jit` that error message walks the whole trace: model
+  construction becomes quadratic in the number of layers (minutes for SDXL). Reading and
+  replacing the counter as whole values avoids that path.
+  """
+  stream = rngs.params
+  key = jax.random.fold_in(stream.key.get_value(), stream.count.get_value())
+  stream.count.set_value(stream.count.get_value() + 1)
+  return key
+
+
+def _lecun_normal(key: jax.Array, shape: tuple[int, ...], dtype: Dtype) -> jax.Array:
+  """Normal with variance 1/fan_in (fan_in: all axes but the last).
+
+  Checkpoints replace these values; a plain (not truncated) normal keeps random models cheap to
+  build on CPU, where every new param shape compiles its own sampler.
+  """
+  fan_in = math.prod(shape[:-1])
+  return (jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+
+def assign_ctx_keys(root: nnx.Module) -> None:
+  """Sets `ctx_key` of every submodule that has one to its dotted path below `root`."""
+  for path, node in list(nnx.iter_graph(root)):
+    if isinstance(node, nnx.Module) and hasattr(node, "ctx_key"):
+      node.ctx_key = ".".join(str(p) for p in path)
+
+
+class Linear(nnx.Module):
+  """y = x·kernel + bias, `kernel` (C, D) (torch's (D, C) transposed), optional `bias` (D,).
+
+  Shape letters: C input features, D output features (any leading axes).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_lecun_normal(param_key(rngs), (in_features, out_features), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x_c: jax.Array) -> jax.Array:
+    y_d = jnp.einsum("...c,cd->...d", x_c.astype(self.dtype), self.kernel[...].astype(self.dtype))  # ..., D
+    return y_d if self.bias is None else y_d + self.bias[...].astype(self.dtype)  # ..., D
+
+
+class _AffineNorm(nnx.Module):
+  """`scale` and `bias` (C,) applied in fp32 to a normalised fp32 input, then cast to `dtype`."""
+
+  def __init__(self, num_features: int, *, epsilon: float, dtype: Dtype, param_dtype: Dtype):
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+    self.epsilon = epsilon
+    self.dtype = dtype
+
+  def _affine(self, y_c: jax.Array) -> jax.Array:
+    y_c = y_c * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)  # ..., C
+    return y_c.astype(self.dtype)  # ..., C
+
+
+class LayerNorm(_AffineNorm):
+  """LayerNorm over the last axis with `scale` and `bias`; statistics and affine in fp32.
+
+  Shape letters: C features (any leading axes).
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    del rngs  # ones and zeros
+    super().__init__(num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x_c: jax.Array) -> jax.Array:
+    x_c = x_c.astype(jnp.float32)  # ..., C
+    centred_c = x_c - jnp.mean(x_c, axis=-1, keepdims=True)  # ..., C
+    var_1 = jnp.mean(jnp.square(centred_c), axis=-1, keepdims=True)  # ..., 1
+    return self._affine(centred_c * lax.rsqrt(var_1 + self.epsilon))  # ..., C
+
+
+class Embed(nnx.Module):
+  """Lookup table `embedding` (N, D) (torch `nn.Embedding`).
+
+  Shape letters: B ids, N table rows, D width.
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(param_key(rngs), (num_embeddings, features), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, ids_b: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids_b, axis=0).astype(self.dtype)  # B, D
+
+
+class Conv2d(nnx.Module):
+  """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`.
+
+  For k > 1 the k//2 rows above and below come from `ctx.halo_rows`, and the conv runs with
+  VALID row padding on them (zero padding on columns), so a row patch yields exactly its rows of
+  the full-image conv. 1×1 convs need no other rows.
+
+  Shape letters: B batch, H rows, W columns, C input channels, D output channels, s stride.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if kernel_size % 2 != 1:
+      raise ValueError(f"Conv2d kernel_size={kernel_size}: only odd sizes (zero padding k//2)")
+    shape = (kernel_size, kernel_size, in_channels, out_channels)
+    self.kernel = nnx.Param(_lecun_normal(param_key(rngs), shape, param_dtype))
+    self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype))
+    self.kernel_size = kernel_size
+    self.stride = stride
+    self.dtype = dtype
+    self.ctx_key = ""
+
+  def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    pad = self.kernel_size // 2
+    if pad:
+      x_bhwc = ctx.halo_rows(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
+    y_bhwd = lax.conv_general_dilated(
+        x_bhwc.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=(self.stride, self.stride), padding=((0, 0), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # B, H/s, W/s, D
+    return y_bhwd + self.bias[...].astype(self.dtype)  # B, H/s, W/s, D
+
+
+class GroupNorm(_AffineNorm):
+  """GroupNorm over (rows, columns, channels of a group) with image-wide moments from `ctx`.
+
+  Per-group E[x] and E[x²] of this device's rows are computed in fp32, made image-wide by
+  `ctx.group_norm_moments`, and the normalisation and affine run in fp32 before the cast to
+  `dtype`. Params `scale`, `bias` (C,).
+
+  Shape letters: B batch, H rows, W columns, C channels, G groups, K channels per group.
+  """
+
+  def __init__(self, num_groups: int, num_channels: int, *, epsilon: float,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    del rngs  # ones and zeros
+    if num_channels % num_groups:
+      raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+    super().__init__(num_channels, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+    self.num_groups = num_groups
+    self.ctx_key = ""
+
+  def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    b, h, w, c = x_bhwc.shape
+    g = self.num_groups
+    x_bhwgk = x_bhwc.astype(jnp.float32).reshape(b, h, w, g, c // g)  # B, H, W, G, K
+    mean_bg = jnp.mean(x_bhwgk, axis=(1, 2, 4))  # B, G
+    meansq_bg = jnp.mean(jnp.square(x_bhwgk), axis=(1, 2, 4))  # B, G
+    moments_bg2 = ctx.group_norm_moments(jnp.stack([mean_bg, meansq_bg], -1), self.ctx_key)  # B, G, 2
+    mean_bg, meansq_bg = moments_bg2[..., 0], moments_bg2[..., 1]  # B, G each
+    var_bg = jnp.maximum(meansq_bg - jnp.square(mean_bg), 0.0)  # B, G
+    inv_bg = lax.rsqrt(var_bg + self.epsilon)  # B, G
+    y_bhwgk = (x_bhwgk - mean_bg[:, None, None, :, None]) * inv_bg[:, None, None, :, None]  # B, H, W, G, K
+    return self._affine(y_bhwgk.reshape(b, h, w, c))  # B, H, W, C
+
+
+def timestep_embedding(t_b: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps, fp32, as diffusers' `Timesteps`.
+
+  The frequencies are computed in fp32 in diffusers' order of operations, so that large
+  timesteps (SDXL time ids reach ~1000s) round the same way as in PyTorch.
+
+  Args:
+    t_b: (B,) timesteps, any real dtype.
+    dim: embedding width; odd widths get a zero last column.
+  Returns:
+    (B, dim) float32: [sin | cos] halves, or [cos | sin] with `flip_sin_to_cos`.
+  """
+  half = dim // 2
+  exponent_f = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)  # F
+  angle_bf = t_b.astype(jnp.float32)[:, None] * jnp.exp(exponent_f)[None, :]  # B, F
+  sin_bf, cos_bf = jnp.sin(angle_bf), jnp.cos(angle_bf)  # B, F each
+  emb_bd = jnp.concatenate([cos_bf, sin_bf] if flip_sin_to_cos else [sin_bf, cos_bf], -1)  # B, 2F
+  return jnp.pad(emb_bd, ((0, 0), (0, dim % 2)))  # B, dim
+
+
+class TimestepEmbedding(nnx.Module):
+  """Two-layer SiLU MLP on an embedding (diffusers `TimestepEmbedding`): `linear_1`, `linear_2`.
+
+  Shape letters: B batch, F input features, D embedding width.
+  """
+
+  def __init__(self, in_features: int, embed_dim: int, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.linear_1 = Linear(in_features, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_2 = Linear(embed_dim, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_bf: jax.Array) -> jax.Array:
+    h_bd = nnx.silu(self.linear_1(x_bf))  # B, D
+    return self.linear_2(h_bd)  # B, D
+
+
+class ResnetBlock2D(nnx.Module):
+  """diffusers `ResnetBlock2D` ("default" time scale shift): GroupNorm-SiLU-conv twice, with the
+  projected time embedding added between, and a 1×1 `conv_shortcut` when channels change.
+
+  Shape letters: B batch, H rows, W columns, C input channels, D output channels, E embedding.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int,
+               eps: float, output_scale_factor: float = 1.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = GroupNorm(groups, in_channels, epsilon=eps, **kw)
+    self.conv1 = Conv2d(in_channels, out_channels, 3, **kw)
+    self.time_emb_proj = Linear(temb_channels, out_channels, **kw)
+    self.norm2 = GroupNorm(groups, out_channels, epsilon=eps, **kw)
+    self.conv2 = Conv2d(out_channels, out_channels, 3, **kw)
+    self.conv_shortcut = Conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
+    self.output_scale_factor = output_scale_factor
+
+  def __call__(self, x_bhwc: jax.Array, temb_be: jax.Array, *,
+               ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    h_bhwc = nnx.silu(self.norm1(x_bhwc, ctx=ctx))  # B, H, W, C
+    h_bhwd = self.conv1(h_bhwc, ctx=ctx)  # B, H, W, D
+    h_bhwd = h_bhwd + self.time_emb_proj(nnx.silu(temb_be))[:, None, None, :]  # B, H, W, D
+    h_bhwd = nnx.silu(self.norm2(h_bhwd, ctx=ctx))  # B, H, W, D
+    h_bhwd = self.conv2(h_bhwd, ctx=ctx)  # B, H, W, D
+    skip_bhwd = x_bhwc if self.conv_shortcut is None else self.conv_shortcut(x_bhwc)  # B, H, W, D
+    return (skip_bhwd + h_bhwd) / self.output_scale_factor  # B, H, W, D
+
+
+class Downsample2D(nnx.Module):
+  """Stride-2 3×3 `conv` (diffusers `Downsample2D(use_conv=True, padding=1)`).
+
+  Shape letters: B batch, H rows, W columns, C channels.
+  """
+
+  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    return self.conv(x_bhwc, ctx=ctx)  # B, H/2, W/2, C
+
+
+class Upsample2D(nnx.Module):
+  """Nearest-neighbour ×2 then 3×3 `conv` (diffusers `Upsample2D(use_conv=True)`).
+
+  Shape letters: B batch, H rows, W columns, C channels.
+  """
+
+  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.conv = Conv2d(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    b, h, w, c = x_bhwc.shape
+    x_bh2w2c = jnp.broadcast_to(x_bhwc[:, :, None, :, None, :], (b, h, 2, w, 2, c))  # B, H, 2, W, 2, C
+    x_bhwc = x_bh2w2c.reshape(b, 2 * h, 2 * w, c)  # B, 2H, 2W, C
+    return self.conv(x_bhwc, ctx=ctx)  # B, 2H, 2W, C
