@@ -1,0 +1,108 @@
+"""`dfjax bench strategies`: per-step time, communication and stale memory of each strategy.
+
+For every patch count, runs single, exact, displaced and naive on the same inputs in one process,
+reads each compiled program's per-step collectives (sharding/comm.py) and the displaced
+strategy's stale buffers, and prints them beside the analytic figures (sharding/analytic.py).
+On a CPU the devices are virtual and share the cores: times are CPU numbers, not speedups.
+"""
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dfjax.bench.timing import block, device_name, median_seconds
+from dfjax.bench.unet import DTYPES, latent_size, load_config
+from dfjax.sampling import Conditioning, lower_sample, sample, stale_buffer_shapes
+from models.config import UNetConfig
+from models.unet import UNet2DConditionModel
+from sharding import analytic, comm
+from sharding.mesh import make_mesh
+from sharding.strategy import Strategy
+
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyRun:
+  strategy: str
+  patch: int
+  compile_s: float
+  step_s: float
+  comm_bytes: int        # measured from the compiled program, last phase, per device per step
+  analytic_bytes: int
+  stale_bytes: int       # measured from the model's exchanges
+  analytic_stale_bytes: int
+
+
+HEADER = (f"{'strategy':<10} {'patch':>5} {'compile s':>9} {'ms/step':>9} {'vs single':>9} "
+          f"{'comm MiB/step':>13} {'analytic':>9} {'stale MiB':>9} {'analytic':>9}")
+
+
+def _row(run: StrategyRun, single_s: float) -> str:
+  return (f"{run.strategy:<10} {run.patch:>5} {run.compile_s:9.2f} {run.step_s * 1e3:9.1f} "
+          f"{single_s / run.step_s:8.2f}× {run.comm_bytes / MIB:13.3f} {run.analytic_bytes / MIB:9.3f} "
+          f"{run.stale_bytes / MIB:9.3f} {run.analytic_stale_bytes / MIB:9.3f}")
+
+
+def _conditioning(config: UNetConfig, batch: int, rng) -> Conditioning:
+  extra = {}
+  if config.addition_embed_type == "text_time":
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    extra = {"text_embeds": rng.standard_normal((batch, pooled), np.float32),
+             "time_ids": np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (batch, 1))}
+  if config.class_embedding_kind is not None:
+    extra["class_labels"] = np.zeros((batch,), np.int32)
+  return Conditioning(rng.standard_normal((batch, 77, config.encoder_dim), np.float32), **extra)
+
+
+def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes) -> StrategyRun:
+  kwargs = dict(uncond=uncond, num_steps=steps, mesh=mesh, strategy=strategy,
+                scheduler_config={"clip_sample": False})
+  start = time.perf_counter()
+  compiled = lower_sample(model, noise, cond, **kwargs).compile()
+  compile_s = time.perf_counter() - start
+  # `sample` reuses the program just compiled (jax caches compilations of identical programs).
+  run_s = median_seconds(lambda: block(sample(model, noise, cond, **kwargs)), iters)
+  traffic = comm.traffic_per_step(compiled.as_text())
+  stale = stale_buffer_shapes(model, noise, cond, **kwargs)
+  config, (batch, height, width, _) = model.config, noise.shape
+  patch = mesh.shape["patch"]
+  local_batch = 2 * batch // (mesh.shape["cfg"] * mesh.shape["data"])
+  expected = analytic.bytes_per_step(config, height, width, patch, local_batch, dtype_bytes) if patch > 1 else {}
+  expected_stale = (analytic.stale_bytes(config, height, width, patch, local_batch, dtype_bytes,
+                                         stale_moments=strategy.groupnorm.value in ("stale", "corrected_async"))
+                    if stale else {})
+  if strategy.name == "naive":
+    expected = {}
+  return StrategyRun(strategy.name, patch, compile_s, run_s / steps, traffic[-1].total_bytes if traffic else 0,
+                     sum(expected.values()), sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)),
+                     sum(expected_stale.values()))
+
+
+def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, warmup_steps: int,
+        dtype: str, iters: int) -> list[StrategyRun]:
+  unet_config = UNetConfig.from_diffusers_config(load_config(config))
+  side = latent_size(unet_config, resolution)
+  jdtype = DTYPES[dtype]
+  model = nnx.jit(lambda: UNet2DConditionModel(unet_config, rngs=nnx.Rngs(0), dtype=jdtype, param_dtype=jdtype))()
+  rng = np.random.default_rng(0)
+  noise = rng.standard_normal((1, side, side, unet_config.in_channels), np.float32)
+  cond, uncond = _conditioning(unet_config, 1, rng), _conditioning(unet_config, 1, rng)
+  dtype_bytes = np.dtype(jdtype).itemsize
+  print(f"strategies, UNet {config} at {resolution}² ({side}² latent), {steps} DDIM steps with CFG, "
+        f"{dtype}, displaced warm-up {warmup_steps}, on {device_name()}")
+  print(HEADER)
+  single = _measure(model, noise, cond, uncond, make_mesh(1, cfg, 1), Strategy.single(), steps, iters, dtype_bytes)
+  print(_row(single, single.step_s))
+  runs = [single]
+  for patch in patches:
+    mesh = make_mesh(1, cfg, patch)
+    for strategy in (Strategy.exact(), Strategy.displaced(warmup_steps=warmup_steps), Strategy.naive()):
+      runs.append(_measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes))
+      print(_row(runs[-1], single.step_s))
+  print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "
+        "phase), read from the compiled HLO; stale: the displaced carry per device.")
+  return runs
