@@ -11,6 +11,7 @@ C channels, T text tokens, D text width.
 
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -63,7 +64,7 @@ class _Plan:
   guided: bool
 
 
-def _prepare(
+def sample(
     model: nnx.Module,
     noise: jax.Array,
     cond: Conditioning,
@@ -76,7 +77,7 @@ def _prepare(
     mesh: Mesh | None = None,
     strategy: Strategy | None = None,
 ) -> jax.Array:
-  """Denoises `noise` into latents with one jitted program (`dfjax.sample`).
+  """Denoises `noise` into latents with one jitted program.
 
   Args:
     model: a UNet (`models.unet.UNet2DConditionModel`) or any NNX module with its call signature.
@@ -84,13 +85,20 @@ def _prepare(
     cond: the conditioning; `uncond` the unconditional one for classifier-free guidance,
       needed unless guidance_scale == 1.
     scheduler: "ddim", "euler" or "dpmpp_2m"; `scheduler_config` a diffusers
-      scheduler_config.json dict or a SchedulerConfig (default: diffusers' defaults).
+      scheduler_config.json dict or a SchedulerConfig (default: diffusers' DDIM defaults).
     mesh: a `dfjax.make_mesh` mesh; None runs on one device.
     strategy: how the `patch` axis is used; None means `exact` when patch > 1, else `single`.
 
   Returns:
     (B, H, W, C) latents, sharded by rows over `patch` and by batch over `data`.
   """
+  graphdef, inputs, plan = _prepare(**locals())  # at this point locals() are the arguments
+  return _sample_jit(graphdef, *inputs, plan=plan)
+
+
+def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps, guidance_scale, mesh,
+             strategy):
+  """Checks `sample`'s arguments; returns the model graph, the placed inputs and the static plan."""
   mesh = single_device_mesh() if mesh is None else mesh
   sizes = axis_sizes(mesh)
   if strategy is None:
@@ -110,15 +118,16 @@ def _prepare(
                     jnp.float32(guidance_scale)), plan
 
 
-@functools.wraps(_prepare)
-def sample(*args, **kwargs) -> jax.Array:
-  graphdef, inputs, plan = _prepare(*args, **kwargs)
-  return _sample_jit(graphdef, *inputs, plan=plan)
+def _prepare_like_sample(args, kwargs):
+  """`_prepare` for arguments given as to `sample`, defaults included."""
+  bound = inspect.signature(sample).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return _prepare(**bound.arguments)
 
 
 def lower_sample(*args, **kwargs) -> jax.stages.Lowered:
   """`sample`'s program, lowered (same arguments): `.compile()` it to inspect HLO or costs."""
-  graphdef, inputs, plan = _prepare(*args, **kwargs)
+  graphdef, inputs, plan = _prepare_like_sample(args, kwargs)
   return _sample_jit.lower(graphdef, *inputs, plan=plan)
 
 
@@ -127,7 +136,7 @@ def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:
 
   Empty for strategies without stale state. Read from the model's own exchanges, not derived.
   """
-  graphdef, inputs, plan = _prepare(*args, **kwargs)
+  graphdef, inputs, plan = _prepare_like_sample(args, kwargs)
   phases = plan.strategy.phases(plan.num_steps, plan.mesh.shape["patch"])
   recording = next((p for p in phases if p.records), None)
   if recording is None:

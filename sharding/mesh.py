@@ -4,8 +4,6 @@ Axes, outermost first: `data` splits the batch, `cfg` splits the conditional / u
 halves of classifier-free guidance, `patch` splits the latent's rows (DistriFusion patches).
 """
 
-import math
-
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
@@ -60,6 +58,3 @@ def single_device_mesh() -> Mesh:
   """The 1×1×1 mesh `sample` uses when given none, so the sharded path always runs."""
   return make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
-
-def mesh_size(mesh: Mesh) -> int:
-  return math.prod(axis_sizes(mesh).values())

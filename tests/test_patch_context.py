@@ -1,7 +1,6 @@
 """The patch-parallel context's answers equal the full-image computation (synchronous steps),
 and displaced steps use the previous step's exchanges while recording this step's."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,6 @@ import re
 import time
 
 import diffusers
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
