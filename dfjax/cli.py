@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
   _use_cpu_devices(args.cpu_devices)
   try:
     args.run(args)
-  except (ValueError, FileExistsError, FileNotFoundError, ConnectionError) as error:  # bad input: what and how to fix
+  except (ValueError, FileExistsError, FileNotFoundError, ConnectionError, FloatingPointError) as error:  # bad input: what and how to fix
     print(f"dfjax {args.command}: error: {error}", file=sys.stderr)
     return 2
   return 0

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -62,6 +63,7 @@ class _Plan:
   scheduler_config: schedulers.SchedulerConfig
   num_steps: int
   guided: bool
+  check_finite: bool
 
 
 def sample(
@@ -76,6 +78,7 @@ def sample(
     guidance_scale: float = 5.0,
     mesh: Mesh | None = None,
     strategy: Strategy | None = None,
+    check_finite: bool = False,
 ) -> jax.Array:
   """Denoises `noise` into latents with one jitted program.
 
@@ -88,16 +91,21 @@ def sample(
       scheduler_config.json dict or a SchedulerConfig (default: diffusers' DDIM defaults).
     mesh: a `dfjax.make_mesh` mesh; None runs on one device.
     strategy: how the `patch` axis is used; None means `exact` when patch > 1, else `single`.
+    check_finite: track the first step whose latents hold NaN or inf (inside the program, no
+      host round-trip) and raise FloatingPointError naming it.
 
   Returns:
     (B, H, W, C) latents, sharded by rows over `patch` and by batch over `data`.
   """
   graphdef, inputs, plan = _prepare(**locals())  # at this point locals() are the arguments
-  return _sample_jit(graphdef, *inputs, plan=plan)
+  latents, first_bad_step = _sample_jit(graphdef, *inputs, plan=plan)
+  if check_finite:
+    _raise_if_not_finite(np.asarray(first_bad_step), plan)
+  return latents
 
 
 def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps, guidance_scale, mesh,
-             strategy):
+             strategy, check_finite):
   """Checks `sample`'s arguments; returns the model graph, the placed inputs and the static plan."""
   mesh = single_device_mesh() if mesh is None else mesh
   sizes = axis_sizes(mesh)
@@ -111,7 +119,7 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
   pair = _guidance_pair(cond, uncond, guided, sizes["cfg"])
   _check_latents(model, noise, pair, sizes)
 
-  plan = _Plan(mesh, strategy, scheduler, scheduler_config, num_steps, guided)
+  plan = _Plan(mesh, strategy, scheduler, scheduler_config, num_steps, guided, check_finite)
   graphdef, params = nnx.split(model)
   place = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
   return graphdef, (place(params, P()), place(noise, LATENT_SPEC), place(pair, _pair_spec(mesh)),
@@ -198,11 +206,26 @@ def _in_specs(mesh: Mesh) -> tuple[P, ...]:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _sample_jit(graphdef, params, noise, pair, guidance_scale, *, plan: _Plan):
-  def on_device(params, noise, pair, guidance_scale):
-    return _DeviceRun(graphdef, params, pair, guidance_scale, plan).run(noise)
+  """(latents, first non-finite step of each device or −1; all −1 unless plan.check_finite)."""
 
-  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan.mesh), out_specs=LATENT_SPEC)(
+  def on_device(params, noise, pair, guidance_scale):
+    x, first_bad_step = _DeviceRun(graphdef, params, pair, guidance_scale, plan).run(noise)
+    return x, first_bad_step[None]
+
+  out_specs = (LATENT_SPEC, P(tuple(plan.mesh.axis_names)))
+  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan.mesh), out_specs=out_specs)(
       params, noise, pair, guidance_scale)
+
+
+def _raise_if_not_finite(first_bad_steps: np.ndarray, plan: _Plan) -> None:
+  bad = first_bad_steps[first_bad_steps >= 0]
+  if bad.size:
+    step = int(bad.min())
+    timestep = schedulers.make_scheduler(plan.scheduler, plan.scheduler_config, plan.num_steps).timesteps[step]
+    raise FloatingPointError(
+        f"the latents became NaN or infinite at step {step} of {plan.num_steps} (timestep {timestep}) "
+        f"on {bad.size} of {first_bad_steps.size} devices: check the checkpoint's weights, run the "
+        "model in float32 instead of float16, or lower the guidance scale.")
 
 
 class _DeviceRun:
@@ -224,29 +247,37 @@ class _DeviceRun:
     return x, sched_state, record
 
   def run(self, noise):
+    """Returns the final latents and the first step whose latents were not finite (−1: none)."""
     x = noise * self.sched.init_noise_sigma  # B, h, W, C
     sched_state = self.sched.init_state(x)
+    first_bad_step = _varying_like(jnp.int32(-1), x)
     stale = None
     for phase in self.plan.strategy.phases(self.plan.num_steps, self.plan.mesh.shape["patch"]):
       if phase.records and not phase.uses_stale:  # the carry needs a value of the record's shape
         shapes = jax.eval_shape(lambda: self.denoise(x, sched_state, None, phase.start, phase)[2])
-        stale = jax.tree.map(_zeros_like_abstract, shapes)
+        stale = jax.tree.map(lambda s: _varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
 
       def body(carry, i, phase=phase):
-        x, sched_state, stale = carry
+        x, sched_state, stale, first_bad_step = carry
         x, sched_state, record = self.denoise(x, sched_state, stale, i, phase)
-        return (x, sched_state, record if phase.records else stale), None
+        if self.plan.check_finite:
+          newly_bad = (first_bad_step < 0) & ~jnp.isfinite(x).all()
+          first_bad_step = jnp.where(newly_bad, i, first_bad_step)
+        return (x, sched_state, record if phase.records else stale, first_bad_step), None
 
       steps = jnp.arange(phase.start, phase.stop, dtype=jnp.int32)
-      (x, sched_state, stale), _ = lax.scan(body, (x, sched_state, stale), steps)
-    return x
+      (x, sched_state, stale, first_bad_step), _ = lax.scan(body, (x, sched_state, stale, first_bad_step), steps)
+    return x, first_bad_step
 
 
-def _zeros_like_abstract(shape: jax.ShapeDtypeStruct) -> jax.Array:
-  """Zeros with the shape, dtype and device-variance (shard_map's vma) of `shape`."""
-  zeros = jnp.zeros(shape.shape, shape.dtype)
-  varying = tuple(shape.manual_axis_type.varying) if shape.manual_axis_type else ()
-  return lax.pcast(zeros, varying, to="varying") if varying else zeros
+def _varying_like(value: jax.Array, like) -> jax.Array:
+  """`value` marked as varying over the mesh axes `like` (an array or ShapeDtypeStruct) varies over.
+
+  Scan carries must keep their shard_map variance; fresh zeros or constants start invariant.
+  """
+  manual = like.manual_axis_type if isinstance(like, jax.ShapeDtypeStruct) else jax.typeof(like).manual_axis_type
+  varying = tuple(manual.varying) if manual else ()
+  return lax.pcast(value, varying, to="varying") if varying else value
 
 
 def _predict_noise(model, x, t, pair: Conditioning, guidance_scale, guided: bool, ctx) -> jax.Array:

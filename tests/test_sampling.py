@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import dfjax
 from convert import convert_checkpoint
@@ -126,3 +127,14 @@ def test_bad_input_names_the_problem(unets, inputs):
     _sample(model, noise[:1], cond, uncond=uncond)
   with pytest.raises(ValueError, match="cfg=2"):
     _sample(model, noise, cond, guidance_scale=1.0, mesh=dfjax.make_mesh(1, 2, 1))
+
+
+def test_opt_in_finite_check_names_the_step_where_nans_appear(unets, inputs):
+  _, model = unets
+  noise, cond, uncond = inputs
+  broken = nnx.clone(model)
+  broken.conv_out.bias.value = jnp.full_like(broken.conv_out.bias.value, jnp.nan)
+  with pytest.raises(FloatingPointError, match=r"NaN or infinite at step 0 of 2 .*timestep"):
+    _sample(broken, noise, cond, uncond=uncond, check_finite=True)
+  assert np.isnan(np.asarray(_sample(broken, noise, cond, uncond=uncond))).all()  # unchecked: no error
+  assert np.isfinite(np.asarray(_sample(model, noise, cond, uncond=uncond, check_finite=True))).all()
