@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="dfjax", description=__doc__)
   parser.add_argument("--cpu-devices", type=int, default=8,
                       help="virtual devices to split the CPU into when there is no accelerator (default 8)")
+  processes = parser.add_argument_group("multi-process runs (or DFJAX_COORDINATOR, DFJAX_NUM_PROCESSES, DFJAX_PROCESS_ID)")
+  processes.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  processes.add_argument("--num-processes", type=int, help="number of processes in the run")
+  processes.add_argument("--process-id", type=int, help="this process's index, 0 … num-processes−1")
   commands = parser.add_subparsers(dest="command", required=True)
 
   convert = commands.add_parser("convert", help="diffusers UNet or pipeline folder → dfjax checkpoint")
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   _use_cpu_devices(args.cpu_devices)
   try:
+    from sharding.distributed import ProcessGroup, initialize
+    initialize(ProcessGroup.from_env(args.coordinator, args.num_processes, args.process_id))
     args.run(args)
   except (ValueError, FileExistsError, FileNotFoundError, ConnectionError, FloatingPointError) as error:  # bad input: what and how to fix
     print(f"dfjax {args.command}: error: {error}", file=sys.stderr)
