@@ -1,6 +1,7 @@
 """The `dfjax` command: convert | generate | bench. Each subcommand is a thin wrapper."""
 
 import argparse
+import shlex
 import sys
 
 
@@ -9,7 +10,10 @@ def _use_cpu_devices(count: int) -> None:
   import jax
   if count < 1:
     raise SystemExit(f"dfjax: --cpu-devices={count} must be at least 1")
-  jax.config.update("jax_num_cpu_devices", count)
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # jax already started in this process (main() called from Python): keep its devices
+    pass
 
 
 def _convert(args) -> None:
@@ -27,6 +31,78 @@ def _bench_strategies(args) -> None:
   from dfjax.bench import strategies
   strategies.run(args.config, args.resolution, args.patch, args.cfg, args.steps, args.warmup_steps,
                  args.dtype, args.iters)
+
+
+def _generate(args) -> None:
+  from dfjax import generate
+  config = generate.GenerateConfig(
+      checkpoint=args.checkpoint, strategies=tuple(args.strategy), patch=args.patch, cfg=args.cfg,
+      steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance, warmup_steps=args.warmup_steps,
+      groupnorm=args.groupnorm, seed=args.seed, images=args.images, size=args.size, out=args.out)
+  generate.run(config, command=args.command_line)
+
+
+def _bench_fidelity(args) -> None:
+  from dfjax.bench import fidelity
+  config = fidelity.FidelityConfig(seeds=args.seeds, steps=args.steps, patch=tuple(args.patch),
+                                   groupnorm=tuple(args.groupnorm), warmup_steps=args.warmup_steps,
+                                   ablation_patch=args.ablation_patch, guidance_scale=args.guidance,
+                                   checkpoint=args.checkpoint)
+  fidelity.run(config, args.json, command=args.command_line)
+
+
+def _add_generate(commands) -> None:
+  generate = commands.add_parser(
+      "generate", help="sample with single/displaced/naive, write PNGs, print times and PSNR",
+      description="Samples one batch with each strategy on the same noise, writes each strategy's "
+      "images and a side-by-side sheet with the amplified difference from `single` to --out, and "
+      "prints compile and sampling time and PSNR/SSIM against `single`. With no checkpoint it runs "
+      "the embedded model (class-conditional, 64×64 RGB, one image per class). On a CPU the devices "
+      "are virtual and share the cores: times show cost, not speed-up.")
+  generate.add_argument("--checkpoint", metavar="DIR",
+                        help="a `dfjax train` model folder, or a `dfjax convert`ed diffusers UNet. dfjax has no "
+                        "text encoder or VAE yet: a text-to-image UNet runs text-free (seeded random prompt "
+                        "embeddings of its cross-attention width, zeros for the unconditional half), and its "
+                        "latents are drawn as pictures of their first 3 channels, not decoded")
+  generate.add_argument("--devices", type=int, default=None,
+                        help="virtual CPU devices (same as the global --cpu-devices; ignored on accelerators)")
+  generate.add_argument("--patch", type=int, default=None,
+                        help="row patches of displaced/naive/exact (default: all devices the cfg axis leaves, at most 8 for 64 rows)")
+  generate.add_argument("--cfg", type=int, default=1, help="2 runs the guidance halves on two device groups (mesh cfg × patch)")
+  generate.add_argument("--strategy", nargs="+", default=["single", "displaced", "naive"],
+                        help="strategies to run, in order: single exact displaced naive (single is the reference)")
+  generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+  generate.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpmpp_2m")
+  generate.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+  generate.add_argument("--warmup-steps", type=int, default=4, help="displaced: synchronous steps after the first (default 4)")
+  generate.add_argument("--groupnorm", default="corrected_async",
+                        help="displaced GroupNorm mode: corrected_async (default), stale, sync, separate")
+  generate.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+  generate.add_argument("--images", type=int, default=None, help="batch size (default: one image per class)")
+  generate.add_argument("--size", type=int, default=None, help="sample side in rows (default: the model's sample_size)")
+  generate.add_argument("--out", default="dfjax-out", help="output folder (default ./dfjax-out)")
+  generate.set_defaults(run=_generate)
+
+
+def _add_bench_fidelity(benches) -> None:
+  fidelity = benches.add_parser(
+      "fidelity", help="PSNR/SSIM of displaced and naive vs single (DistriFusion Table 1's shape)",
+      description="For each patch count and GroupNorm mode, PSNR and SSIM of displaced and naive "
+      "images against single over --seeds seeds (one batched sample call per configuration), then "
+      "a warm-up ablation with 10-step DPM-Solver++(2M). The default run takes tens of minutes on a "
+      "2-core CPU.")
+  fidelity.add_argument("--seeds", type=int, default=16, help="images per configuration (default 16)")
+  fidelity.add_argument("--steps", type=int, default=50, help="DDIM steps of the main table (default 50)")
+  fidelity.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts (default 2 4 8)")
+  fidelity.add_argument("--groupnorm", nargs="+", default=["corrected_async", "stale", "sync", "separate"],
+                        help="displaced GroupNorm modes (default: all four)")
+  fidelity.add_argument("--warmup-steps", type=int, default=4, help="displaced warm-up of the main table (default 4)")
+  fidelity.add_argument("--ablation-patch", type=int, default=None,
+                        help="patch count of the warm-up ablation (default: the largest --patch; 0 skips it)")
+  fidelity.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+  fidelity.add_argument("--checkpoint", metavar="DIR", help="a `dfjax train` model folder instead of the embedded model")
+  fidelity.add_argument("--json", metavar="OUT", help="also write every per-seed value to this JSON file")
+  fidelity.set_defaults(run=_bench_fidelity)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
   strategies.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
   strategies.add_argument("--iters", type=int, default=3)
   strategies.set_defaults(run=_bench_strategies)
+  _add_bench_fidelity(benches)
+  _add_generate(commands)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
-  _use_cpu_devices(args.cpu_devices)
+  args.command_line = shlex.join(["dfjax", *argv])
+  _use_cpu_devices(getattr(args, "devices", None) or args.cpu_devices)
   try:
     from sharding.distributed import ProcessGroup, initialize
     initialize(ProcessGroup.from_env(args.coordinator, args.num_processes, args.process_id))

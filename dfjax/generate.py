@@ -1,0 +1,365 @@
+"""`dfjax generate`: one batch of images sampled with several strategies, compared with `single`.
+
+The same noise and conditioning go through `dfjax.sample` once per strategy: `single` on one
+device (per guidance half), the patch strategies on a `cfg × patch` mesh. Each strategy's
+program is compiled first and then run, so compile and sampling times are reported apart. The
+images of every strategy, a side-by-side sheet with the amplified difference from `single`, and
+the raw arrays are written to the output folder; PSNR and SSIM against `single` are printed.
+
+What is sampled:
+  * by default, the embedded model (`dfjax.training.load_default_model`): a class-conditional
+    pixel-space UNet, 64×64 RGB, one image per class;
+  * `checkpoint=` a `dfjax train` model folder (class-conditional, the same as above), or a
+    `dfjax convert`ed diffusers UNet. dfjax has no text encoder or VAE yet, so a converted
+    text-to-image UNet is run text-free: its "prompt" is seeded Gaussian token embeddings of the
+    right width (zeros for the unconditional half), and its latents are drawn as pictures of
+    their first three channels, not decoded images.
+
+Shape letters: B batch, H rows, W columns, C channels, T tokens, D token width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dfjax import images, metrics
+from dfjax.sampling import Conditioning, lower_sample, sample
+from sharding.mesh import make_mesh
+from sharding.strategy import Strategy, StrategyKind
+
+DEFAULT_STRATEGIES = ("single", "displaced", "naive")
+DEFAULT_GUIDANCE = 4.0
+DIFF_GAIN = 4.0  # |strategy − single| is drawn this many times brighter
+TEXT_TOKENS = 77  # sequence length of the stand-in prompt of a text-to-image UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Settings of one `dfjax generate` run (its flags).
+
+  Attributes:
+    checkpoint: a model folder; None samples the embedded model.
+    strategies: strategy names, run in this order; `single` is the reference of the metrics.
+    patch: row patches of the patch strategies; None uses every device the cfg axis leaves
+      (capped to the largest count the image height allows).
+    cfg: 2 splits the guidance halves over two device groups.
+    steps, scheduler, guidance_scale: the sampler.
+    warmup_steps, groupnorm: the displaced strategy's options.
+    seed: the noise (and a text-free checkpoint's stand-in prompt).
+    images: images in the batch (classes cycle); None: one per class (8 without classes).
+    size: sample height = width (pixels or latent rows); None: the model's sample_size.
+    out: output folder.
+  """
+
+  checkpoint: str | None = None
+  strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+  patch: int | None = None
+  cfg: int = 1
+  steps: int = 50
+  scheduler: str = "ddim"
+  guidance_scale: float = DEFAULT_GUIDANCE
+  warmup_steps: int = 4
+  groupnorm: str = "corrected_async"
+  seed: int = 0
+  images: int | None = None
+  size: int | None = None
+  out: str = "dfjax-out"
+
+  def __post_init__(self):
+    if not self.strategies:
+      raise ValueError("no strategy given: name at least one of single, exact, displaced, naive")
+    if len(set(self.strategies)) != len(self.strategies):
+      raise ValueError(f"strategies {list(self.strategies)} name one more than once")
+    for name, value in (("steps", self.steps), ("images", self.images), ("patch", self.patch),
+                        ("size", self.size)):
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    if self.cfg not in (1, 2):
+      raise ValueError(f"cfg={self.cfg} must be 1 or 2 (guidance has two halves)")
+    if self.cfg == 2 and self.guidance_scale == 1.0:
+      raise ValueError("cfg=2 splits the guidance halves, but guidance_scale=1 has no unconditional half")
+
+  def strategy(self, name: str) -> Strategy:
+    """The named strategy, with this run's displaced options."""
+    options = {"warmup_steps": self.warmup_steps, "groupnorm": self.groupnorm} if name == "displaced" else {}
+    return Strategy.from_name(name, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What is sampled: the UNet, its inputs, and how its output becomes pictures.
+
+  Attributes:
+    unet: the UNet module (`model.config` is its UNetConfig).
+    scheduler_config: diffusers scheduler config dict (None: diffusers' defaults).
+    cond, uncond: (B, …) conditioning of the batch and of its unconditional half.
+    captions: one caption per image (its class name, or its seed).
+    pixel_space: the UNet outputs RGB images in [-1, 1]; False: latents (no VAE to decode them).
+    description: one line naming the model, for the report.
+  """
+
+  unet: Any
+  scheduler_config: dict | None
+  cond: Conditioning
+  uncond: Conditioning
+  captions: list[str]
+  pixel_space: bool
+  description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyRun:
+  """One strategy's run: where, how long, what came out, and how close it is to `single`."""
+
+  name: str
+  mesh: str
+  compile_s: float
+  sample_s: float
+  pictures: np.ndarray            # (B, H, W, 3) in [-1, 1], as written
+  psnr_db: np.ndarray | None      # (B,) against single; None without a single run
+  ssim: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+  config: GenerateConfig
+  description: str
+  runs: list[StrategyRun]
+  files: list[Path]
+  table: str
+
+
+# ------------------------------------------------------------------------------ what is sampled
+
+def embedded_source(count: int | None) -> Source:
+  """The shipped class-conditional model; `count` images cycling over the classes."""
+  from dfjax.training import load_default_model
+  from dfjax.training.default_model import default_model_dir
+  return _class_source(load_default_model(), count, f"embedded model ({default_model_dir()})")
+
+
+def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
+  """A `dfjax train` folder (class-conditional) or a converted diffusers UNet (text-free)."""
+  from dfjax.loading import load_model, load_scheduler_config
+  from dfjax.training.export import TOKENS_CONFIG, load_trained
+
+  if (Path(path) / TOKENS_CONFIG).is_file():
+    return _class_source(load_trained(path), count, f"class-conditional model {path}")
+  unet = load_model(path)
+  config, batch = unet.config, count or 8
+  key = jax.random.fold_in(jax.random.key(seed), 1 << 20)  # a stream apart from the noise's
+  tokens_btd = jax.random.normal(key, (batch, TEXT_TOKENS, config.encoder_dim))  # B, T, D
+  return Source(
+      unet, load_scheduler_config(path), _text_free_conditioning(config, tokens_btd),
+      _text_free_conditioning(config, jnp.zeros_like(tokens_btd)),
+      [f"seed {seed} #{i}" for i in range(batch)], _is_pixel_space(config),
+      f"converted UNet {path}, text-free (random prompt embeddings, zeros unconditional)")
+
+
+def _class_source(trained, count: int | None, description: str) -> Source:
+  from dfjax import data
+  unet, tokens, scheduler_config = trained
+  num_classes = tokens.num_classes
+  labels_b = np.arange(count or num_classes) % num_classes  # B
+  names = data.class_names if num_classes == data.num_classes else [f"class {k}" for k in range(num_classes)]
+  return Source(unet, scheduler_config, Conditioning(tokens(jnp.asarray(labels_b, jnp.int32))),
+                Conditioning(tokens.null(labels_b.size)), [names[k] for k in labels_b],
+                _is_pixel_space(unet.config), f"{description}, {num_classes} classes")
+
+
+def _is_pixel_space(config) -> bool:
+  return config.in_channels == 3 and config.out_channels == 3
+
+
+def _text_free_conditioning(config, tokens_btd: jax.Array) -> Conditioning:
+  """Stand-in conditioning for a converted text-to-image UNet: the given tokens, zeros elsewhere."""
+  batch = tokens_btd.shape[0]
+  extra: dict[str, jax.Array] = {}
+  if config.addition_embed_type == "text_time":  # SDXL: pooled text and size/crop ids
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    side = 8 * (config.sample_size if isinstance(config.sample_size, int) else 128)
+    extra["text_embeds"] = jnp.zeros((batch, pooled))
+    extra["time_ids"] = jnp.tile(jnp.array([[side, side, 0, 0, side, side]], jnp.float32), (batch, 1))
+  match config.class_embedding_kind:
+    case None:
+      pass
+    case "projection":
+      extra["class_labels"] = jnp.zeros((batch, config.projection_class_embeddings_input_dim))
+    case _:
+      extra["class_labels"] = jnp.zeros((batch,), jnp.int32)
+  return Conditioning(tokens_btd, **extra)
+
+
+def initial_noise(seed: int, batch: int, height: int, width: int, channels: int) -> jax.Array:
+  """(B, H, W, C) unit Gaussian noise; image i depends only on (seed, i), not on the batch size."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch))
+  return jax.vmap(lambda k: jax.random.normal(k, (height, width, channels)))(keys)  # B, H, W, C
+
+
+# ----------------------------------------------------------------------------------- the runs
+
+def valid_patch_counts(config, height: int) -> list[int]:
+  """Row-patch counts that split `height` rows into whole rows at every resolution level."""
+  factor = config.downsample_factor
+  return [n for n in range(1, height // factor + 1) if height % (n * factor) == 0]
+
+
+def resolve_patch(config, height: int, patch: int | None, cfg: int, device_count: int) -> int:
+  """The patch count to use: `patch`, checked, or the most the devices and the height allow."""
+  valid = valid_patch_counts(config, height)
+  if patch is None:
+    fitting = [n for n in valid if n * cfg <= device_count]
+    if not fitting:
+      raise ValueError(f"cfg={cfg} needs {cfg} devices, but {device_count} are available")
+    return fitting[-1]
+  if patch not in valid:
+    raise ValueError(f"patch={patch} does not fit the {height}-row image: every patch needs whole "
+                     f"rows at all {config.num_levels} resolution levels (a multiple of "
+                     f"{config.downsample_factor}); valid patch counts: {valid}")
+  if cfg * patch > device_count:
+    raise ValueError(f"cfg={cfg} × patch={patch} needs {cfg * patch} devices, but {device_count} are "
+                     f"available: on a CPU, pass --devices {cfg * patch} (virtual devices), or use "
+                     f"patch ≤ {device_count // cfg}")
+  return patch
+
+
+def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, **kwargs) -> tuple[np.ndarray, float, float]:
+  """Compiles, then runs `dfjax.sample`: (output on the host, compile seconds, sample seconds)."""
+  kwargs = dict(uncond=uncond, mesh=mesh, strategy=strategy, **kwargs)
+  start = time.perf_counter()
+  lower_sample(unet, noise, cond, **kwargs).compile()  # jax reuses this program in `sample`
+  compiled = time.perf_counter()
+  out = np.asarray(jax.block_until_ready(sample(unet, noise, cond, **kwargs)))
+  return out, compiled - start, time.perf_counter() - compiled
+
+
+def generate(config: GenerateConfig, *, progress: bool = True) -> GenerateResult:
+  """Samples the batch with every strategy of `config`, writes the images, reports the metrics.
+
+  Raises:
+    ValueError: an unknown strategy or GroupNorm mode, a patch count that does not fit the
+      image, or a mesh larger than the devices — before anything is compiled.
+  """
+  strategies = [config.strategy(name) for name in config.strategies]  # bad names fail here
+  with tqdm(total=1 + 2 * len(strategies) + 1, desc="load model", unit="stage", disable=not progress) as bar:
+    return _generate(config, strategies, bar)
+
+
+def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> GenerateResult:
+  source = (embedded_source(config.images) if config.checkpoint is None
+            else checkpoint_source(config.checkpoint, config.images, config.seed))
+  bar.update()
+  unet_config = source.unet.config
+  size = config.size or _model_size(unet_config)
+  unet_config.check_latent_size(size, size)
+  patch = resolve_patch(unet_config, size, config.patch, config.cfg, len(jax.devices()))
+  meshes = {s.name: _mesh_for(s, config.cfg, patch) for s in strategies}  # too few devices fail here
+  noise = initial_noise(config.seed, len(source.captions), size, size, unet_config.in_channels)
+  sampler = dict(scheduler=config.scheduler, scheduler_config=source.scheduler_config,
+                 num_steps=config.steps, guidance_scale=config.guidance_scale)
+
+  outputs, times = {}, {}
+  for strategy in strategies:
+    bar.set_description(f"{strategy.name}: compile + {config.steps} steps")
+    out, compile_s, sample_s = timed_sample(source.unet, noise, source.cond, source.uncond,
+                                            mesh=meshes[strategy.name], strategy=strategy, **sampler)
+    bar.update(2)
+    outputs[strategy.name], times[strategy.name] = out, (compile_s, sample_s)
+  bar.set_description("write images")
+
+  reference = outputs.get("single")
+  runs = []
+  for strategy in strategies:
+    out = outputs[strategy.name]
+    pictures = out if source.pixel_space else images.latents_to_images(out, reference)
+    psnr_b = ssim_b = None
+    if reference is not None:
+      ref_pictures = reference if source.pixel_space else images.latents_to_images(reference, reference)
+      unit, ref_unit = metrics.to_unit_range(pictures), metrics.to_unit_range(ref_pictures)
+      psnr_b, ssim_b = metrics.psnr(unit, ref_unit), metrics.ssim(unit, ref_unit)
+    runs.append(StrategyRun(strategy.name, _describe(strategy, meshes[strategy.name]),
+                            *times[strategy.name], pictures, psnr_b, ssim_b))
+  files = write_outputs(Path(config.out), runs, source.captions)
+  bar.update()
+  description = (f"{source.description}; {len(source.captions)} images of {size}×{size}, "
+                 f"{config.steps}-step {config.scheduler}, guidance {config.guidance_scale}, "
+                 f"seed {config.seed}")
+  return GenerateResult(config, description, runs, files, format_table(runs))
+
+
+def _model_size(unet_config) -> int:
+  size = unet_config.sample_size
+  if size is None:
+    raise ValueError("the model's config has no sample_size: pass the size (--size)")
+  return size if isinstance(size, int) else size[0]
+
+
+def _mesh_for(strategy: Strategy, cfg: int, patch: int):
+  return make_mesh(1, cfg, 1 if strategy.kind is StrategyKind.SINGLE else patch)
+
+
+def _describe(strategy: Strategy, mesh) -> str:
+  text = f"cfg={mesh.shape['cfg']}×patch={mesh.shape['patch']}"
+  if strategy.kind is StrategyKind.DISPLACED:
+    text += f" (warm-up {strategy.warmup_steps}, {strategy.groupnorm.value})"
+  return text
+
+
+# --------------------------------------------------------------------------------- the output
+
+def write_outputs(out: Path, runs: list[StrategyRun], captions: list[str]) -> list[Path]:
+  """Each strategy's grid, the comparison sheet, the arrays (samples.npz) and metrics.json."""
+  files = []
+  for run in runs:
+    files.append(images.save_png(images.grid(images.to_uint8(run.pictures), columns=5), out / f"{run.name}.png",
+                                 scale=2))
+  reference = next((r for r in runs if r.name == "single"), None)
+  columns = [(run.name, images.to_uint8(run.pictures)) for run in runs]
+  if reference is not None:
+    columns += [(f"|{run.name}-single|x{DIFF_GAIN:g}", images.difference(run.pictures, reference.pictures, DIFF_GAIN))
+                for run in runs if run is not reference]
+  files.append(images.save_png(images.sheet(columns), out / "comparison.png"))
+  np.savez_compressed(out / "samples.npz", **{run.name: run.pictures for run in runs})
+  files.append(out / "samples.npz")
+  summary = {run.name: {"mesh": run.mesh, "compile_s": run.compile_s, "sample_s": run.sample_s,
+                        "psnr_db": None if run.psnr_db is None else run.psnr_db.tolist(),
+                        "ssim": None if run.ssim is None else run.ssim.tolist()} for run in runs}
+  (out / "metrics.json").write_text(json.dumps({"captions": captions, "runs": summary}, indent=2) + "\n")
+  files.append(out / "metrics.json")
+  return files
+
+
+def format_table(runs: list[StrategyRun]) -> str:
+  """Per strategy: mesh, compile and sampling seconds, mean PSNR / SSIM against single."""
+  rows = [f"{'strategy':<10} {'mesh':<42} {'compile s':>9} {'sample s':>9} {'PSNR dB':>8} {'SSIM':>6}"]
+  for run in runs:
+    if run.psnr_db is None:
+      psnr, ssim = "—", "—"
+    elif run.name == "single":
+      psnr, ssim = "ref", "ref"
+    else:
+      psnr, ssim = f"{np.mean(run.psnr_db):.2f}", f"{np.mean(run.ssim):.3f}"
+    rows.append(f"{run.name:<10} {run.mesh:<42} {run.compile_s:9.1f} {run.sample_s:9.1f} {psnr:>8} {ssim:>6}")
+  return "\n".join(rows)
+
+
+def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResult:
+  """`dfjax generate`: samples, writes the images and prints the table with machine and command."""
+  from dfjax.bench.timing import device_name
+
+  start = time.perf_counter()
+  result = generate(config)
+  print(f"model: {result.description}")
+  print(f"machine: {device_name()}; command: {command}; wall time {time.perf_counter() - start:.0f} s")
+  print(result.table)
+  print(f"wrote {', '.join(str(f) for f in result.files)}")
+  return result
