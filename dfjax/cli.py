@@ -24,7 +24,8 @@ def _convert(args) -> None:
 
 def _bench_unet(args) -> None:
   from dfjax.bench import unet
-  unet.run(args.config, args.resolution, args.batch, args.dtype, args.iters, not args.no_torch, args.torch_compile)
+  unet.run(args.config, args.resolution, args.batch, args.dtype, args.iters, not args.no_torch, args.torch_compile,
+           args.torch_threads)
 
 
 def _bench_strategies(args) -> None:
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   bench = commands.add_parser("bench", help="measurements, side by side, machine named")
   benches = bench.add_subparsers(dest="bench", required=True)
-  unet = benches.add_parser("unet", help="UNet forward latency and compile time vs diffusers")
+  unet = benches.add_parser("unet", help="UNet step (CFG batch) latency, compile time, memory, TFLOP/s vs diffusers")
   unet.add_argument("--config", default="tiny-sdxl", help="preset (sd15, sd21, sdxl, tiny-sd15, tiny-sdxl) or config.json")
   unet.add_argument("--resolution", type=int, nargs="+", default=[256], help="image side(s) in pixels")
   unet.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
   unet.add_argument("--iters", type=int, default=5)
   unet.add_argument("--no-torch", action="store_true", help="skip diffusers' PyTorch UNet")
   unet.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd diffusers")
+  unet.add_argument("--torch-threads", type=int, default=None,
+                    help="PyTorch CPU threads (default: one per core other processes leave idle)")
   unet.set_defaults(run=_bench_unet)
 
   strategies = benches.add_parser("strategies", help="single/exact/displaced/naive: step time, traffic, stale memory")

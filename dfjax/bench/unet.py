@@ -1,11 +1,19 @@
-"""`dfjax bench unet`: UNet forward latency and compile time, beside diffusers' PyTorch UNet.
+"""`dfjax bench unet`: one UNet step with classifier-free guidance, dfjax against diffusers.
 
-Both run the same config with random weights, batch (CFG doubles it) and dtype. The JAX side
-reports compile time, median forward latency, XLA's FLOP count and the achieved rate.
+Both sides run the same config with random weights (no checkpoint), the same batch (2: one image
+and its unconditional twin) and the same dtype, in one process on one device. Per resolution:
+compile time, median step latency after compilation, peak device memory, achieved TFLOP/s and
+the speed ratio to diffusers' PyTorch UNet, eager and `torch.compile`d.
+
+TFLOP/s use the analytic FLOP count of the forward (dfjax/bench/flops.py), the same for every
+row; the XLA column checks it against the cost analysis of the compiled program (XLA counts only
+the conv taps inside the image, and elementwise work too; on GPUs it does not see inside cuDNN's
+fused attention, so there it falls short by the attention share).
 """
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -14,33 +22,44 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfjax.bench.flops import analytic_unet_flops
 from dfjax.bench.timing import block, device_name, median_seconds
 from models.config import UNetConfig
 from models.presets import PRESETS, unet_preset
 from models.unet import UNet2DConditionModel
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+GIB = 2**30
+_POOL = 1 << 20  # random values every weight is cut from
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetTiming:
+  """One implementation at one resolution. Bytes and FLOPs are None where not measurable."""
+
   impl: str
   resolution: int
-  batch: int
-  dtype: str
   compile_s: float | None
   step_s: float
-  tflop: float | None  # per forward, from XLA's cost analysis
+  peak_bytes: int | None  # device memory high-water mark (JAX: since the process started)
+  flops: int              # analytic, one forward of the whole batch
+  xla_flops: float | None = None
 
-  def row(self, reference_s: float | None) -> str:
-    compile_s = "-" if self.compile_s is None else f"{self.compile_s:8.2f}"
-    rate = "-" if self.tflop is None else f"{self.tflop / self.step_s:8.3f}"
-    ratio = "-" if reference_s is None else f"{reference_s / self.step_s:6.2f}×"
-    return (f"{self.impl:<18} {self.resolution:>6} {self.batch:>5} {self.dtype:>5} {compile_s:>9} "
-            f"{self.step_s * 1e3:10.1f} {rate:>9} {ratio:>8}")
+  def row(self, eager_s: float | None, compiled_s: float | None) -> str:
+    ratio = lambda ref: "-" if ref is None else f"{ref / self.step_s:.2f}×"
+    xla = "-" if self.xla_flops is None else f"{self.xla_flops / self.flops:.3f}"
+    compile_s = "-" if self.compile_s is None else f"{self.compile_s:.1f}"  # eager: nothing to compile
+    return (f"{self.impl:<18} {self.resolution:>5} {compile_s:>9} {self.step_s * 1e3:10.1f} "
+            f"{_opt(self.peak_bytes and self.peak_bytes / GIB, '.2f'):>8} {self.flops / self.step_s / 1e12:8.2f} "
+            f"{xla:>8} {ratio(eager_s):>8} {ratio(compiled_s):>8}")
 
 
-HEADER = f"{'impl':<18} {'res':>6} {'batch':>5} {'dtype':>5} {'compile s':>9} {'step ms':>10} {'TFLOP/s':>9} {'vs torch':>8}"
+HEADER = (f"{'impl':<18} {'res':>5} {'compile s':>9} {'step ms':>10} {'peak GiB':>8} {'TFLOP/s':>8} "
+          f"{'XLA/anl':>8} {'×eager':>8} {'×compile':>8}")
+
+
+def _opt(value, spec: str) -> str:
+  return "n/a" if value is None else format(value, spec)
 
 
 def load_config(name_or_path: str) -> dict:
@@ -53,101 +72,218 @@ def load_config(name_or_path: str) -> dict:
     return json.load(f)
 
 
-def latent_size(config: UNetConfig, resolution: int) -> int:
-  """Latent side for an image side: the VAE downsamples by 8."""
-  if resolution % 8:
-    raise ValueError(f"resolution {resolution} is not a multiple of 8 (the VAE's downsampling).")
+def latent_size(config: UNetConfig, resolution: int, patches: int = 1) -> int:
+  """Latent side for an image side (the VAE downsamples by 8), checked against the UNet and patches."""
+  if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+    valid = sorted({max(8, resolution // 8 * 8), resolution // 8 * 8 + 8})
+    raise ValueError(f"resolution {resolution} is not a positive multiple of 8 (the VAE's downsampling); "
+                     f"nearest valid: {valid}.")
   side = resolution // 8
-  config.check_latent_size(side, side)
+  try:
+    config.check_latent_size(side, side, row_splits=patches)
+  except ValueError as error:
+    step = 8 * config.downsample_factor * patches
+    near = sorted({max(step, resolution // step * step), resolution // step * step + step})
+    raise ValueError(f"resolution {resolution} (latent {side}) does not fit: {error}. "
+                     f"Image sides that fit{f' {patches} patches' if patches > 1 else ''}: multiples "
+                     f"of {step}, e.g. {near}.") from None
   return side
 
 
-def _inputs(config: UNetConfig, batch: int, side: int, dtype):
+def random_unet(config: UNetConfig, dtype, seed: int = 0) -> UNet2DConditionModel:
+  """The UNet with random weights, in seconds even at SDXL size, compiling nothing.
+
+  The module is built abstractly (`nnx.eval_shape`); each weight is then cut on the host from
+  one pool of 2^20 Gaussian values (at a per-weight offset, scaled by 1/√fan_in like the model's
+  initialiser), norm scales are ones and biases zeros. Step times do not depend on the values.
+  """
+  abstract = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype))
+  graphdef, state = nnx.split(abstract)
+  pool = np.random.default_rng(seed).standard_normal(_POOL, dtype=np.float32)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+
+  def fill(index: int, path, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+    names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+    if len(leaf.shape) == 1:
+      return (np.ones if "scale" in names else np.zeros)(leaf.shape, leaf.dtype)
+    fan_in = math.prod(leaf.shape[:-1])
+    values = np.roll(pool, -(index * 7919) % _POOL) / np.float32(math.sqrt(fan_in))
+    return np.resize(values.astype(leaf.dtype), leaf.shape)
+
+  host = [fill(i, path, leaf) for i, (path, leaf) in enumerate(leaves)]
+  return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.device_put(host)))
+
+
+def parameter_count(model: nnx.Module) -> int:
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def unet_inputs(config: UNetConfig, batch: int, height: int, width: int) -> tuple:
+  """(x NHWC, timesteps, encoder_hidden_states, extra kwargs) as fp32 numpy, 77 text tokens."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((batch, side, side, config.in_channels), np.float32)
+  x = rng.standard_normal((batch, height, width, config.in_channels), np.float32)
   context = rng.standard_normal((batch, 77, config.encoder_dim), np.float32)
   extra = {}
   if config.addition_embed_type == "text_time":
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    size = [height * 8, width * 8, 0, 0, height * 8, width * 8]
     extra = {"text_embeds": rng.standard_normal((batch, pooled), np.float32),
-             "time_ids": np.tile(np.array([[side * 8, side * 8, 0, 0, side * 8, side * 8]], np.float32), (batch, 1))}
+             "time_ids": np.tile(np.array([size], np.float32), (batch, 1))}
   if config.class_embedding_kind is not None:
     extra["class_labels"] = np.zeros((batch,), np.int32)
   t = np.full((batch,), 500.0, np.float32)
   return x, t, context, extra
 
 
-def time_jax(config_dict: dict, resolution: int, batch: int, dtype: str, iters: int) -> UNetTiming:
-  config = UNetConfig.from_diffusers_config(config_dict)
+def peak_device_bytes(device=None) -> int | None:
+  """The device allocator's high-water mark, or None where there is none (CPU)."""
+  stats = (device or jax.devices()[0]).memory_stats()
+  return (stats or {}).get("peak_bytes_in_use")
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return (cost or {}).get("flops")
+
+
+def time_jax(model: UNet2DConditionModel, resolution: int, batch: int, iters: int) -> UNetTiming:
+  config = model.config
   side = latent_size(config, resolution)
-  jdtype = DTYPES[dtype]
-  model = nnx.jit(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0), dtype=jdtype, param_dtype=jdtype))()
   graphdef, params = nnx.split(model)
-  x, t, context, extra = jax.tree.map(jnp.asarray, _inputs(config, batch, side, jdtype))
+  x, t, context, extra = jax.device_put(unet_inputs(config, batch, side, side))
 
   @jax.jit
   def forward(params, x, t, context, extra):
-    return nnx.merge(graphdef, params)(x.astype(jdtype), t, context.astype(jdtype), **extra)
+    return nnx.merge(graphdef, params)(x, t, context, **extra)
 
   start = time.perf_counter()
   compiled = forward.lower(params, x, t, context, extra).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = (cost or {}).get("flops")
   step_s = median_seconds(lambda: block(compiled(params, x, t, context, extra)), iters)
-  return UNetTiming("dfjax (jax)", resolution, batch, dtype, compile_s, step_s, flops / 1e12 if flops else None)
+  return UNetTiming("dfjax (jax)", resolution, compile_s, step_s, peak_device_bytes(),
+                    analytic_unet_flops(config, side, side, batch), compiled_flops(compiled))
 
 
-def time_torch(config_dict: dict, resolution: int, batch: int, dtype: str, iters: int, compile: bool = False) -> UNetTiming:
+def idle_cores(seconds: float = 0.5) -> float | None:
+  """Cores left idle by every other process over `seconds` (Linux /proc/stat), None where unknown."""
+  def sample():
+    with open("/proc/stat") as f:
+      ticks = [int(v) for v in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+  try:
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+  except (OSError, ValueError, IndexError):
+    return None
+  return os.cpu_count() * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def torch_threads(requested: int | None) -> str:
+  """Sets PyTorch's CPU threads and says why: as asked, else one per core other processes leave idle.
+
+  More OpenMP threads than idle cores make every barrier wait on a descheduled thread: on a
+  2-core machine with one core busy, 2 threads run a small UNet ~40× slower than 1.
+  """
+  import torch
+  cores = len(os.sched_getaffinity(0))
+  if requested:
+    torch.set_num_threads(requested)
+    return f"{torch.get_num_threads()} threads (--torch-threads; {cores} cores)"
+  idle = idle_cores()
+  torch.set_num_threads(max(1, min(cores, round(idle))) if idle is not None else cores)
+  count = torch.get_num_threads()
+  busy = "" if idle is None else f", {idle:.1f} of them idle: other processes use the rest"
+  return f"{count} thread{'s' * (count > 1)} (one per idle core; this process may use {cores} cores{busy})"
+
+
+def time_torch(config_dict: dict, resolutions: list[int], batch: int, dtype: str, iters: int,
+               compile: bool) -> list[UNetTiming]:
+  """diffusers' UNet at each resolution: eager, then (with `compile`) torch.compile'd."""
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
 
   config = UNetConfig.from_diffusers_config(config_dict)
-  side = latent_size(config, resolution)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-  model = TorchUNet.from_config(config_dict).to(device=device, dtype=tdtype).eval()
-  x, t, context, extra = _inputs(config, batch, side, None)
-  as_torch = lambda a: torch.from_numpy(np.asarray(a)).to(device)
-  x = as_torch(x).permute(0, 3, 1, 2).to(tdtype)
-  kwargs = {"added_cond_kwargs": {k: as_torch(v).to(tdtype) for k, v in extra.items() if k != "class_labels"}}
-  if "class_labels" in extra:
-    kwargs["class_labels"] = as_torch(extra["class_labels"])
-  t, context = as_torch(t), as_torch(context).to(tdtype)
-  forward = torch.compile(model) if compile else model
+  with torch.device(device):
+    model = TorchUNet.from_config(config_dict).eval()
+  if tdtype != torch.float32:
+    model = model.to(dtype=tdtype)
+  compiled = torch.compile(model) if compile else None
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  timings = []
+  for resolution in resolutions:
+    side = latent_size(config, resolution)
+    x, t, context, extra = unet_inputs(config, batch, side, side)
+    as_torch = lambda a: torch.from_numpy(np.asarray(a)).to(device)
+    x = as_torch(x).permute(0, 3, 1, 2).to(tdtype).contiguous()
+    kwargs = {"added_cond_kwargs": {k: as_torch(v).to(tdtype) for k, v in extra.items() if k != "class_labels"}}
+    if "class_labels" in extra:
+      kwargs["class_labels"] = as_torch(extra["class_labels"])
+    t, context = as_torch(t), as_torch(context).to(tdtype)
+    flops = analytic_unet_flops(config, side, side, batch)
+    for impl, forward in (("diffusers eager", model), ("diffusers compile", compiled)):
+      if forward is None:
+        continue
 
-  def run():
-    with torch.no_grad():
-      forward(x, t, context, **kwargs)
-    sync()
+      def run(forward=forward):
+        with torch.inference_mode():
+          forward(x, t, context, **kwargs)
+        sync()
 
-  compile_s = None
-  if compile:
-    start = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - start
-  impl = "diffusers compile" if compile else "diffusers eager"
-  return UNetTiming(impl, resolution, batch, dtype, compile_s, median_seconds(run, iters), None)
+      if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+      start = time.perf_counter()
+      run()  # eager: warm-up; compiled: compilation (and recompilation for a new shape)
+      compile_s = time.perf_counter() - start if forward is compiled else None
+      step_s = median_seconds(run, iters, warmup=0)
+      peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+      timings.append(UNetTiming(impl, resolution, compile_s, step_s, peak, flops))
+  return timings
 
 
 def run(config: str, resolutions: list[int], batch: int, dtype: str, iters: int, torch_ref: bool,
-        torch_compile: bool) -> list[UNetTiming]:
+        torch_compile: bool, threads: int | None = None) -> list[UNetTiming]:
   """Measures and prints; returns the timings."""
   config_dict = load_config(config)
-  print(f"UNet {config} on {device_name()}, batch {batch}, {dtype}, median of {iters}")
+  unet_config = UNetConfig.from_diffusers_config(config_dict)
+  for resolution in resolutions:  # bad sizes fail before anything is built
+    latent_size(unet_config, resolution)
+  if batch < 1:
+    raise ValueError(f"--batch {batch} must be at least 1 (2 = one image with classifier-free guidance).")
+  if torch_ref:  # JAX must not take the GPU's memory up front: diffusers runs after it in this process
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  model = random_unet(unet_config, DTYPES[dtype])
+  reference = (f", {analytic_unet_flops(unet_config, 128, 128) / 1e12:.2f} TFLOPs per 1024² forward per image"
+               if 128 % unet_config.downsample_factor == 0 else "")
+  print(f"UNet {config} ({parameter_count(model) / 1e9:.3f} B parameters{reference}) on {device_name()}, "
+        f"batch {batch} (one image with CFG = 2), {dtype}, random weights, median of {iters} steps after compilation")
+  jax_timings = [time_jax(model, resolution, batch, iters) for resolution in resolutions]
+  del model
+  torch_timings = []
+  if torch_ref:
+    print(f"diffusers: PyTorch {_torch_version()} on {_torch_device()}"
+          + ("" if _torch_device() != "cpu" else f", {torch_threads(threads)}"))
+    torch_timings = time_torch(config_dict, resolutions, batch, dtype, iters, torch_compile)
   print(HEADER)
-  timings = []
   for resolution in resolutions:
-    ours = time_jax(config_dict, resolution, batch, dtype, iters)
-    refs = []
-    if torch_ref:
-      refs.append(time_torch(config_dict, resolution, batch, dtype, iters))
-      if torch_compile:
-        refs.append(time_torch(config_dict, resolution, batch, dtype, iters, compile=True))
-    reference_s = refs[0].step_s if refs else None
-    for timing in [ours, *refs]:
-      print(timing.row(reference_s))
-    timings += [ours, *refs]
-  return timings
+    rows = [t for t in jax_timings + torch_timings if t.resolution == resolution]
+    by_impl = {t.impl: t.step_s for t in rows}
+    for timing in rows:
+      print(timing.row(by_impl.get("diffusers eager"), by_impl.get("diffusers compile")))
+  print("TFLOP/s: analytic FLOPs of the forward (convs, linears, attention matmuls) / step time; XLA/anl: XLA's "
+        "cost-analysis FLOPs over the analytic count; ×eager/×compile: diffusers' step time over this row's; peak: "
+        "device allocator high-water mark (JAX: since start-up; n/a on CPU).")
+  return jax_timings + torch_timings
+
+
+def _torch_version() -> str:
+  import torch
+  return torch.__version__
+
+
+def _torch_device() -> str:
+  import torch
+  return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
