@@ -28,6 +28,35 @@ def _bench_unet(args) -> None:
            args.torch_threads)
 
 
+def _bench_simulate(args) -> None:
+  from dfjax.bench import simulate
+  simulate.run(args.config, args.resolution, args.patch, args.dtype, args.iters, args.strategy, args.groupnorm,
+               args.hlo_comm, args.latency_us)
+
+
+def _add_bench_simulate(benches) -> None:
+  simulate = benches.add_parser(
+      "simulate", help="per-device cost of patch parallelism on one device, projected over NVLink",
+      description="Runs, on one device, exactly the program one device of an N-device patch mesh runs (its rows, "
+      "the halo/K/V/moment shapes of N devices, collectives replaced by local stand-ins), times it, and "
+      "projects the step time and speedup of exact (compute + comm) and displaced (max of the two) over A100 and "
+      "H100 NVLink, beside DistriFusion's measured speedups. Configurations that do not fit are skipped.")
+  simulate.add_argument("--config", default="tiny-sdxl", help="preset (sd15, sd21, sdxl, tiny-sd15, tiny-sdxl) or config.json")
+  simulate.add_argument("--resolution", type=int, nargs="+", default=[512], help="image side(s) in pixels (latent = /8)")
+  simulate.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
+  simulate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+  simulate.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
+  simulate.add_argument("--strategy", nargs="+", default=["exact", "displaced"], help="exact and/or displaced")
+  simulate.add_argument("--groupnorm", default="corrected_async",
+                        help="displaced GroupNorm mode: corrected_async (default), stale, sync, separate")
+  simulate.add_argument("--hlo-comm", action="store_true",
+                        help="also compile the real N-device sampling program and read its per-step traffic "
+                        "(needs N devices: on a CPU the virtual ones; for tiny configs)")
+  simulate.add_argument("--latency-us", type=float, default=0.0,
+                        help="fixed cost per collective added to the communication time (default 0: bandwidth only)")
+  simulate.set_defaults(run=_bench_simulate)
+
+
 def _bench_strategies(args) -> None:
   from dfjax.bench import strategies
   strategies.run(args.config, args.resolution, args.patch, args.cfg, args.steps, args.warmup_steps,
@@ -149,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
   strategies.add_argument("--iters", type=int, default=3)
   strategies.set_defaults(run=_bench_strategies)
   _add_bench_fidelity(benches)
+  _add_bench_simulate(benches)
   _add_generate(commands)
   return parser
 

@@ -1,0 +1,196 @@
+"""The GPU benchmark harness on the CPU: analytic FLOPs, the simulated per-device program, the CLI.
+
+The simulated program (one device of an N-device patch mesh, collectives replaced by stand-ins)
+must have the real shard's output shape and exchange exactly what the real PatchContext does;
+the analytic FLOP count must be the published SDXL figure and agree with XLA's cost analysis.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dfjax import cli
+from dfjax.bench import simulate
+from dfjax.bench.flops import analytic_unet_flops, flops_by_kind
+from dfjax.bench.unet import compiled_flops, random_unet, unet_inputs
+from dfjax.sampling import Conditioning, stale_buffer_shapes
+from models.config import UNetConfig
+from models.presets import unet_preset
+from sharding import analytic
+from sharding.mesh import make_mesh
+from sharding.patch_context import PatchContext
+from sharding.strategy import PATCH_AXIS, Strategy
+
+# Two levels keep tracing and compiling short; every exchange kind is there (halo convs incl. the
+# strided one, self-attention K/V, GroupNorm moments) and SDXL's micro-conditioning.
+TWO_LEVEL_SDXL = {
+    "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": [2, 4],
+    "cross_attention_dim": 32, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 2],
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+HEIGHT, WIDTH = 32, 16  # latent: 32 rows split into 2 or 4 patches of whole rows at both levels
+
+
+@pytest.fixture(scope="module")
+def model():
+  return random_unet(UNetConfig.from_diffusers_config(TWO_LEVEL_SDXL), jnp.float32)
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+
+
+# ---------------------------------------------------------------------------------- FLOPs
+
+def test_analytic_flops_of_sdxl_at_1024_are_the_published_figure():
+  sdxl = UNetConfig.from_diffusers_config(unet_preset("sdxl"))
+  assert analytic_unet_flops(sdxl, 128, 128) == pytest.approx(6.76e12, rel=2e-3)  # DistriFusion, DiffusionPipe
+  assert analytic_unet_flops(sdxl, 128, 128, batch=2) == 2 * analytic_unet_flops(sdxl, 128, 128)
+  by_kind = flops_by_kind(sdxl, 256, 256)  # attention grows with tokens², the rest with tokens
+  assert by_kind["attention"] / by_kind["conv"] > flops_by_kind(sdxl, 128, 128)["attention"] / flops_by_kind(sdxl, 128, 128)["conv"]
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+  # Wide channels: XLA also counts elementwise work, which is ~1 % here (more on narrow UNets).
+  config = UNetConfig.from_diffusers_config({**TWO_LEVEL_SDXL, "block_out_channels": [128, 256]})
+  abstract = nnx.eval_shape(lambda: random_unet(config, jnp.float32))
+  graphdef, params = nnx.split(abstract)
+  x, t, text, extra = unet_inputs(config, 2, 16, 16)
+  forward = jax.jit(lambda params, x, t, text, extra: nnx.merge(graphdef, params)(x, t, text, **extra))
+  xla = compiled_flops(forward.lower(params, x, t, text, extra).compile())
+  assert xla == pytest.approx(analytic_unet_flops(config, 16, 16, batch=2, padded=False), rel=0.03)
+
+
+# ---------------------------------------------------------------------------------- the simulated program
+
+@pytest.mark.parametrize("patches", [2, 4])
+def test_simulated_program_has_the_real_shards_output_shape(model, patches):
+  graphdef, params = nnx.split(model)
+  mesh = make_mesh(1, 1, patches)
+  real = simulate.unet_step(graphdef, mesh, lambda stale, record: PatchContext(PATCH_AXIS, patches))
+  real_args = simulate.place(mesh, params, *unet_inputs(model.config, 2, HEIGHT, WIDTH))
+  real_out = jax.eval_shape(real, *real_args)[0]
+  shard = jax.sharding.NamedSharding(mesh, simulate.ROWS).shard_shape(real_out.shape)  # B, H/N, W, C
+  for kind in simulate.KINDS:
+    step, args = simulate.simulated_program(model, HEIGHT, WIDTH, patches, kind, simulate.GroupNormMode.CORRECTED_ASYNC)
+    out = jax.eval_shape(step, *args)[0]
+    assert (out.shape, out.dtype) == (shard, real_out.dtype)
+    assert args[1].shape == shard  # its input rows are the real shard's too
+
+
+@pytest.mark.parametrize("patches,groupnorm", [(2, "corrected_async"), (4, "stale"), (4, "separate")])
+def test_simulated_exchanges_have_the_shapes_of_the_real_ones(model, patches, groupnorm):
+  """The stale inputs and recorded outputs of the simulated displaced step are, layer by layer,
+  what the real displaced run carries from step to step: what PatchContext's collectives deliver."""
+  mode = simulate.GroupNormMode.parse(groupnorm)
+  step, args = simulate.simulated_program(model, HEIGHT, WIDTH, patches, "displaced", mode)
+  stale, record = args[-1], jax.eval_shape(step, *args)[1]
+
+  _, _, text, extra = unet_inputs(model.config, 1, HEIGHT, WIDTH)
+  noise = np.zeros((1, HEIGHT, WIDTH, 4), np.float32)
+  cond = Conditioning(text, **extra)
+  real = stale_buffer_shapes(model, noise, cond, uncond=cond, num_steps=4, mesh=make_mesh(1, 1, patches),
+                             strategy=Strategy.displaced(warmup_steps=1, groupnorm=groupnorm))
+  assert set(record) == set(real) and len(real) > 0
+  assert _shapes(record) == _shapes(real) == _shapes(stale)
+  kinds = {k: 0 for k in ("halo", "kv", "moments")}
+  for key, value in real.items():  # classify each layer's buffer to compare with the analytic volume
+    kind = "halo" if isinstance(value, tuple) else "kv" if value.ndim == 5 else "moments"
+    kinds[kind] += sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(value))
+  expected = analytic.stale_bytes(model.config, HEIGHT, WIDTH, patches, 2, 4, stale_moments=groupnorm != "separate")
+  assert {k: v for k, v in kinds.items() if v} == {k: v for k, v in expected.items() if v}
+
+
+def test_a_configuration_that_does_not_fit_is_skipped_with_a_note(model, monkeypatch, capsys):
+  def out_of_memory(*args):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99.0GiB.")
+
+  monkeypatch.setattr(simulate, "simulated_program", out_of_memory)
+  assert simulate._measure(model, 3840, 480, 2, "exact", simulate.GroupNormMode.SYNC, 1) is None
+  assert "skipped: does not fit in device memory" in capsys.readouterr().out
+  monkeypatch.setattr(simulate, "simulated_program", lambda *a: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: bug")))
+  with pytest.raises(jax.errors.JaxRuntimeError):  # other runtime errors are not swallowed
+    simulate._measure(model, 512, 64, 2, "exact", simulate.GroupNormMode.SYNC, 1)
+
+
+def test_projection_adds_comm_for_exact_and_overlaps_it_for_displaced():
+  link = simulate.LINKS[0]
+  comm_s = 3e9 / link.bytes_per_s
+  exact = simulate.SimRun(2048, 4, "exact", 1.0, 0.05, sync_bytes=int(3e9), collectives=10)
+  displaced = simulate.SimRun(2048, 4, "displaced", 1.0, 0.05, async_bytes=int(3e9), collectives=10)
+  assert exact.projected_s(link, 0.0) == pytest.approx(0.05 + comm_s)
+  assert displaced.projected_s(link, 0.0) == pytest.approx(max(0.05, comm_s))
+  assert displaced.projected_s(link, 1e-3) == pytest.approx(max(0.05, comm_s + 10e-3))
+
+
+# ---------------------------------------------------------------------------------- the commands
+
+def _table(out: str, first: set[str]) -> dict[str, list[str]]:
+  """Rows of a printed table keyed by their first cell(s)."""
+  rows = {}
+  for line in out.splitlines():
+    cells = line.split()
+    for width in (1, 2, 3):
+      if " ".join(cells[:width]) in first:
+        rows[" ".join(cells[:width])] = cells
+  return rows
+
+
+@pytest.fixture
+def config_file(tmp_path):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(TWO_LEVEL_SDXL))
+  return str(path)
+
+
+def test_bench_unet_prints_jax_and_diffusers_rows(config_file, capsys):
+  code = cli.main(["bench", "unet", "--config", config_file, "--resolution", "64", "--iters", "1"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "TFLOP/s" in out and "peak GiB" in out and "XLA/anl" in out and "×eager" in out and " thread" in out
+  rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
+          if line.startswith(("dfjax (jax)", "diffusers eager"))}
+  assert set(rows) == {"dfjax (jax)", "diffusers eager"}
+  jax_row = rows["dfjax (jax)"]
+  assert jax_row[2] == "64" and jax_row[5] == "n/a"  # resolution; no peak memory on a CPU
+  assert 0.9 < float(jax_row[7]) < 1.2  # XLA's FLOPs vs the analytic count
+  assert rows["diffusers eager"][-2] == "1.00×"
+
+
+def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsys):
+  code = cli.main(["bench", "simulate", "--config", config_file, "--resolution", "128", "--patch", "2",
+                   "--strategy", "displaced", "--iters", "1", "--hlo-comm"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "PROJECTIONS" in out and "A100 NVLink3" in out and "H100 NVLink4" in out and "300 GB/s" in out
+  rows = {(c[1], c[2]): c for c in (line.split() for line in out.splitlines()) if len(c) > 3 and c[0] == "128"}
+  assert set(rows) == {("1", "single"), ("2", "displaced")}
+  cells = rows[("2", "displaced")]
+  assert cells[6] == cells[7] and float(cells[6]) > 0  # analytic comm MiB == the compiled N-device program's
+  assert float(cells[4]) > 0 and float(cells[5]) > 0  # compute ms, vs 1/N
+  single_ms = float(rows[("1", "single")][4])
+  for projected_ms, speedup in ((cells[10], cells[11]), (cells[14], cells[15])):  # A100, H100
+    assert float(speedup) == pytest.approx(single_ms / float(projected_ms), rel=0.02)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "unet", "--config", "no-such-preset", "--no-torch"], "preset"),
+    (["bench", "simulate", "--config", "no-such-preset"], "preset"),
+    (["bench", "unet", "--resolution", "100", "--no-torch"], "multiple of 8"),
+    (["bench", "simulate", "--resolution", "100"], "multiple of 8"),
+    (["bench", "unet", "--resolution", "72", "--no-torch"], "multiples of 32"),  # latent 9: not /4
+    (["bench", "simulate", "--resolution", "256", "--patch", "3"], "3 row patches"),
+    (["bench", "simulate", "--resolution", "256", "--patch", "0"], "patch counts"),
+    (["bench", "simulate", "--strategy", "ring"], "unknown strategies"),
+    (["bench", "simulate", "--groupnorm", "approx"], "GroupNorm mode"),
+])
+def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "error:" in err and message in err, err
