@@ -153,13 +153,13 @@ def test_bench_unet_prints_jax_and_diffusers_rows(config_file, capsys):
   code = cli.main(["bench", "unet", "--config", config_file, "--resolution", "64", "--iters", "1"])
   out = capsys.readouterr().out
   assert code == 0, out
-  assert "TFLOP/s" in out and "peak GiB" in out and "XLA/anl" in out and "×eager" in out and " thread" in out
+  assert "matmul rate" in out and "TFLOP/s" in out and "of mm" in out and "peak GiB" in out and "XLA/anl" in out and "×eager" in out and " thread" in out
   rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
           if line.startswith(("dfjax (jax)", "diffusers eager"))}
   assert set(rows) == {"dfjax (jax)", "diffusers eager"}
   jax_row = rows["dfjax (jax)"]
   assert jax_row[2] == "64" and jax_row[5] == "n/a"  # resolution; no peak memory on a CPU
-  assert 0.9 < float(jax_row[7]) < 1.2  # XLA's FLOPs vs the analytic count
+  assert 0.9 < float(jax_row[8]) < 1.2  # XLA's FLOPs vs the analytic count
   assert rows["diffusers eager"][-2] == "1.00×"
 
 

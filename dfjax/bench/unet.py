@@ -45,17 +45,19 @@ class UNetTiming:
   flops: int              # analytic, one forward of the whole batch
   xla_flops: float | None = None
 
-  def row(self, eager_s: float | None, compiled_s: float | None) -> str:
+  def row(self, eager_s: float | None, compiled_s: float | None, matmul_rate: float) -> str:
+    """The table row; `eager_s`/`compiled_s` are diffusers' step times, `matmul_rate` the device's FLOP/s."""
     ratio = lambda ref: "-" if ref is None else f"{ref / self.step_s:.2f}×"
     xla = "-" if self.xla_flops is None else f"{self.xla_flops / self.flops:.3f}"
     compile_s = "-" if self.compile_s is None else f"{self.compile_s:.1f}"  # eager: nothing to compile
+    rate = self.flops / self.step_s
     return (f"{self.impl:<18} {self.resolution:>5} {compile_s:>9} {self.step_s * 1e3:10.1f} "
-            f"{_opt(self.peak_bytes and self.peak_bytes / GIB, '.2f'):>8} {self.flops / self.step_s / 1e12:8.2f} "
-            f"{xla:>8} {ratio(eager_s):>8} {ratio(compiled_s):>8}")
+            f"{_opt(self.peak_bytes and self.peak_bytes / GIB, '.2f'):>8} {rate / 1e12:8.2f} "
+            f"{100 * rate / matmul_rate:5.0f}% {xla:>8} {ratio(eager_s):>8} {ratio(compiled_s):>8}")
 
 
 HEADER = (f"{'impl':<18} {'res':>5} {'compile s':>9} {'step ms':>10} {'peak GiB':>8} {'TFLOP/s':>8} "
-          f"{'XLA/anl':>8} {'×eager':>8} {'×compile':>8}")
+          f"{'of mm':>6} {'XLA/anl':>8} {'×eager':>8} {'×compile':>8}")
 
 
 def _opt(value, spec: str) -> str:
@@ -145,6 +147,14 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return (cost or {}).get("flops")
+
+
+def matmul_rate(dtype, size: int | None = None, iters: int = 5) -> tuple[float, int]:
+  """(FLOP/s, size) of square `size`² matmuls in `dtype` on the default device: the rate to compare with."""
+  size = size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
+  a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32).astype(dtype))
+  matmul = jax.jit(lambda a: a @ a).lower(a).compile()
+  return 2 * size**3 / median_seconds(lambda: block(matmul(a)), iters), size
 
 
 def time_jax(model: UNet2DConditionModel, resolution: int, batch: int, iters: int) -> UNetTiming:
@@ -260,6 +270,8 @@ def run(config: str, resolutions: list[int], batch: int, dtype: str, iters: int,
                if 128 % unet_config.downsample_factor == 0 else "")
   print(f"UNet {config} ({parameter_count(model) / 1e9:.3f} B parameters{reference}) on {device_name()}, "
         f"batch {batch} (one image with CFG = 2), {dtype}, random weights, median of {iters} steps after compilation")
+  peak_rate, size = matmul_rate(DTYPES[dtype])
+  print(f"measured {dtype} matmul rate of this device: {peak_rate / 1e12:.2f} TFLOP/s ({size}² × {size}²)")
   jax_timings = [time_jax(model, resolution, batch, iters) for resolution in resolutions]
   del model
   torch_timings = []
@@ -272,8 +284,9 @@ def run(config: str, resolutions: list[int], batch: int, dtype: str, iters: int,
     rows = [t for t in jax_timings + torch_timings if t.resolution == resolution]
     by_impl = {t.impl: t.step_s for t in rows}
     for timing in rows:
-      print(timing.row(by_impl.get("diffusers eager"), by_impl.get("diffusers compile")))
-  print("TFLOP/s: analytic FLOPs of the forward (convs, linears, attention matmuls) / step time; XLA/anl: XLA's "
+      print(timing.row(by_impl.get("diffusers eager"), by_impl.get("diffusers compile"), peak_rate))
+  print("TFLOP/s: analytic FLOPs of the forward (convs, linears, attention matmuls) / step time; of mm: that over "
+        "the measured matmul rate; XLA/anl: XLA's "
         "cost-analysis FLOPs over the analytic count; ×eager/×compile: diffusers' step time over this row's; peak: "
         "device allocator high-water mark (JAX: since start-up; n/a on CPU).")
   return jax_timings + torch_timings
