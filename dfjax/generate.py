@@ -327,7 +327,7 @@ def write_outputs(out: Path, runs: list[StrategyRun], captions: list[str]) -> li
   if reference is not None:
     columns += [(f"|{run.name}-single|x{DIFF_GAIN:g}", images.difference(run.pictures, reference.pictures, DIFF_GAIN))
                 for run in runs if run is not reference]
-  files.append(images.save_png(images.sheet(columns), out / "comparison.png"))
+  files.append(images.save_png(images.sheet(columns, row_labels=captions), out / "comparison.png"))
   np.savez_compressed(out / "samples.npz", **{run.name: run.pictures for run in runs})
   files.append(out / "samples.npz")
   summary = {run.name: {"mesh": run.mesh, "compile_s": run.compile_s, "sample_s": run.sample_s,

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 LABEL_HEIGHT = 14  # pixels of the caption strip above each sheet column
+CHAR_WIDTH = 6  # pixels per character of PIL's default font, for the row-label strip
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -48,24 +49,30 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
   return out
 
 
-def sheet(columns: Sequence[tuple[str, np.ndarray]], pad: int = 2, scale: int = 2) -> np.ndarray:
+def sheet(columns: Sequence[tuple[str, np.ndarray]], pad: int = 2, scale: int = 2,
+          row_labels: Sequence[str] | None = None) -> np.ndarray:
   """Side-by-side columns of images, each under its caption: one row per image of the batch.
 
   Args:
     columns: (caption, (B, H, W, C) uint8 images) pairs, all with the same shape.
     scale: images are enlarged this many times (nearest neighbour) so captions fit.
+    row_labels: B labels written in a strip left of the rows (e.g. class names).
   Returns:
-    (LABEL_HEIGHT + B·(s·H+pad)+pad, n·(s·W+pad)+pad, C) uint8, s = scale.
+    (LABEL_HEIGHT + B·(s·H+pad)+pad, L + n·(s·W+pad)+pad, C) uint8, s = scale, L the label
+    strip's width (0 without row labels).
   """
   columns = [(caption, images.repeat(scale, axis=1).repeat(scale, axis=2)) for caption, images in columns]
   stacks = [grid(images, columns=1, pad=pad) for _, images in columns]
   body = np.concatenate([s[:, :-pad] for s in stacks[:-1]] + [stacks[-1]], axis=1)
-  canvas = Image.new("RGB", (body.shape[1], body.shape[0] + LABEL_HEIGHT), "white")
-  canvas.paste(Image.fromarray(body), (0, LABEL_HEIGHT))
+  left = 0 if row_labels is None else CHAR_WIDTH * max(len(label) for label in row_labels) + 2 * pad
+  canvas = Image.new("RGB", (left + body.shape[1], body.shape[0] + LABEL_HEIGHT), "white")
+  canvas.paste(Image.fromarray(body), (left, LABEL_HEIGHT))
   draw = ImageDraw.Draw(canvas)
-  column_width = columns[0][1].shape[2] + pad
+  column_width, row_height = columns[0][1].shape[2] + pad, columns[0][1].shape[1] + pad
   for i, (caption, _) in enumerate(columns):
-    draw.text((pad + i * column_width, 1), caption, fill="black")
+    draw.text((left + pad + i * column_width, 1), caption, fill="black")
+  for i, label in enumerate(row_labels or ()):
+    draw.text((pad, LABEL_HEIGHT + pad + i * row_height + row_height // 2 - 6), label, fill="black")
   return np.asarray(canvas)
 
 

@@ -33,7 +33,8 @@ def test_embedded_model_end_to_end(tmp_path, capsys):
   assert float(rows["displaced"][-2]) == pytest.approx(displaced, abs=0.01)
   assert np.load(out / "samples.npz")["single"].shape == (2, 64, 64, 3)
   sheet = Image.open(out / "comparison.png")  # 3 strategies + 2 differences, 2× enlarged
-  assert sheet.size == (5 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
+  labels = images.CHAR_WIDTH * len("circle") + 4  # rows labelled with their class: circle, ring
+  assert sheet.size == (labels + 5 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
 
 
 def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys):
