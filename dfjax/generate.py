@@ -232,12 +232,18 @@ def resolve_patch(config, height: int, patch: int | None, cfg: int, device_count
   return patch
 
 
-def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, **kwargs) -> tuple[np.ndarray, float, float]:
-  """Compiles, then runs `dfjax.sample`: (output on the host, compile seconds, sample seconds)."""
+def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, on_compiled=None,
+                 **kwargs) -> tuple[np.ndarray, float, float]:
+  """Compiles, then runs `dfjax.sample`: (output on the host, compile seconds, sample seconds).
+
+  `on_compiled()`, if given, is called between the two (e.g. to advance a progress bar).
+  """
   kwargs = dict(uncond=uncond, mesh=mesh, strategy=strategy, **kwargs)
   start = time.perf_counter()
   lower_sample(unet, noise, cond, **kwargs).compile()  # jax reuses this program in `sample`
   compiled = time.perf_counter()
+  if on_compiled is not None:
+    on_compiled()
   out = np.asarray(jax.block_until_ready(sample(unet, noise, cond, **kwargs)))
   return out, compiled - start, time.perf_counter() - compiled
 
@@ -269,10 +275,15 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
 
   outputs, times = {}, {}
   for strategy in strategies:
-    bar.set_description(f"{strategy.name}: compile + {config.steps} steps")
-    out, compile_s, sample_s = timed_sample(source.unet, noise, source.cond, source.uncond,
-                                            mesh=meshes[strategy.name], strategy=strategy, **sampler)
-    bar.update(2)
+    bar.set_description(f"{strategy.name}: compile")
+
+    def compiled(name=strategy.name):
+      bar.update()
+      bar.set_description(f"{name}: {config.steps} steps")
+
+    out, compile_s, sample_s = timed_sample(source.unet, noise, source.cond, source.uncond, mesh=meshes[strategy.name],
+                                            strategy=strategy, on_compiled=compiled, **sampler)
+    bar.update()
     outputs[strategy.name], times[strategy.name] = out, (compile_s, sample_s)
   bar.set_description("write images")
 
