@@ -15,6 +15,12 @@ What is sampled:
     right width (zeros for the unconditional half), and its latents are drawn as pictures of
     their first three channels, not decoded images.
 
+The default mesh is cfg=1 × patch=8 on 8 (virtual) devices: every device owns 8 of the 64 rows,
+DistriFusion's hardest setting (its 8-GPU column), where naive patches lose the most context
+and stale activations matter most. `cfg=2 × patch=4` splits guidance instead and uses 4 patches.
+PSNR and SSIM are computed on the images clipped to [0, 1] (data range 1), per image, then
+averaged over the batch.
+
 Shape letters: B batch, H rows, W columns, C channels, T tokens, D token width.
 """
 
