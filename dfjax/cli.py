@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_bench_fidelity(benches)
   _add_bench_simulate(benches)
   _add_generate(commands)
+  from dfjax.training.cli import add_train_command
+  add_train_command(commands)
   return parser
 
 

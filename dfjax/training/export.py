@@ -1,0 +1,174 @@
+"""A trained class-conditional model as a dfjax checkpoint folder, and back.
+
+The folder is an ordinary dfjax checkpoint (the layout of `convert/convert.py`, so
+`dfjax.load_model` loads its UNet) with the class tokens beside it:
+
+  params/                 the UNet's NNX params (orbax)
+  config.json             the UNet's diffusers config
+  scheduler_config.json   the training noise schedule (diffusers DDIMScheduler config)
+  manifest.json           format marker; "source" describes the training run
+  class_tokens/           the ClassTokens params (orbax)
+  class_tokens.json       num_classes, num_tokens, dim and the class names
+  training.json           the run: command, config, wall time, machine, the loss curve
+  loss.csv                step, loss (mean over each logging interval), learning rate
+  MODEL_CARD.md           data, model, run, loss curve and machine, written from the above
+
+It is written into a temporary sibling and renamed into place, as conversion does.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+# The converter's layout, format marker and atomic writer: one definition of the format.
+from convert.convert import (CONFIG, FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR,
+                             SCHEDULER_CONFIG, _dfjax_version, _write_atomically, check_weights)
+from convert.keymap import path_str
+from convert.safetensors_io import read_json
+from dfjax.training.card import write_model_card
+from models.class_tokens import ClassTokens
+
+TOKENS_DIR = "class_tokens"
+TOKENS_CONFIG = "class_tokens.json"
+TRAINING = "training.json"
+LOSS_CSV = "loss.csv"
+
+
+class TrainedModel(NamedTuple):
+  """A loaded class-conditional model: `unet, class_tokens, scheduler_config = model`."""
+
+  unet: nnx.Module
+  class_tokens: ClassTokens
+  scheduler_config: dict
+
+
+def write_model(folder: str | os.PathLike, unet: nnx.Module, class_tokens: ClassTokens, *,
+                unet_config: Mapping, scheduler_config: Mapping, class_names: Sequence[str],
+                training: Mapping[str, Any], loss_rows: Sequence[tuple[int, float, float]],
+                overwrite: bool = True) -> Path:
+  """Writes the trained pair as a dfjax checkpoint folder (atomically).
+
+  Args:
+    folder: destination; an existing dfjax checkpoint there is replaced when `overwrite`.
+    unet, class_tokens: the modules whose `nnx.Param`s are stored (as they are: float32).
+    unet_config: the UNet's diffusers config dict (config.json).
+    scheduler_config: the diffusers scheduler config the model was trained with.
+    class_names: name of each class id.
+    training: what training.json records (command, hyper-parameters, wall time, machine…).
+    loss_rows: (step, loss, learning rate) rows of loss.csv.
+  Returns:
+    `folder` as a Path.
+  Raises:
+    FileExistsError: `folder` exists and is not a dfjax checkpoint, or `overwrite` is False.
+    ValueError: a param holds NaN or inf.
+  """
+  folder = Path(folder)
+  if folder.exists() and (not overwrite or not _is_checkpoint_or_empty(folder)):
+    raise FileExistsError(f"{folder} exists and {'is not a dfjax checkpoint' if overwrite else 'overwrite is False'}"
+                          "; refusing to replace it")
+  unet_params = _pure(unet)
+  token_params = _pure(class_tokens)
+  flat = {path_str(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(unet, nnx.Param))}
+  check_weights(flat, "trained UNet params")
+  check_weights({"class_tokens.embedding": np.asarray(class_tokens.embedding[...])},
+                "trained class tokens")
+  dtypes = sorted({str(a.dtype) for a in flat.values()})
+  manifest = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "model": "UNet2DConditionModel",
+      "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+      "num_params": int(sum(a.size for a in flat.values())),
+      "num_tensors": len(flat),
+      "dfjax_version": _dfjax_version(),
+      "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "source": {"kind": "dfjax train", "class_tokens": TOKENS_DIR},
+  }
+  tokens_meta = {"num_classes": class_tokens.num_classes, "null_id": class_tokens.null_id,
+                 "num_tokens": int(class_tokens.embedding.shape[1]),
+                 "dim": int(class_tokens.embedding.shape[2]), "class_names": list(class_names)}
+
+  def write(tmp: Path) -> None:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / PARAMS_DIR, unet_params)
+      checkpointer.save(tmp / TOKENS_DIR, token_params)
+    _write_json(tmp / CONFIG, dict(unet_config))
+    _write_json(tmp / SCHEDULER_CONFIG, dict(scheduler_config))
+    _write_json(tmp / TOKENS_CONFIG, tokens_meta)
+    _write_json(tmp / TRAINING, dict(training))
+    with open(tmp / LOSS_CSV, "w", newline="") as f:
+      writer = csv.writer(f)
+      writer.writerow(["step", "loss", "learning_rate"])
+      writer.writerows([int(s), f"{l:.6f}", f"{r:.3e}"] for s, l, r in loss_rows)
+    _write_json(tmp / MANIFEST, manifest)
+    write_model_card(tmp)
+
+  _write_atomically(folder, write)
+  return folder
+
+
+def load_trained(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                 sharding: jax.sharding.Sharding | None = None) -> TrainedModel:
+  """Loads a folder written by `write_model` (e.g. `dfjax train`'s model/).
+
+  Args:
+    folder: the model folder.
+    dtype, param_dtype, sharding: as in `dfjax.load_model`, for both modules.
+  Returns:
+    TrainedModel(unet, class_tokens, scheduler_config).
+  Raises:
+    ValueError: not a trained dfjax model (e.g. a converted text-to-image UNet: no class tokens),
+      or class tokens that do not fit the UNet.
+  """
+  from dfjax.loading import load_model, load_scheduler_config
+
+  folder = Path(folder)
+  unet = load_model(folder, dtype=dtype, param_dtype=param_dtype, sharding=sharding)
+  if not (folder / TOKENS_CONFIG).is_file() or not (folder / TOKENS_DIR).is_dir():
+    raise ValueError(f"{folder} is a dfjax checkpoint without class tokens ({TOKENS_CONFIG}, "
+                     f"{TOKENS_DIR}/): not a class-conditional model written by `dfjax train`")
+  meta = read_json(folder / TOKENS_CONFIG)
+  if meta["dim"] != unet.config.encoder_dim:
+    raise ValueError(f"{folder / TOKENS_CONFIG}: tokens of width {meta['dim']} do not fit the UNet's "
+                     f"cross_attention_dim {unet.config.encoder_dim}")
+  kw = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+  tokens = nnx.eval_shape(lambda: ClassTokens(meta["num_classes"], meta["num_tokens"], meta["dim"],
+                                              rngs=nnx.Rngs(0), **kw))
+  graphdef, abstract = nnx.split(tokens)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        nnx.to_pure_dict(abstract))
+
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore((folder / TOKENS_DIR).absolute(), target)
+  nnx.replace_by_pure_dict(abstract, restored)
+  scheduler_config = load_scheduler_config(folder)
+  if scheduler_config is None:
+    raise ValueError(f"{folder} has no {SCHEDULER_CONFIG}: a trained model needs its noise schedule")
+  return TrainedModel(unet, nnx.merge(graphdef, abstract), scheduler_config)
+
+
+def _pure(module: nnx.Module) -> dict:
+  """The module's params as a nested dict of host arrays, as `nnx.state(m, nnx.Param)` nests."""
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+
+
+def _is_checkpoint_or_empty(folder: Path) -> bool:
+  from convert.convert import is_checkpoint
+  return is_checkpoint(folder) or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def _write_json(path: Path, value: Any) -> None:
+  path.write_text(json.dumps(value, indent=2) + "\n")

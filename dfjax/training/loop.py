@@ -1,0 +1,310 @@
+"""`dfjax train`: DDPM training of a class-conditional UNet on the procedural dataset.
+
+One jitted step over the `nnx.split` state (params, AdamW state, EMA params, step counter): draw
+timesteps and noise, drop labels to the null class for classifier-free guidance, regress the
+noise (ε prediction, mean squared error), update. Everything random is a pure function of
+(seed, step): the batch is `dfjax.data.batch((seed, step), batch)` and the step's PRNG key is
+`fold_in(key(seed), step)`. A run interrupted and resumed from an orbax checkpoint therefore
+gives bit-identical params to an uninterrupted one.
+
+Output folder:
+  train_config.json   the run's settings; resuming checks the command still matches
+  checkpoints/        orbax CheckpointManager: {state, history} every `save_every` steps
+  model/              the final model (EMA params when `ema_decay` > 0), `export.write_model`
+
+Shape letters: B batch, H rows, W columns, C channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dfjax import data
+from dfjax.schedulers import SchedulerConfig, train_alphas_cumprod
+from dfjax.training import export
+from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
+from models.class_tokens import drop_labels
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+TRAIN_CONFIG = "train_config.json"
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # a third of the compile time, slower code
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Settings of one training run (`dfjax train` flags).
+
+  Attributes:
+    out: output folder.
+    model: a `dfjax.training.model.VARIANTS` name.
+    steps: optimiser steps; batch: images per step.
+    lr: peak AdamW learning rate, reached after `warmup_steps`, then cosine decay to
+      `lr * final_lr_fraction` (constant after warm-up when `cosine` is False).
+    weight_decay: AdamW decoupled weight decay; grad_clip: global-norm clipping.
+    ema_decay: EMA of the params (0 disables; the exported model is the EMA when enabled).
+    label_drop: probability of replacing a label by the null class (classifier-free guidance).
+    seed: fixes the init, the data, the noise and the label drops.
+    save_every: orbax checkpoint interval in steps (and at the end).
+    log_every: loss-curve interval in steps (mean loss over the interval).
+    export: where the final model goes (default OUT/model).
+  """
+
+  out: str
+  model: str = "default"
+  steps: int = 1800
+  batch: int = 16
+  lr: float = 2e-3
+  warmup_steps: int = 100
+  cosine: bool = True
+  final_lr_fraction: float = 0.05
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  ema_decay: float = 0.999
+  label_drop: float = 0.1
+  seed: int = 0
+  save_every: int = 200
+  log_every: int = 25
+  export: str | None = None
+
+  def __post_init__(self):
+    if self.model not in VARIANTS:
+      raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(VARIANTS)}")
+    for name in ("steps", "batch", "save_every", "log_every"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+    if not self.lr > 0 or self.warmup_steps < 0:
+      raise ValueError(f"need lr > 0 and warmup_steps >= 0; got lr={self.lr}, "
+                       f"warmup_steps={self.warmup_steps}")
+    for name in ("ema_decay", "label_drop", "final_lr_fraction"):
+      if not 0.0 <= getattr(self, name) < 1.0 + (name == "final_lr_fraction"):
+        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+  def static(self) -> TrainConfig:
+    """The settings that shape the compiled step (paths blanked): its jit cache key."""
+    return dataclasses.replace(self, out="", export=None)
+
+  def resumable_fields(self) -> dict[str, Any]:
+    """The settings a resumed run must share with the run that wrote the checkpoints."""
+    return dataclasses.asdict(self.static())
+
+
+# ---------------------------------------------------------------------------------- the step
+
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Global-norm clipping then AdamW, with linear warm-up and cosine (or constant) learning rate."""
+  warmup = max(cfg.warmup_steps, 1)
+  if cfg.cosine:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.final_lr_fraction)
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup])
+  optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                          optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
+  return optimizer, schedule
+
+
+@functools.lru_cache(maxsize=None)
+def _graphdef(model: str) -> nnx.GraphDef:
+  """The structure of a variant's model (abstract: nothing is initialised)."""
+  abstract = nnx.eval_shape(lambda: ClassConditionalUNet(VARIANTS[model], rngs=nnx.Rngs(0)))
+  return nnx.split(abstract, nnx.Param)[0]
+
+
+def init_state(seed: jax.Array, *, cfg: TrainConfig) -> dict:
+  """Fresh training state {params, opt_state, ema, step} (`train` runs it jitted)."""
+  model = ClassConditionalUNet(VARIANTS[cfg.model], rngs=nnx.Rngs(jax.random.key(seed)))
+  params = nnx.state(model, nnx.Param)
+  return {"params": params, "opt_state": make_optimizer(cfg)[0].init(params),
+          "ema": jax.tree.map(jnp.copy, params), "step": jnp.zeros((), jnp.int32)}
+
+
+def train_step(state: dict, images_bhwc: jax.Array, labels_b: jax.Array, *, cfg: TrainConfig
+               ) -> tuple[dict, jax.Array]:
+  """One optimiser step on a batch: (state, images, labels) → (state, loss). `state` is donated.
+
+  `cfg` is static: pass `cfg.static()` so that runs differing only in paths share the program.
+  Variants marked `fast_compile` (the tests' model) skip backend optimisation.
+  """
+  jitted = _train_step_fast_compile if VARIANTS[cfg.model].fast_compile else _train_step
+  return jitted(state, images_bhwc, labels_b, cfg=cfg)
+
+
+def _step(state: dict, images_bhwc: jax.Array, labels_b: jax.Array, *, cfg: TrainConfig
+          ) -> tuple[dict, jax.Array]:
+  graphdef = _graphdef(cfg.model)
+  key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
+  loss, grads = jax.value_and_grad(_loss)(state["params"], graphdef, images_bhwc, labels_b, key, cfg)
+  updates, opt_state = make_optimizer(cfg)[0].update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  # EMA with the usual warm-up of its decay, so early steps are not averaged with the init.
+  step = state["step"].astype(jnp.float32)
+  decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+  ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state["ema"], params)
+  return {"params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1}, loss
+
+
+# The compile options are part of a variant: they change float results in the last bits.
+_init_state = jax.jit(init_state, static_argnames="cfg")
+_init_state_fast_compile = jax.jit(init_state, static_argnames="cfg", compiler_options=FAST_COMPILE)
+_train_step = jax.jit(_step, static_argnames="cfg", donate_argnums=0)
+_train_step_fast_compile = jax.jit(_step, static_argnames="cfg", donate_argnums=0,
+                                   compiler_options=FAST_COMPILE)
+
+
+def _loss(params, graphdef, x0_bhwc, labels_b, key, cfg: TrainConfig) -> jax.Array:
+  """ε-prediction MSE at uniformly drawn timesteps, labels dropped to the null class at random."""
+  alphas_cumprod = train_alphas_cumprod(SchedulerConfig.from_diffusers_config(SCHEDULER_CONFIG))
+  sqrt_ab = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)  # T
+  sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)  # T
+  t_key, noise_key, drop_key = jax.random.split(key, 3)
+  b = x0_bhwc.shape[0]
+  t_b = jax.random.randint(t_key, (b,), 0, sqrt_ab.shape[0])  # B
+  eps_bhwc = jax.random.normal(noise_key, x0_bhwc.shape, jnp.float32)  # B, H, W, C
+  x_bhwc = sqrt_ab[t_b, None, None, None] * x0_bhwc + sqrt_1mab[t_b, None, None, None] * eps_bhwc  # B, H, W, C
+  labels_b = drop_labels(labels_b, drop_key, VARIANTS[cfg.model].num_classes, cfg.label_drop)  # B
+  pred_bhwc = nnx.merge(graphdef, params)(x_bhwc, t_b, labels_b)  # B, H, W, C
+  return jnp.mean(jnp.square(pred_bhwc.astype(jnp.float32) - eps_bhwc))
+
+
+# ---------------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
+          progress: bool = True, command: str | None = None) -> Path | None:
+  """Runs (or, with `resume`, continues) a training run; returns the exported model folder.
+
+  Args:
+    cfg: the run's settings.
+    resume: continue from the latest checkpoint in `cfg.out` (starts fresh when there is none).
+    stop_at: checkpoint and return None after this step, leaving the run to a later `resume`
+      (to split a long run; the result is the same as one uninterrupted run).
+    progress: show a tqdm progress bar.
+    command: the command line recorded in training.json (default: this process's argv).
+  Raises:
+    ValueError: `cfg.out` holds checkpoints and `resume` is False, or it holds a run with
+      different settings.
+  """
+  import orbax.checkpoint as ocp
+  from tqdm.auto import tqdm
+
+  began = time.perf_counter()
+  out = Path(cfg.out).absolute()
+  _check_out(out, cfg, resume)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+  spec, static = VARIANTS[cfg.model], cfg.static()
+  init = _init_state_fast_compile if spec.fast_compile else _init_state
+  schedule = make_optimizer(cfg)[1]
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1, create=True)
+  with ocp.CheckpointManager(out / CHECKPOINTS, options=options) as manager:
+    start = manager.latest_step() or 0
+    if start:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                              jax.eval_shape(functools.partial(init_state, cfg=static), jnp.int32(0)))
+      restored = manager.restore(start, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+      state, history = restored["state"], restored["history"]
+    else:
+      state = init(jnp.int32(cfg.seed), cfg=static)
+      history = {"step": [], "loss": [], "pending": [], "seconds": 0.0}
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train",
+               unit="step", dynamic_ncols=True)
+    # Losses of the logging interval under way (a checkpoint keeps them, as float64).
+    losses, seconds_before = list(history.pop("pending", [])), float(history["seconds"])
+    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    for step in range(start, stop):
+      images, labels = data.batch((cfg.seed, step), cfg.batch)
+      state, loss = train_step(state, jnp.asarray(images), jnp.asarray(labels), cfg=static)
+      losses.append(loss)
+      done = step + 1
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        mean = float(np.mean(_floats(losses)))
+        losses = []
+        history["step"].append(done)
+        history["loss"].append(mean)
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(schedule(done)):.1e}")
+      bar.update(1)
+      if done % cfg.save_every == 0 or done == stop:
+        losses = _floats(losses)
+        saved = {**history, "pending": losses,
+                 "seconds": seconds_before + time.perf_counter() - began}
+        manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   history=ocp.args.JsonSave(saved)))
+        history["seconds"] = saved["seconds"]
+    bar.close()
+    manager.wait_until_finished()
+  if stop < cfg.steps:
+    return None
+
+  model = nnx.merge(_graphdef(cfg.model), state["ema"] if cfg.ema_decay > 0 else state["params"])
+  rows = [(s, l, float(schedule(s))) for s, l in zip(history["step"], history["loss"])]
+  training = {
+      "command": command if command is not None else shlex.join(["dfjax", *sys.argv[1:]]),
+      "config": dataclasses.asdict(cfg),
+      "model": spec.to_json(),
+      "steps": cfg.steps,
+      "images_seen": cfg.steps * cfg.batch,
+      "final_loss": history["loss"][-1] if history["loss"] else None,
+      "wall_seconds": round(float(history["seconds"]), 1),
+      "exported_weights": "ema" if cfg.ema_decay > 0 else "params",
+      "machine": machine_description(),
+      "data": {"module": "dfjax.data", "image_size": data.IMAGE_SIZE,
+               "class_names": list(data.class_names)},
+  }
+  return export.write_model(cfg.export or out / MODEL, model.unet, model.class_tokens,
+                            unet_config=spec.unet_config, scheduler_config=SCHEDULER_CONFIG,
+                            class_names=data.class_names, training=training, loss_rows=rows)
+
+
+def machine_description() -> dict[str, Any]:
+  """Where the run happened: CPU model and cores, jax devices and versions."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {"cpu": cpu, "cpu_cores": os.cpu_count(), "platform": device.platform,
+          "device_kind": device.device_kind, "jax": jax.__version__, "python": platform.python_version()}
+
+
+def _floats(losses: list) -> list[float]:
+  """Per-step losses (device scalars or floats) as Python floats."""
+  return [float(x) for x in jax.device_get(losses)]
+
+
+def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
+  """Refuses to mix runs: checkpoints of another run, or any checkpoints without `resume`."""
+  has_checkpoints = (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir())
+  if has_checkpoints and not resume:
+    raise ValueError(f"{out} already holds training checkpoints: pass --resume to continue that "
+                     "run, or choose another --out")
+  if has_checkpoints and (out / TRAIN_CONFIG).is_file():
+    before = TrainConfig(**json.loads((out / TRAIN_CONFIG).read_text())).resumable_fields()
+    now = cfg.resumable_fields()
+    changed = {k: (before[k], now[k]) for k in now if before[k] != now[k]}
+    if changed:
+      raise ValueError(f"cannot resume {out}: its run had different settings "
+                       + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+                       + "; use the original flags or another --out")
