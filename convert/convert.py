@@ -14,6 +14,7 @@ end, so an interrupted or failed conversion leaves no half checkpoint behind.
 from __future__ import annotations
 
 import datetime
+from typing import Any
 import hashlib
 import importlib.metadata
 import json
@@ -137,7 +138,8 @@ def is_checkpoint(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------- writing
 
-def _manifest(source: SourceFiles, params: Mapping[keymap.Path, np.ndarray]) -> dict:
+def manifest_header(params: Mapping[Any, np.ndarray]) -> dict:
+  """The manifest fields every dfjax checkpoint has, whatever wrote it."""
   dtypes = sorted({str(a.dtype) for a in params.values()})
   return {
       "format": FORMAT,
@@ -148,6 +150,12 @@ def _manifest(source: SourceFiles, params: Mapping[keymap.Path, np.ndarray]) -> 
       "num_tensors": len(params),
       "dfjax_version": _dfjax_version(),
       "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+
+
+def _manifest(source: SourceFiles, params: Mapping[keymap.Path, np.ndarray]) -> dict:
+  return {
+      **manifest_header(params),
       "source": {
           "path": str(source.root.resolve()),
           "variant": source.variant,

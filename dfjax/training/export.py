@@ -19,7 +19,6 @@ It is written into a temporary sibling and renamed into place, as conversion doe
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -31,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 # The converter's layout, format marker and atomic writer: one definition of the format.
-from convert.convert import (CONFIG, FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR,
-                             SCHEDULER_CONFIG, _dfjax_version, _write_atomically, check_weights)
+from convert.convert import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, _write_atomically, check_weights,
+                             manifest_header)
 from convert.keymap import path_str
 from convert.safetensors_io import read_json
 from dfjax.training.card import write_model_card
@@ -82,18 +81,7 @@ def write_model(folder: str | os.PathLike, unet: nnx.Module, class_tokens: Class
   check_weights(flat, "trained UNet params")
   check_weights({"class_tokens.embedding": np.asarray(class_tokens.embedding[...])},
                 "trained class tokens")
-  dtypes = sorted({str(a.dtype) for a in flat.values()})
-  manifest = {
-      "format": FORMAT,
-      "format_version": FORMAT_VERSION,
-      "model": "UNet2DConditionModel",
-      "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-      "num_params": int(sum(a.size for a in flat.values())),
-      "num_tensors": len(flat),
-      "dfjax_version": _dfjax_version(),
-      "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      "source": {"kind": "dfjax train", "class_tokens": TOKENS_DIR},
-  }
+  manifest = {**manifest_header(flat), "source": {"kind": "dfjax train", "class_tokens": TOKENS_DIR}}
   tokens_meta = {"num_classes": class_tokens.num_classes, "null_id": class_tokens.null_id,
                  "num_tokens": int(class_tokens.embedding.shape[1]),
                  "dim": int(class_tokens.embedding.shape[2]), "class_names": list(class_names)}
