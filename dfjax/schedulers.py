@@ -214,6 +214,19 @@ def _prediction_coefs(prediction_type: str, alpha: np.ndarray, sigma: np.ndarray
       raise ValueError(f"unsupported prediction_type={other!r}; supported: {PREDICTION_TYPES}")
 
 
+def prediction_target(prediction_type: str, x0, eps, alpha, sigma):
+  """What a model of `prediction_type` regresses for the sample x = alpha·x0 + sigma·eps."""
+  match prediction_type:
+    case "epsilon":
+      return eps
+    case "v_prediction":
+      return alpha * eps - sigma * x0
+    case "sample":
+      return x0
+    case other:
+      raise ValueError(f"unsupported prediction_type={other!r}; supported: {PREDICTION_TYPES}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The schedulers: per-step coefficient tables (host) and the traced step.
 

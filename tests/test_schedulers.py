@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfjax.schedulers import SchedulerConfig, make_scheduler
+from dfjax.schedulers import (PREDICTION_TYPES, SchedulerConfig, make_scheduler, prediction_target,
+                              train_alphas_cumprod)
 
 REFERENCE = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 SHAPE_BHWC = (2, 8, 8, 4)
@@ -148,6 +149,30 @@ def test_parity_other_options(name, num_steps, config):
 def _lowered(name, num_steps):
   sched = make_scheduler(name, SchedulerConfig(**SD_BETAS), num_steps)
   return jax.jit(sampling_fn(sched)).lower(jax.ShapeDtypeStruct(SHAPE_BHWC, jnp.float32))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_prediction_target_is_what_the_sampler_reads(prediction_type):
+  """A model that outputs exactly `prediction_target` makes one DDIM step land on the forward
+  process's sample at the next timestep (x0 and ε recovered exactly); the v target equals
+  diffusers' `get_velocity`."""
+  config = dict(beta_schedule="linear", prediction_type=prediction_type, timestep_spacing="trailing",
+                clip_sample=False)
+  abar = train_alphas_cumprod(SchedulerConfig.from_diffusers_config(config))
+  rng = np.random.default_rng(0)
+  x0, eps = rng.standard_normal((2, *SHAPE_BHWC), np.float32)
+  t, t_next = 999, 899
+  x_t, x_next = (np.sqrt(abar[k]) * x0 + np.sqrt(1 - abar[k]) * eps for k in (t, t_next))
+  target = np.asarray(prediction_target(prediction_type, x0, eps, np.sqrt(abar[t]), np.sqrt(1 - abar[t])))
+  reference = DDIMScheduler(**config)
+  reference.set_timesteps(10)
+  assert reference.timesteps[:2].tolist() == [t, t_next]
+  stepped = reference.step(torch.from_numpy(target), t, torch.from_numpy(x_t)).prev_sample.numpy()
+  np.testing.assert_allclose(stepped, x_next, atol=2e-4)
+  if prediction_type == "v_prediction":
+    velocity = DDPMScheduler(beta_schedule="linear").get_velocity(
+        torch.from_numpy(x0), torch.from_numpy(eps), torch.tensor([t])).numpy()
+    np.testing.assert_allclose(target, velocity, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))
