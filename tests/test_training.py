@@ -12,7 +12,7 @@ from flax import nnx
 
 from dfjax import cli, data
 from dfjax.loading import load_model
-from dfjax.schedulers import SchedulerConfig, train_alphas_cumprod
+from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import TrainConfig, load_default_model, load_trained, train
 
 TINY = dict(model="tiny", steps=3, batch=2, save_every=2, log_every=2, warmup_steps=2)
@@ -86,19 +86,21 @@ def test_refuses_to_mix_runs(runs, tmp_path):
 
 
 def test_default_model_is_trained():
-  """On noised training images the shipped model's ε prediction beats predicting 0 (error 1) by
-  far, for a class label and for the null class."""
+  """On noised training images the shipped model's prediction (of its scheduler's target) beats
+  predicting 0 by far, for a class label and for the null class."""
   unet, tokens, scheduler_config = load_default_model()
   assert unet.config.sample_size == 64 and unet.config.in_channels == 3
-  alphas_cumprod = train_alphas_cumprod(SchedulerConfig.from_diffusers_config(scheduler_config))
+  schedule = SchedulerConfig.from_diffusers_config(scheduler_config)
+  alphas_cumprod = train_alphas_cumprod(schedule)
   images, labels = data.batch(12345, 6)
   t = np.array([50, 150, 300, 500, 700, 900])
   eps = jax.random.normal(jax.random.key(0), images.shape)
   a = jnp.asarray(np.sqrt(alphas_cumprod[t]), jnp.float32)[:, None, None, None]
   s = jnp.asarray(np.sqrt(1 - alphas_cumprod[t]), jnp.float32)[:, None, None, None]
   noisy = a * images + s * eps
+  target = prediction_target(schedule.prediction_type, images, eps, a, s)
   predict = jax.jit(lambda x, c: unet(x, jnp.asarray(t), c))
   for context in (tokens(jnp.asarray(labels)), tokens.null(len(labels))):
-    err = float(jnp.mean(jnp.square(predict(noisy, context) - eps)))
-    zero = float(jnp.mean(jnp.square(eps)))
+    err = float(jnp.mean(jnp.square(predict(noisy, context) - target)))
+    zero = float(jnp.mean(jnp.square(target)))
     assert err < 0.25 * zero, (err, zero)

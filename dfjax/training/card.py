@@ -7,6 +7,8 @@ from typing import Any
 
 MODEL_CARD = "MODEL_CARD.md"
 _CURVE_ROWS = 16  # loss-curve rows shown in the card (loss.csv has them all)
+_TARGETS = {"epsilon": "noise", "v_prediction": "velocity v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0",
+            "sample": "clean image"}
 
 
 def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
@@ -68,7 +70,8 @@ def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
       + (f"steps, cosine decay to {cfg['lr'] * cfg['final_lr_fraction']:g}" if cfg["cosine"]
          else "steps, then constant")
       + f"; gradient clipping at global norm {cfg['grad_clip']:g}.",
-      f"- Loss: mean squared error of the predicted noise at uniformly drawn timesteps; labels "
+      f"- Loss: mean squared error of the predicted {_TARGETS[scheduler_config['prediction_type']]} at "
+      "uniformly drawn timesteps; labels "
       f"replaced by the null class with probability {cfg['label_drop']:g}.",
       f"- Weights shipped: {'the EMA (decay ' + format(cfg['ema_decay'], 'g') + ')' if training['exported_weights'] == 'ema' else 'the trained params'}.",
       f"- Wall time: {wall} ({training['wall_seconds']:.0f} s, compilation included) on "

@@ -2,7 +2,8 @@
 
 One jitted step over the `nnx.split` state (params, AdamW state, EMA params, step counter): draw
 timesteps and noise, drop labels to the null class for classifier-free guidance, regress the
-noise (ε prediction, mean squared error), update. Everything random is a pure function of
+prediction target of `SCHEDULER_CONFIG` (ε for the shipped model; mean squared error), update.
+Everything random is a pure function of
 (seed, step): the batch is `dfjax.data.batch((seed, step), batch)` and the step's PRNG key is
 `fold_in(key(seed), step)`. A run interrupted and resumed from an orbax checkpoint therefore
 gives bit-identical params to an uninterrupted one.
@@ -35,7 +36,7 @@ import optax
 from flax import nnx
 
 from dfjax import data
-from dfjax.schedulers import SchedulerConfig, train_alphas_cumprod
+from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import export
 from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
 from models.class_tokens import drop_labels
@@ -169,18 +170,21 @@ _train_step_fast_compile = jax.jit(_step, static_argnames="cfg", donate_argnums=
 
 
 def _loss(params, graphdef, x0_bhwc, labels_b, key, cfg: TrainConfig) -> jax.Array:
-  """ε-prediction MSE at uniformly drawn timesteps, labels dropped to the null class at random."""
-  alphas_cumprod = train_alphas_cumprod(SchedulerConfig.from_diffusers_config(SCHEDULER_CONFIG))
+  """MSE of the scheduler's prediction target at uniform timesteps, labels dropped at random."""
+  schedule = SchedulerConfig.from_diffusers_config(SCHEDULER_CONFIG)
+  alphas_cumprod = train_alphas_cumprod(schedule)
   sqrt_ab = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)  # T
   sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)  # T
   t_key, noise_key, drop_key = jax.random.split(key, 3)
   b = x0_bhwc.shape[0]
   t_b = jax.random.randint(t_key, (b,), 0, sqrt_ab.shape[0])  # B
   eps_bhwc = jax.random.normal(noise_key, x0_bhwc.shape, jnp.float32)  # B, H, W, C
-  x_bhwc = sqrt_ab[t_b, None, None, None] * x0_bhwc + sqrt_1mab[t_b, None, None, None] * eps_bhwc  # B, H, W, C
+  alpha_b111, sigma_b111 = sqrt_ab[t_b, None, None, None], sqrt_1mab[t_b, None, None, None]
+  x_bhwc = alpha_b111 * x0_bhwc + sigma_b111 * eps_bhwc  # B, H, W, C
+  target_bhwc = prediction_target(schedule.prediction_type, x0_bhwc, eps_bhwc, alpha_b111, sigma_b111)
   labels_b = drop_labels(labels_b, drop_key, VARIANTS[cfg.model].num_classes, cfg.label_drop)  # B
   pred_bhwc = nnx.merge(graphdef, params)(x_bhwc, t_b, labels_b)  # B, H, W, C
-  return jnp.mean(jnp.square(pred_bhwc.astype(jnp.float32) - eps_bhwc))
+  return jnp.mean(jnp.square(pred_bhwc.astype(jnp.float32) - target_bhwc))
 
 
 # ---------------------------------------------------------------------------------- the run
