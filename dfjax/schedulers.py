@@ -74,8 +74,9 @@ _IGNORED_KEYS = frozenset(
 class SchedulerConfig:
   """Noise schedule and sampler options, named as in diffusers' `scheduler_config.json`.
 
-  Defaults are DDIMScheduler's. Where the others differ: EulerDiscreteScheduler and
-  DPMSolverMultistepScheduler default to `timestep_spacing="linspace"`; `clip_sample` and
+  Defaults are DDIMScheduler's, except `timestep_spacing`: None (a config that does not name
+  one, such as Stable Diffusion 1.x's) takes the scheduler's own diffusers default when the
+  scheduler is made: "leading" for DDIM, "linspace" for Euler and DPM-Solver++. `clip_sample` and
   `set_alpha_to_one` are read only by DDIM; `lower_order_final`, `euler_at_final` only by DPM;
   `final_sigmas_type` only by Euler and DPM.
   """
@@ -86,7 +87,7 @@ class SchedulerConfig:
   beta_schedule: str = "linear"
   trained_betas: tuple[float, ...] | None = None
   prediction_type: str = "epsilon"
-  timestep_spacing: str = "leading"
+  timestep_spacing: str | None = None
   steps_offset: int = 0
   clip_sample: bool = True
   clip_sample_range: float = 1.0
@@ -99,7 +100,7 @@ class SchedulerConfig:
     if self.trained_betas is not None:
       object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
     _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-    _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+    _check_choice("timestep_spacing", self.timestep_spacing, (*TIMESTEP_SPACINGS, None))
     _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
     _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
     if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
@@ -191,11 +192,15 @@ def spaced_timesteps(
       t = np.round(T - np.arange(num_steps) * (T / num_steps)) - 1
     case other:
       raise ValueError(f"unsupported timestep_spacing={other!r}; supported: {TIMESTEP_SPACINGS}")
-  if t.min() < 0 or t.max() > T - 1 or np.any(np.diff(t) >= 0):
+  bad = (t < 0) | (t > T - 1)
+  bad[1:] |= np.diff(t) >= 0
+  if bad.any():
+    k = int(np.argmax(bad))  # the first offending step, shown with the one before it
+    at = f"step 0 is {t[0]:.0f}" if k == 0 else f"steps {k - 1} and {k} are {t[k - 1]:.0f}, {t[k]:.0f}"
     raise ValueError(
       f"timestep_spacing={config.timestep_spacing!r} with steps_offset={config.steps_offset} and "
-      f"num_steps={num_steps} gives timesteps {t.astype(int).tolist()} that are not strictly decreasing "
-      f"inside [0, {T - 1}]; use fewer steps, another spacing or a smaller steps_offset"
+      f"num_steps={num_steps} gives timesteps that are not strictly decreasing inside [0, {T - 1}] "
+      f"({at}); use fewer steps, another spacing or a smaller steps_offset"
     )
   return t
 
@@ -322,6 +327,11 @@ class Scheduler:
     return x_prev.astype(x.dtype), state
 
 
+# diffusers' default `timestep_spacing` of each scheduler class.
+_DEFAULT_SPACING = {SchedulerKind.DDIM: "leading", SchedulerKind.EULER: "linspace",
+                    SchedulerKind.DPMPP_2M: "linspace"}
+
+
 def make_scheduler(name: str, config: SchedulerConfig, num_steps: int) -> Scheduler:
   """Build the scheduler `name` ("ddim", "euler", "dpmpp_2m" or a diffusers class name) for num_steps steps."""
   if name not in _NAMES:
@@ -331,6 +341,8 @@ def make_scheduler(name: str, config: SchedulerConfig, num_steps: int) -> Schedu
   if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or not 1 <= num_steps <= T:
     raise ValueError(f"num_steps must be an int in [1, num_train_timesteps={T}], got {num_steps!r}")
   num_steps = int(num_steps)
+  if config.timestep_spacing is None:
+    config = dataclasses.replace(config, timestep_spacing=_DEFAULT_SPACING[kind])
   alphas_cumprod = train_alphas_cumprod(config)
   match kind:
     case SchedulerKind.DDIM:

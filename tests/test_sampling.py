@@ -58,7 +58,7 @@ def inputs():
 
 def _reference_loop(unet, scheduler_name, noise, cond, uncond):
   """The classic diffusers denoising loop with classifier-free guidance, NCHW, fp32."""
-  scheduler = DIFFUSERS_SCHEDULERS[scheduler_name].from_config({**SD_SCHEDULER, "timestep_spacing": "leading"})
+  scheduler = DIFFUSERS_SCHEDULERS[scheduler_name].from_config(SD_SCHEDULER)  # each class's own spacing
   scheduler.set_timesteps(STEPS)
   both = lambda field: torch.from_numpy(np.concatenate([getattr(uncond, field), getattr(cond, field)]))
   added = {"text_embeds": both("text_embeds"), "time_ids": both("time_ids")}

@@ -66,7 +66,8 @@ def sample_diffusers(ref, x):
 def check_parity(name, num_steps, **config):
   cfg = SchedulerConfig(**config)
   sched = make_scheduler(name, cfg, num_steps)
-  ref = REFERENCE[name].from_config(dataclasses.asdict(cfg))
+  # Unset options (None) are left out, so that diffusers applies its own defaults.
+  ref = REFERENCE[name].from_config({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
   ref.set_timesteps(num_steps)
 
   ref_t = ref.timesteps.numpy()
@@ -129,8 +130,8 @@ TRAINED_BETAS = tuple(np.linspace(1e-4, 0.03, 1000) ** 1.1)
     # sigma = sqrt((1-ᾱ)/ᾱ) is 8e-5 off by cancellation; ours is computed in float64).
     *[(name, 1, dict(timestep_spacing="trailing")) for name in REFERENCE],
     ("ddim", 25, dict(clip_sample_range=1.5, prediction_type="v_prediction")),
-    ("euler", 25, dict(steps_offset=1, **SD_BETAS)),
-    ("dpmpp_2m", 25, dict(steps_offset=1, **SD_BETAS)),
+    # Stable Diffusion 1.x's config names no spacing: each scheduler takes its own default.
+    *[(name, 25, dict(steps_offset=1, **SD_BETAS)) for name in REFERENCE],
     ("euler", 10, dict(final_sigmas_type="sigma_min", timestep_spacing="trailing")),
     ("dpmpp_2m", 10, dict(final_sigmas_type="sigma_min")),  # n < 15: first-order last step
     ("dpmpp_2m", 20, dict(final_sigmas_type="sigma_min")),  # second-order last step
@@ -280,12 +281,14 @@ def test_config_errors(d, match):
     ("heun", 10, {}, r"unknown scheduler 'heun'; valid names: \[.*'ddim'.*'dpmpp_2m'.*'euler'"),
     ("ddim", 0, {}, r"num_steps must be an int in \[1, num_train_timesteps=1000\], got 0"),
     ("euler", 1001, {}, r"num_steps must be an int in \[1, num_train_timesteps=1000\], got 1001"),
-    ("dpmpp_2m", 1000, {}, r"'leading' with steps_offset=0 and num_steps=1000 gives .* not strictly decr"),
+    ("dpmpp_2m", 1000, {}, r"'linspace' with steps_offset=0 and num_steps=1000 gives timesteps that are "
+     r"not strictly decreasing inside \[0, 999\] \(steps 499 and 500 are 500, 500\)"),
+    ("ddim", 1000, {"steps_offset": 1}, r"'leading' .* \(step 0 is 1000\)"),
     (
       "ddim",
       10,
       {"steps_offset": 150},
-      r"num_steps=10 gives timesteps \[1050, .* inside \[0, 999\]; use fewer",
+      r"num_steps=10 gives timesteps .* inside \[0, 999\] \(step 0 is 1050\); use fewer",
     ),
   ],
 )
