@@ -3,10 +3,10 @@
 One jitted step over the `nnx.split` state (params, AdamW state, EMA params, step counter): draw
 timesteps and noise, drop labels to the null class for classifier-free guidance, regress the
 prediction target of `SCHEDULER_CONFIG` (ε for the shipped model; mean squared error), update.
-Everything random is a pure function of
-(seed, step): the batch is `dfjax.data.batch((seed, step), batch)` and the step's PRNG key is
-`fold_in(key(seed), step)`. A run interrupted and resumed from an orbax checkpoint therefore
-gives bit-identical params to an uninterrupted one.
+Everything random is a pure function of (seed, step): the batch is
+`dfjax.data.batch((seed, step), batch)` and the step's PRNG key is `fold_in(key(seed), step)`.
+A run interrupted and resumed from an orbax checkpoint therefore gives bit-identical params to
+an uninterrupted one.
 
 Output folder:
   train_config.json   the run's settings; resuming checks the command still matches
