@@ -53,20 +53,29 @@ class PatchContext(ParallelContext):
     self.record[key] = exchange(fresh)
     return self.stale[key]
 
+  # The three collectives; `SimulatedPatchContext` replaces just these with local stand-ins.
+  def _exchange_halo(self, edges: halo.Halo) -> halo.Halo:
+    return halo.exchange(edges, self.axis, self.num_patches)
+
+  def _exchange_kv(self, fresh_2btc: jax.Array) -> jax.Array:
+    return kv.exchange(fresh_2btc, self.axis)
+
+  def _exchange_moments(self, moments_bg2: jax.Array) -> jax.Array:
+    return groupnorm.exchange(moments_bg2, self.axis)
+
   def halo_rows(self, x_bhwc: jax.Array, rows: int, key: str) -> jax.Array:
-    edges = halo.edge_rows(x_bhwc, rows)
-    received = self._exchanged(key, edges, lambda e: halo.exchange(e, self.axis, self.num_patches))
+    received = self._exchanged(key, halo.edge_rows(x_bhwc, rows), self._exchange_halo)
     return halo.attach(x_bhwc, received)  # B, h+2r, W, C
 
   def attention_kv(self, k_btc: jax.Array, v_btc: jax.Array, key: str) -> tuple[jax.Array, jax.Array]:
     fresh = kv.stack(k_btc, v_btc)  # 2, B, T, C
-    gathered = self._exchanged(key, fresh, lambda f: kv.exchange(f, self.axis))
+    gathered = self._exchanged(key, fresh, self._exchange_kv)
     return kv.attach(gathered, fresh, self.axis)  # B, n·T, C each
 
   def group_norm_moments(self, moments_bg2: jax.Array, key: str) -> jax.Array:
     # Synchronous steps (warm-up, exact) are exact whatever the mode.
     mode = self.groupnorm if self.stale is not None else GroupNormMode.SYNC
-    exchange = lambda m: groupnorm.exchange(m, self.axis)
+    exchange = self._exchange_moments
     match self.groupnorm:
       case GroupNormMode.STALE | GroupNormMode.CORRECTED_ASYNC:
         gathered = self._exchanged(key, moments_bg2, exchange)

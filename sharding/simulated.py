@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sharding import groupnorm, halo, kv
-from sharding.groupnorm import GroupNormMode
+from sharding import halo
 from sharding.patch_context import PatchContext
 
 
@@ -46,23 +45,11 @@ def moments_standin(moments_bg2: jax.Array, num_patches: int) -> jax.Array:
 class SimulatedPatchContext(PatchContext):
   """An interior device of `num_patches` row patches; `axis` must be a mesh axis of size 1."""
 
-  def halo_rows(self, x_bhwc: jax.Array, rows: int, key: str) -> jax.Array:
-    received = self._exchanged(key, halo.edge_rows(x_bhwc, rows), halo_standin)
-    return halo.attach(x_bhwc, received)  # B, h+2r, W, C
+  def _exchange_halo(self, edges: halo.Halo) -> halo.Halo:
+    return halo_standin(edges)
 
-  def attention_kv(self, k_btc: jax.Array, v_btc: jax.Array, key: str) -> tuple[jax.Array, jax.Array]:
-    fresh = kv.stack(k_btc, v_btc)  # 2, B, T, C
-    gathered = self._exchanged(key, fresh, lambda f: kv_standin(f, self.num_patches))  # 2, B, N, T, C
-    return kv.attach(gathered, fresh, self.axis)  # B, N·T, C each
+  def _exchange_kv(self, fresh_2btc: jax.Array) -> jax.Array:
+    return kv_standin(fresh_2btc, self.num_patches)
 
-  def group_norm_moments(self, moments_bg2: jax.Array, key: str) -> jax.Array:
-    mode = self.groupnorm if self.stale is not None else GroupNormMode.SYNC
-    exchange = lambda m: moments_standin(m, self.num_patches)
-    match self.groupnorm:
-      case GroupNormMode.STALE | GroupNormMode.CORRECTED_ASYNC:
-        gathered = self._exchanged(key, moments_bg2, exchange)
-      case GroupNormMode.SYNC | GroupNormMode.SEPARATE:
-        gathered = exchange(moments_bg2) if mode is GroupNormMode.SYNC else None
-      case _:
-        raise ValueError(f"unknown GroupNorm mode {self.groupnorm!r}; valid: {[m.value for m in GroupNormMode]}")
-    return groupnorm.combine(gathered, moments_bg2, self.axis, mode)  # B, G, 2
+  def _exchange_moments(self, moments_bg2: jax.Array) -> jax.Array:
+    return moments_standin(moments_bg2, self.num_patches)
