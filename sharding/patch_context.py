@@ -10,7 +10,8 @@ reads after the model call: the sampling loop makes it the carry of its `lax.sca
 """
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

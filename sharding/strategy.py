@@ -7,7 +7,8 @@ what they exchange, then displaced steps that use the previous step's exchanges.
 
 import dataclasses
 import enum
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sharding.context import SINGLE_DEVICE, ParallelContext
 from sharding.groupnorm import GroupNormMode
