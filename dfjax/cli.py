@@ -34,6 +34,15 @@ def _bench_simulate(args) -> None:
                args.hlo_comm, args.latency_us)
 
 
+def _add_groupnorm_argument(parser, default, *, several: bool = False) -> None:
+  """--groupnorm, its modes named from GroupNormMode (checked, with the fix, by GroupNormMode.parse)."""
+  from sharding.groupnorm import GroupNormMode
+  modes = ", ".join(m.value for m in GroupNormMode)
+  shown = " ".join(default) if several else default
+  parser.add_argument("--groupnorm", nargs="+" if several else None, default=list(default) if several else default,
+                      help=f"displaced GroupNorm mode{'s' if several else ''}: {modes} (default {shown})")
+
+
 def _add_bench_simulate(benches) -> None:
   simulate = benches.add_parser(
       "simulate", help="per-device cost of patch parallelism on one device, projected over NVLink",
@@ -47,8 +56,7 @@ def _add_bench_simulate(benches) -> None:
   simulate.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
   simulate.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
   simulate.add_argument("--strategy", nargs="+", default=["exact", "displaced"], help="exact and/or displaced")
-  simulate.add_argument("--groupnorm", default="corrected_async",
-                        help="displaced GroupNorm mode: corrected_async (default), stale, sync, separate")
+  _add_groupnorm_argument(simulate, "corrected_async")
   simulate.add_argument("--hlo-comm", action="store_true",
                         help="also compile the real N-device sampling program and read its per-step traffic "
                         "(needs N devices: on a CPU the virtual ones; for tiny configs)")
@@ -82,6 +90,9 @@ def _bench_fidelity(args) -> None:
 
 
 def _add_generate(commands) -> None:
+  from dfjax.generate import GenerateConfig
+
+  d = GenerateConfig()
   generate = commands.add_parser(
       "generate", help="sample with single/displaced/naive, write PNGs, print times and PSNR",
       description="Samples one batch with each strategy on the same noise, writes each strategy's "
@@ -98,38 +109,44 @@ def _add_generate(commands) -> None:
                         help="virtual CPU devices (same as the global --cpu-devices; ignored on accelerators)")
   generate.add_argument("--patch", type=int, default=None,
                         help="row patches of displaced/naive/exact (default: all devices the cfg axis leaves, at most 8 for 64 rows)")
-  generate.add_argument("--cfg", type=int, default=1, help="2 runs the guidance halves on two device groups (mesh cfg × patch)")
-  generate.add_argument("--strategy", nargs="+", default=["single", "displaced", "naive"],
+  generate.add_argument("--cfg", type=int, default=d.cfg, help="2 runs the guidance halves on two device groups (mesh cfg × patch)")
+  generate.add_argument("--strategy", nargs="+", default=list(d.strategies),
                         help="strategies to run, in order: single exact displaced naive (single is the reference)")
-  generate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-  generate.add_argument("--scheduler", default="ddim", help="ddim (default), euler or dpmpp_2m")
-  generate.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
-  generate.add_argument("--warmup-steps", type=int, default=4, help="displaced: synchronous steps after the first (default 4)")
-  generate.add_argument("--groupnorm", default="corrected_async",
-                        help="displaced GroupNorm mode: corrected_async (default), stale, sync, separate")
-  generate.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+  generate.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default {d.steps})")
+  generate.add_argument("--scheduler", default=d.scheduler, help=f"ddim, euler or dpmpp_2m (default {d.scheduler})")
+  generate.add_argument("--guidance", type=float, default=d.guidance_scale,
+                        help=f"classifier-free guidance scale (default {d.guidance_scale:g})")
+  generate.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                        help=f"displaced: synchronous steps after the first (default {d.warmup_steps})")
+  _add_groupnorm_argument(generate, d.groupnorm)
+  generate.add_argument("--seed", type=int, default=d.seed, help=f"noise seed (default {d.seed})")
   generate.add_argument("--images", type=int, default=None, help="batch size (default: one image per class)")
   generate.add_argument("--size", type=int, default=None, help="sample side in rows (default: the model's sample_size)")
-  generate.add_argument("--out", default="dfjax-out", help="output folder (default ./dfjax-out)")
+  generate.add_argument("--out", default=d.out, help=f"output folder (default ./{d.out})")
   generate.set_defaults(run=_generate)
 
 
 def _add_bench_fidelity(benches) -> None:
+  from dfjax.bench.fidelity import FidelityConfig
+
+  d = FidelityConfig()
   fidelity = benches.add_parser(
       "fidelity", help="PSNR/SSIM of displaced and naive vs single (DistriFusion Table 1's shape)",
       description="For each patch count and GroupNorm mode, PSNR and SSIM of displaced and naive "
       "images against single over --seeds seeds (one batched sample call per configuration), then "
       "a warm-up ablation with 10-step DPM-Solver++(2M). The default run takes tens of minutes on a "
       "2-core CPU.")
-  fidelity.add_argument("--seeds", type=int, default=16, help="images per configuration (default 16)")
-  fidelity.add_argument("--steps", type=int, default=50, help="DDIM steps of the main table (default 50)")
-  fidelity.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts (default 2 4 8)")
-  fidelity.add_argument("--groupnorm", nargs="+", default=["corrected_async", "stale", "sync", "separate"],
-                        help="displaced GroupNorm modes (default: all four)")
-  fidelity.add_argument("--warmup-steps", type=int, default=4, help="displaced warm-up of the main table (default 4)")
+  fidelity.add_argument("--seeds", type=int, default=d.seeds, help=f"images per configuration (default {d.seeds})")
+  fidelity.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps of the main table (default {d.steps})")
+  fidelity.add_argument("--patch", type=int, nargs="+", default=list(d.patch),
+                        help=f"patch counts (default {' '.join(map(str, d.patch))})")
+  _add_groupnorm_argument(fidelity, d.groupnorm, several=True)
+  fidelity.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                        help=f"displaced warm-up of the main table (default {d.warmup_steps})")
   fidelity.add_argument("--ablation-patch", type=int, default=None,
                         help="patch count of the warm-up ablation (default: the largest --patch; 0 skips it)")
-  fidelity.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+  fidelity.add_argument("--guidance", type=float, default=d.guidance_scale,
+                        help=f"classifier-free guidance scale (default {d.guidance_scale:g})")
   fidelity.add_argument("--checkpoint", metavar="DIR", help="a `dfjax train` model folder instead of the embedded model")
   fidelity.add_argument("--json", metavar="OUT", help="also write every per-seed value to this JSON file")
   fidelity.set_defaults(run=_bench_fidelity)
