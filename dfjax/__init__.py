@@ -9,9 +9,9 @@
 from dfjax.loading import load_model
 from dfjax.sampling import Conditioning, lower_sample, sample, stale_buffer_shapes
 from dfjax.schedulers import SchedulerConfig, make_scheduler
-from sharding.groupnorm import GroupNormMode
+from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import make_mesh
-from sharding.strategy import Strategy
+from sharding.strategies import Strategy
 
 __all__ = ["Conditioning", "GroupNormMode", "SchedulerConfig", "Strategy", "load_model", "lower_sample",
            "make_mesh", "make_scheduler", "sample", "stale_buffer_shapes"]

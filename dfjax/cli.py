@@ -36,7 +36,7 @@ def _bench_simulate(args) -> None:
 
 def _add_groupnorm_argument(parser, default, *, several: bool = False) -> None:
   """--groupnorm, its modes named from GroupNormMode (checked, with the fix, by GroupNormMode.parse)."""
-  from sharding.groupnorm import GroupNormMode
+  from sharding.exchange.groupnorm import GroupNormMode
   modes = ", ".join(m.value for m in GroupNormMode)
   shown = " ".join(default) if several else default
   parser.add_argument("--groupnorm", nargs="+" if several else None, default=list(default) if several else default,

@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from dfjax import images, metrics
 from dfjax.sampling import Conditioning, lower_sample, sample
-from sharding.mesh import make_mesh
-from sharding.strategy import Strategy, StrategyKind
+from sharding.axes import PATCH
+from sharding.mesh import describe, make_mesh
+from sharding.strategies import Strategy, with_shared_options
 
 DEFAULT_STRATEGIES = ("single", "displaced", "naive")
 DEFAULT_GUIDANCE = 4.0
@@ -95,9 +96,8 @@ class GenerateConfig:
       raise ValueError("cfg=2 splits the guidance halves, but guidance_scale=1 has no unconditional half")
 
   def strategy(self, name: str) -> Strategy:
-    """The named strategy, with this run's displaced options."""
-    options = {"warmup_steps": self.warmup_steps, "groupnorm": self.groupnorm} if name == "displaced" else {}
-    return Strategy.from_name(name, **options)
+    """The named strategy, with those of this run's strategy options (warm-up, GroupNorm mode) it takes."""
+    return with_shared_options(name, {"warmup_steps": self.warmup_steps, "groupnorm": self.groupnorm})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,14 +321,12 @@ def _model_size(unet_config) -> int:
 
 
 def _mesh_for(strategy: Strategy, cfg: int, patch: int):
-  return make_mesh(1, cfg, 1 if strategy.kind is StrategyKind.SINGLE else patch)
+  return make_mesh(1, cfg, patch if PATCH in strategy.axes else 1)
 
 
 def _describe(strategy: Strategy, mesh) -> str:
-  text = f"cfg={mesh.shape['cfg']}×patch={mesh.shape['patch']}"
-  if strategy.kind is StrategyKind.DISPLACED:
-    text += f" (warm-up {strategy.warmup_steps}, {strategy.groupnorm.value})"
-  return text
+  options = strategy.options()
+  return describe(mesh) + (f" ({options})" if options else "")
 
 
 # --------------------------------------------------------------------------------- the output

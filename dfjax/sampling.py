@@ -12,6 +12,7 @@ C channels, T text tokens, D text width.
 import dataclasses
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -23,22 +24,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dfjax import schedulers
-from sharding import guidance
+from models.parallel import call_recording
+from sharding.axes import DATA, PATCH
 from sharding.mesh import axis_sizes, single_device_mesh
-from sharding.strategy import Phase, Strategy
-
-LATENT_SPEC = P("data", "patch")  # batch over data, rows over patch
-
-
-def _pair_spec(mesh: Mesh) -> P:
-  """Guidance halves over cfg (when it splits them), batch over data."""
-  return P("cfg" if mesh.shape["cfg"] > 1 else None, "data")
+from sharding.strategies import Guidance, Phase, Strategy
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
-  """What the UNet is conditioned on, batch-first. Unused fields stay None.
+  """What the denoiser is conditioned on, batch-first, named as in diffusers' forward. Unused fields stay None.
 
   Attributes:
     encoder_hidden_states: (B, T, D) text (or class-token) embeddings.
@@ -52,6 +47,29 @@ class Conditioning:
   time_ids: jax.Array | None = None
   class_labels: jax.Array | None = None
 
+  @classmethod
+  def of(cls, value: "Conditioning | Mapping[str, Any]", needed: tuple[str, ...], what: str = "cond") -> "Conditioning":
+    """`value` (a Conditioning or a mapping of field names) checked against the fields a model needs."""
+    fields = tuple(f.name for f in dataclasses.fields(cls))
+    if isinstance(value, Mapping):
+      unknown = sorted(set(value) - set(fields))
+      if unknown:
+        raise ValueError(f"{what} has unknown conditioning key(s) {', '.join(map(repr, unknown))}; "
+                         f"conditioning names: {', '.join(fields)}.")
+      value = cls(**{name: value.get(name) for name in fields})
+    if not isinstance(value, cls):
+      raise ValueError(f"{what} must be a dfjax.Conditioning or a mapping of conditioning names "
+                       f"({', '.join(needed)}), got {type(value).__name__}.")
+    missing = [name for name in needed if getattr(value, name) is None]
+    if missing:
+      raise ValueError(f"{what} lacks {', '.join(map(repr, missing))}, which this model needs: it takes "
+                       f"{', '.join(needed)}.")
+    return value
+
+  def as_kwargs(self) -> dict[str, jax.Array]:
+    """The set fields, as keyword arguments of the model's forward."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -59,19 +77,26 @@ class _Plan:
 
   mesh: Mesh
   strategy: Strategy
+  guidance: Guidance
   scheduler: str
   scheduler_config: schedulers.SchedulerConfig
   num_steps: int
-  guided: bool
   check_finite: bool
+
+  @property
+  def sizes(self) -> dict[str, int]:
+    return axis_sizes(self.mesh)
+
+  def phases(self) -> list[Phase]:
+    return self.strategy.phases(self.num_steps, self.sizes)
 
 
 def sample(
     model: nnx.Module,
     noise: jax.Array,
-    cond: Conditioning,
+    cond: "Conditioning | Mapping[str, Any]",
     *,
-    uncond: Conditioning | None = None,
+    uncond: "Conditioning | Mapping[str, Any] | None" = None,
     scheduler: str = "ddim",
     scheduler_config: schedulers.SchedulerConfig | dict | None = None,
     num_steps: int = 50,
@@ -85,17 +110,19 @@ def sample(
   Args:
     model: a UNet (`models.unet.UNet2DConditionModel`) or any NNX module with its call signature.
     noise: (B, H, W, C) unit Gaussian latents, NHWC.
-    cond: the conditioning; `uncond` the unconditional one for classifier-free guidance,
-      needed unless guidance_scale == 1.
+    cond: the conditioning: a `Conditioning` or a mapping of the model's conditioning names
+      ({"encoder_hidden_states": …, "time_ids": …}); `uncond` the unconditional one for
+      classifier-free guidance, needed unless guidance_scale == 1.
     scheduler: "ddim", "euler" or "dpmpp_2m"; `scheduler_config` a diffusers
       scheduler_config.json dict or a SchedulerConfig (default: diffusers' DDIM defaults).
     mesh: a `dfjax.make_mesh` mesh; None runs on one device.
-    strategy: how the `patch` axis is used; None means `exact` when patch > 1, else `single`.
+    strategy: how one image is spread over the mesh (`Strategy.exact()`, `Strategy.displaced(…)`, …);
+      None means `exact` when the mesh splits rows (patch > 1), else `single`.
     check_finite: track the first step whose latents hold NaN or inf (inside the program, no
       host round-trip) and raise FloatingPointError naming it.
 
   Returns:
-    (B, H, W, C) latents, sharded by rows over `patch` and by batch over `data`.
+    (B, H, W, C) latents, laid out as the strategy's `latent_spec` (rows over `patch`, batch over `data`).
   """
   graphdef, inputs, plan = _prepare(**locals())  # at this point locals() are the arguments
   latents, first_bad_step = _sample_jit(graphdef, *inputs, plan=plan)
@@ -110,19 +137,20 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
   mesh = single_device_mesh() if mesh is None else mesh
   sizes = axis_sizes(mesh)
   if strategy is None:
-    strategy = Strategy.exact() if sizes["patch"] > 1 else Strategy.single()
-  strategy.check_patches(sizes["patch"])
+    strategy = Strategy.exact() if sizes[PATCH] > 1 else Strategy.single()
+  if not isinstance(strategy, Strategy):
+    raise ValueError(f"strategy must be a dfjax.Strategy (e.g. Strategy.displaced()), got {type(strategy).__name__}.")
   if not isinstance(scheduler_config, schedulers.SchedulerConfig):
     scheduler_config = schedulers.SchedulerConfig.from_diffusers_config(scheduler_config or {})
   schedulers.make_scheduler(scheduler, scheduler_config, num_steps)  # bad names/steps fail here
-  guided = guidance_scale != 1.0
-  pair = _guidance_pair(cond, uncond, guided, sizes["cfg"])
-  _check_latents(model, noise, pair, sizes)
+  guidance = Guidance.for_mesh(guidance_scale != 1.0, sizes)
+  pair = _guidance_pair(model, cond, uncond, guidance)
+  _check_latents(model, noise, pair, strategy, sizes)
 
-  plan = _Plan(mesh, strategy, scheduler, scheduler_config, num_steps, guided, check_finite)
+  plan = _Plan(mesh, strategy, guidance, scheduler, scheduler_config, num_steps, check_finite)
   graphdef, params = nnx.split(model)
   place = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
-  return graphdef, (place(params, P()), place(noise, LATENT_SPEC), place(pair, _pair_spec(mesh)),
+  return graphdef, (place(params, P()), place(noise, strategy.latent_spec()), place(pair, guidance.pair_spec()),
                     jnp.float32(guidance_scale)), plan
 
 
@@ -145,8 +173,7 @@ def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:
   Empty for strategies without stale state. Read from the model's own exchanges, not derived.
   """
   graphdef, inputs, plan = _prepare_like_sample(args, kwargs)
-  phases = plan.strategy.phases(plan.num_steps, plan.mesh.shape["patch"])
-  recording = next((p for p in phases if p.records), None)
+  recording = next((p for p in plan.phases() if p.records), None)
   if recording is None:
     return {}
 
@@ -157,51 +184,41 @@ def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:
     return jax.tree.map(lambda a: a[None], record)  # one slot per device
 
   every_device = P(tuple(plan.mesh.axis_names))
-  shapes = jax.eval_shape(jax.shard_map(record_on_device, mesh=plan.mesh, in_specs=_in_specs(plan.mesh),
+  shapes = jax.eval_shape(jax.shard_map(record_on_device, mesh=plan.mesh, in_specs=_in_specs(plan),
                                         out_specs=every_device), *inputs)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
 
 
-def _guidance_pair(cond: Conditioning, uncond: Conditioning | None, guided: bool, cfg: int) -> Conditioning:
+def _guidance_pair(model, cond, uncond, guidance: Guidance) -> Conditioning:
   """Stacks (uncond, cond) on a leading pair axis; a pair of one when unguided."""
-  if not isinstance(cond, Conditioning):
-    raise ValueError(f"cond must be a dfjax.Conditioning, got {type(cond).__name__}.")
-  if not guided:
-    if cfg > 1:
-      raise ValueError(f"the mesh splits guidance over cfg={cfg} devices, but guidance_scale=1 runs "
-                       "no unconditional half: use a mesh with cfg=1 or a guidance_scale ≠ 1.")
+  needed = model.config.conditioning_fields
+  cond = Conditioning.of(cond, needed)
+  if not guidance.guided:
     return jax.tree.map(lambda c: jnp.asarray(c)[None], cond)
   if uncond is None:
     raise ValueError("classifier-free guidance (guidance_scale ≠ 1) needs `uncond`, the "
                      "unconditional Conditioning; pass it, or guidance_scale=1.0 to sample without.")
+  uncond = Conditioning.of(uncond, needed, "uncond")
   if jax.tree.structure(uncond) != jax.tree.structure(cond):
     raise ValueError("`uncond` and `cond` must set the same fields (e.g. both time_ids for SDXL).")
   return jax.tree.map(lambda u, c: jnp.stack([jnp.asarray(u), jnp.asarray(c)]), uncond, cond)
 
 
-def _check_latents(model, noise, pair: Conditioning, sizes: dict[str, int]) -> None:
+def _check_latents(model, noise, pair: Conditioning, strategy: Strategy, sizes: dict[str, int]) -> None:
   if noise.ndim != 4:
     raise ValueError(f"noise must be NHWC (B, H, W, C); got shape {tuple(noise.shape)}.")
   batch, height, width, _ = noise.shape
   cond_batch = pair.encoder_hidden_states.shape[1]
   if cond_batch != batch:
     raise ValueError(f"noise has batch {batch} but the conditioning has batch {cond_batch}.")
-  if batch % sizes["data"]:
-    raise ValueError(f"batch {batch} does not split over data={sizes['data']} devices: use a "
-                     f"batch that is a multiple of {sizes['data']} or a smaller data axis.")
-  patches, factor = sizes["patch"], model.config.downsample_factor
-  model.config.check_latent_size(height, width)  # first what one device needs
-  if height % (patches * factor):
-    valid = [n for n in range(1, height // factor + 1) if height % (n * factor) == 0]
-    raise ValueError(
-        f"latent height {height} cannot be split into patch={patches} row patches: every patch "
-        f"needs a whole number of rows at all {model.config.num_levels} resolution levels (a "
-        f"multiple of {factor}). Valid patch counts for height {height}: {valid}; or choose a "
-        f"height that is a multiple of {patches * factor}.")
+  if batch % sizes[DATA]:
+    raise ValueError(f"batch {batch} does not split over data={sizes[DATA]} devices: use a "
+                     f"batch that is a multiple of {sizes[DATA]} or a smaller data axis.")
+  strategy.validate(model.config, height, width, sizes)
 
 
-def _in_specs(mesh: Mesh) -> tuple[P, ...]:
-  return P(), LATENT_SPEC, _pair_spec(mesh), P()
+def _in_specs(plan: _Plan) -> tuple[P, ...]:
+  return P(), plan.strategy.latent_spec(), plan.guidance.pair_spec(), P()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -212,8 +229,8 @@ def _sample_jit(graphdef, params, noise, pair, guidance_scale, *, plan: _Plan):
     x, first_bad_step = _DeviceRun(graphdef, params, pair, guidance_scale, plan).run(noise)
     return x, first_bad_step[None]
 
-  out_specs = (LATENT_SPEC, P(tuple(plan.mesh.axis_names)))
-  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan.mesh), out_specs=out_specs)(
+  out_specs = (plan.strategy.latent_spec(), P(tuple(plan.mesh.axis_names)))
+  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan), out_specs=out_specs)(
       params, noise, pair, guidance_scale)
 
 
@@ -232,19 +249,27 @@ class _DeviceRun:
   """One device's whole run: its rows of its batch share, through every phase."""
 
   def __init__(self, graphdef, params, pair: Conditioning, guidance_scale, plan: _Plan):
-    self.model = nnx.merge(graphdef, params)
+    self.graphdef, self.params = graphdef, params
     self.sched = schedulers.make_scheduler(plan.scheduler, plan.scheduler_config, plan.num_steps)
     self.pair, self.guidance_scale, self.plan = pair, guidance_scale, plan
 
   def denoise(self, x, sched_state, stale, i, phase: Phase):
-    """Step i: returns the next latents, scheduler state and what this step recorded."""
-    record = {} if phase.records else None
-    ctx = phase.context(stale if phase.uses_stale else None, record)
+    """Step i: returns the next latents, scheduler state and what this step sent for the next one."""
+    ctx = phase.context(stale if phase.uses_stale else None)
     x_in = self.sched.scale_model_input(x, i)
-    eps = _predict_noise(self.model, x_in, self.sched.model_timestep(i), self.pair, self.guidance_scale,
-                         self.plan.guided, ctx)
+    eps, sent = self._predict_noise(x_in, self.sched.model_timestep(i), ctx)
     x, sched_state = self.sched.step(sched_state, eps, i, x)
-    return x, sched_state, record
+    return x, sched_state, sent
+
+  def _predict_noise(self, x, t, ctx):
+    """The (guided) model prediction for this device's rows, and what the model call sent."""
+    share, batch = self.pair.encoder_hidden_states.shape[:2]  # this device's part of the pair
+    flat = jax.tree.map(lambda a: a.reshape(share * batch, *a.shape[2:]), self.pair)
+    x_in = jnp.broadcast_to(x, (share, *x.shape)).reshape(share * batch, *x.shape[1:])  # P·B, h, W, C
+    model = nnx.merge(self.graphdef, self.params)  # in this step's trace: the call records onto its layers
+    eps, sent = call_recording(model, x_in, t, ctx=ctx, **flat.as_kwargs())
+    eps = eps.reshape(share, batch, *eps.shape[1:])  # P, B, h, W, C
+    return self.plan.guidance.combine(eps, self.guidance_scale), sent  # B, h, W, C
 
   def run(self, noise):
     """Returns the final latents and the first step whose latents were not finite (−1: none)."""
@@ -252,7 +277,7 @@ class _DeviceRun:
     sched_state = self.sched.init_state(x)
     first_bad_step = _varying_like(jnp.int32(-1), x)
     stale = None
-    for phase in self.plan.strategy.phases(self.plan.num_steps, self.plan.mesh.shape["patch"]):
+    for phase in self.plan.phases():
       if phase.records and not phase.uses_stale:  # the carry needs a value of the record's shape
         shapes = jax.eval_shape(lambda: self.denoise(x, sched_state, None, phase.start, phase)[2])
         stale = jax.tree.map(lambda s: _varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
@@ -278,18 +303,3 @@ def _varying_like(value: jax.Array, like) -> jax.Array:
   manual = like.manual_axis_type if isinstance(like, jax.ShapeDtypeStruct) else jax.typeof(like).manual_axis_type
   varying = tuple(manual.varying) if manual else ()
   return lax.pcast(value, varying, to="varying") if varying else value
-
-
-def _predict_noise(model, x, t, pair: Conditioning, guidance_scale, guided: bool, ctx) -> jax.Array:
-  """The (guided) model prediction for this device's rows."""
-  share, batch = pair.encoder_hidden_states.shape[:2]  # this device's part of the pair
-  flat = jax.tree.map(lambda a: a.reshape(share * batch, *a.shape[2:]), pair)
-  x_in = jnp.broadcast_to(x, (share, *x.shape)).reshape(share * batch, *x.shape[1:])  # P·B, h, W, C
-  eps = model(x_in, t, flat.encoder_hidden_states, text_embeds=flat.text_embeds,
-              time_ids=flat.time_ids, class_labels=flat.class_labels, ctx=ctx)
-  eps = eps.reshape(share, batch, *eps.shape[1:])  # P, B, h, W, C
-  if not guided:
-    return eps[0]
-  if share == 1:  # the other half was computed by the other `cfg` device group
-    eps = guidance.gather_pair(eps)  # 2, B, h, W, C
-  return guidance.guide(eps, guidance_scale)  # B, h, W, C

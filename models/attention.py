@@ -1,8 +1,8 @@
 """Attention layers of the diffusion UNet: diffusers' `Attention`, `FeedForward` (GEGLU),
 `BasicTransformerBlock` and `Transformer2DModel` (continuous input), NHWC.
 
-Self-attention (`attn1`) keeps its queries local and asks the parallel context for the keys and
-values of every token of the image (`ctx.attention_kv`); cross-attention (`attn2`) attends to the
+Self-attention (`attn1`) asks the parallel context to attend over every token of the image
+(`ctx.attend`, with this device's queries, keys and values); cross-attention (`attn2`) attends to the
 text and never needs other devices. Renames against diffusers (the only ones in the UNet):
 `attnN.to_out.0` → `attnN.to_out`, `ff.net.0.proj` → `ff.proj_in`, `ff.net.2` → `ff.proj_out`.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import Conv2d, Dtype, GroupNorm, LayerNorm, Linear
-from sharding.context import SINGLE_DEVICE, ParallelContext
+from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 
 class Attention(nnx.Module):
@@ -46,20 +46,22 @@ class Attention(nnx.Module):
   def __call__(self, x_btc: jax.Array, context_bse: jax.Array | None = None, *,
                ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     b, t, _ = x_btc.shape
-    q_bti = self.to_q(x_btc)  # B, T, I
-    if self.is_self_attention:
-      k_bti, v_bti = self.to_k(x_btc), self.to_v(x_btc)  # B, T, I each
-      k_bsi, v_bsi = ctx.attention_kv(k_bti, v_bti, self.ctx_key)  # B, S, I each (all tokens)
-    else:
-      k_bsi, v_bsi = self.to_k(context_bse), self.to_v(context_bse)  # B, S, I each
-    n, s = self.heads, k_bsi.shape[1]
-    q_btnh = q_bti.reshape(b, t, n, -1)  # B, T, N, H
-    k_bsnh, v_bsnh = k_bsi.reshape(b, s, n, -1), v_bsi.reshape(b, s, n, -1)  # B, S, N, H each
+    source_bsc = x_btc if self.is_self_attention else context_bse
+    q_btnh = self._heads(self.to_q(x_btc))  # B, T, N, H
+    k_bsnh, v_bsnh = self._heads(self.to_k(source_bsc)), self._heads(self.to_v(source_bsc))  # B, S, N, H each
     if self.upcast and q_btnh.dtype == jnp.float16:
       q_btnh, k_bsnh, v_bsnh = (a.astype(jnp.float32) for a in (q_btnh, k_bsnh, v_bsnh))  # fp32
-    o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh)  # B, T, N, H
+    if self.is_self_attention:  # keys and values of every token of the image: the context's request
+      o_btnh, sent = ctx.attend(q_btnh, k_bsnh, v_bsnh, self.ctx_key)  # B, T, N, H
+      keep_for_next_step(self, sent)
+    else:
+      o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh)  # B, T, N, H
     o_bti = o_btnh.astype(self.dtype).reshape(b, t, -1)  # B, T, I
     return self.to_out(o_bti)  # B, T, C
+
+  def _heads(self, x_bsi: jax.Array) -> jax.Array:
+    b, s, _ = x_bsi.shape
+    return x_bsi.reshape(b, s, self.heads, -1)  # B, S, N, H
 
 
 class FeedForward(nnx.Module):

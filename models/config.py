@@ -271,6 +271,26 @@ class UNetConfig:
     """Transformer depth of the mid block's attention."""
     return self.down_transformer_layers(self.num_levels - 1)[0]
 
+  @property
+  def conditioning_fields(self) -> tuple[str, ...]:
+    """The keyword arguments of the forward this config needs (diffusers' names)."""
+    fields = ["encoder_hidden_states"]
+    if self.addition_embed_type == "text_time":
+      fields += ["text_embeds", "time_ids"]
+    if self.class_embedding_kind is not None:
+      fields.append("class_labels")
+    return tuple(fields)
+
+  @property
+  def row_granularity(self) -> int:
+    """Rows a row patch must be a multiple of: one row at the lowest resolution level."""
+    return self.downsample_factor
+
+  def valid_row_splits(self, height: int) -> list[int]:
+    """Row-patch counts that split `height` latent rows into whole rows at every resolution level."""
+    f = self.row_granularity
+    return [n for n in range(1, height // f + 1) if height % (n * f) == 0]
+
   def check_latent_size(self, height: int, width: int, row_splits: int = 1) -> None:
     """Checks that a latent of `height` × `width` fits the UNet, split into `row_splits` row patches.
 
@@ -289,6 +309,8 @@ class UNetConfig:
              f"height {height} over {row_splits} row patches is not divisible by "
              f"{row_splits} × {f} = {row_splits * f}")
       problems.append(f"{why}; nearest valid heights: {_nearest_multiples(height, f * row_splits)}")
+      if row_splits > 1 and height % f == 0:
+        problems.append(f"valid patch counts for height {height}: {self.valid_row_splits(height)}")
     if width % f:
       problems.append(f"width {width} is not divisible by {f}; nearest valid widths: "
                       f"{_nearest_multiples(width, f)}")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from sharding.context import SINGLE_DEVICE, ParallelContext
+from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 Dtype = Any
 
@@ -120,7 +120,7 @@ class Embed(nnx.Module):
 class Conv2d(nnx.Module):
   """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`.
 
-  For k > 1 the k//2 rows above and below come from `ctx.halo_rows`, and the conv runs with
+  For k > 1 the k//2 rows above and below come from `ctx.conv_halo`, and the conv runs with
   VALID row padding on them (zero padding on columns), so a row patch yields exactly its rows of
   the full-image conv. 1×1 convs need no other rows.
 
@@ -142,7 +142,8 @@ class Conv2d(nnx.Module):
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     pad = self.kernel_size // 2
     if pad:
-      x_bhwc = ctx.halo_rows(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
+      x_bhwc, sent = ctx.conv_halo(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
+      keep_for_next_step(self, sent)
     y_bhwd = lax.conv_general_dilated(
         x_bhwc.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=((0, 0), (pad, pad)),
@@ -154,7 +155,7 @@ class GroupNorm(_AffineNorm):
   """GroupNorm over (rows, columns, channels of a group) with image-wide moments from `ctx`.
 
   Per-group E[x] and E[x²] of this device's rows are computed in fp32, made image-wide by
-  `ctx.group_norm_moments`, and the normalisation and affine run in fp32 before the cast to
+  `ctx.norm_moments`, and the normalisation and affine run in fp32 before the cast to
   `dtype`. Params `scale`, `bias` (C,).
 
   Shape letters: B batch, H rows, W columns, C channels, G groups, K channels per group.
@@ -175,7 +176,8 @@ class GroupNorm(_AffineNorm):
     x_bhwgk = x_bhwc.astype(jnp.float32).reshape(b, h, w, g, c // g)  # B, H, W, G, K
     mean_bg = jnp.mean(x_bhwgk, axis=(1, 2, 4))  # B, G
     meansq_bg = jnp.mean(jnp.square(x_bhwgk), axis=(1, 2, 4))  # B, G
-    moments_bg2 = ctx.group_norm_moments(jnp.stack([mean_bg, meansq_bg], -1), self.ctx_key)  # B, G, 2
+    moments_bg2, sent = ctx.norm_moments(jnp.stack([mean_bg, meansq_bg], -1), self.ctx_key)  # B, G, 2
+    keep_for_next_step(self, sent)
     mean_bg, meansq_bg = moments_bg2[..., 0], moments_bg2[..., 1]  # B, G each
     var_bg = jnp.maximum(meansq_bg - jnp.square(mean_bg), 0.0)  # B, G
     inv_bg = lax.rsqrt(var_bg + self.epsilon)  # B, G

@@ -3,7 +3,7 @@
 Sections in reading order: down blocks, mid block, up blocks, the UNet, its input checks.
 Attribute names and list indices mirror diffusers' modules, so a diffusers state dict maps onto
 `nnx.state(model, nnx.Param)` one-for-one (see `convert/keymap.py`). Every layer that needs other
-devices' rows asks the parallel context `ctx` (see `sharding/context.py`) under its `ctx_key`,
+devices' rows asks the parallel context `ctx` (see `models/parallel.py`) under its `ctx_key`,
 the layer's dotted diffusers path, e.g. "down_blocks.0.resnets.1.conv1" or
 "mid_block.attentions.0.transformer_blocks.0.attn1".
 """
@@ -18,7 +18,7 @@ from models.attention import Transformer2DModel
 from models.config import UNetConfig
 from models.layers import (Conv2d, Downsample2D, Dtype, Embed, GroupNorm, ResnetBlock2D, TimestepEmbedding,
                            Upsample2D, assign_ctx_keys, timestep_embedding)
-from sharding.context import SINGLE_DEVICE, ParallelContext
+from models.parallel import SINGLE_DEVICE, ParallelContext
 
 __all__ = ["UNetConfig", "UNet2DConditionModel", "DownBlock2D", "CrossAttnDownBlock2D",
            "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"]

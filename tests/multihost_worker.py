@@ -18,7 +18,7 @@ from models.config import UNetConfig
 from models.unet import UNet2DConditionModel
 from sharding.distributed import ProcessGroup, initialize
 from sharding.mesh import make_mesh
-from sharding.strategy import Strategy
+from sharding.strategies import Strategy
 
 UNET = {
     "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 4,

@@ -20,10 +20,11 @@ from dfjax.bench.unet import compiled_flops, random_unet, unet_inputs
 from dfjax.sampling import Conditioning, stale_buffer_shapes
 from models.config import UNetConfig
 from models.presets import unet_preset
-from sharding import analytic
+from sharding.accounting import analytic
 from sharding.mesh import make_mesh
-from sharding.patch_context import PatchContext
-from sharding.strategy import PATCH_AXIS, Strategy
+from sharding.contexts.patch import PatchContext
+from sharding.axes import PATCH
+from sharding.strategies import Strategy
 
 # Two levels keep tracing and compiling short; every exchange kind is there (halo convs incl. the
 # strided one, self-attention K/V, GroupNorm moments) and SDXL's micro-conditioning.

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from models.layers import Conv2d, GroupNorm, timestep_embedding
-from sharding.context import ParallelContext
+from models.parallel import ParallelContext
 
 
 class RowPatch(ParallelContext):
@@ -18,11 +18,11 @@ class RowPatch(ParallelContext):
     self.full, self.index, self.count = full_bhwc, index, count
     self.requests = []
 
-  def halo_rows(self, x_bhwc, rows, key):
+  def conv_halo(self, x_bhwc, rows, key):
     self.requests.append((key, rows))
     h = x_bhwc.shape[1]
     padded = jnp.pad(self.full, ((0, 0), (rows, rows), (0, 0), (0, 0)))  # B, H+2r, W, C
-    return padded[:, self.index * h:self.index * h + h + 2 * rows]  # B, h+2r, W, C
+    return padded[:, self.index * h:self.index * h + h + 2 * rows], None  # B, h+2r, W, C
 
 
 def patches(x_bhwc, count):
@@ -61,11 +61,11 @@ class MomentsOf(ParallelContext):
   def __init__(self, recorded=None):
     self.recorded = [] if recorded is None else recorded
 
-  def group_norm_moments(self, moments_bg2, key):
+  def norm_moments(self, moments_bg2, key):
     if isinstance(self.recorded, list):
       self.recorded.append(moments_bg2)
-      return moments_bg2
-    return self.recorded
+      return moments_bg2, None
+    return self.recorded, None
 
 
 def test_group_norm_with_image_wide_moments_equals_full_group_norm():

@@ -1,5 +1,5 @@
 """The patch-parallel context's answers equal the full-image computation (synchronous steps),
-and displaced steps use the previous step's exchanges while recording this step's."""
+and displaced steps use the previous step's exchanges while sending this step's."""
 
 
 import jax
@@ -10,10 +10,10 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding.context import SINGLE_DEVICE
-from sharding.groupnorm import GroupNormMode
+from models.parallel import SINGLE_DEVICE
+from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import make_mesh
-from sharding.patch_context import PatchContext
+from sharding.contexts.patch import PatchContext
 
 ROWS = P(None, "patch")
 
@@ -39,28 +39,39 @@ def test_halo_conv_equals_full_conv(n, k, stride):
   expected = _conv(x, kernel, stride, (r, r))
 
   def local(x):
-    padded = PatchContext("patch", n).halo_rows(x, r, "conv")
+    padded, sent = PatchContext(n).conv_halo(x, r, "conv")
+    assert sent is None  # a synchronous step that does not record sends nothing on
     return _conv(padded, kernel, stride, (0, 0))
 
   got = _on_patches(n, local, x, in_specs=[ROWS])
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   # The single-device context is the same computation on the whole image.
-  np.testing.assert_allclose(_conv(SINGLE_DEVICE.halo_rows(x, r, "conv"), kernel, stride, (0, 0)), expected,
+  np.testing.assert_allclose(_conv(SINGLE_DEVICE.conv_halo(x, r, "conv")[0], kernel, stride, (0, 0)), expected,
                              rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_gathered_kv_attention_equals_full_attention(n):
-  q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 64, 8))
-  expected = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
+def test_patch_attention_equals_full_attention(n):
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 64, 3, 8))  # B, T, N, D each
+  expected = jax.nn.dot_product_attention(q, k, v)
   tokens = P(None, "patch")
 
   def local(q, k, v):
-    k_all, v_all = PatchContext("patch", n).attention_kv(k, v, "attn")
-    return jax.nn.dot_product_attention(q[:, :, None], k_all[:, :, None], v_all[:, :, None])[:, :, 0]
+    return PatchContext(n).attend(q, k, v, "attn")[0]
 
   got = _on_patches(n, local, q, k, v, in_specs=[tokens] * 3, out_specs=tokens)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(SINGLE_DEVICE.attend(q, k, v, "attn")[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_token_extent_names_each_devices_rows():
+  def local(x):
+    start, total = PatchContext(4).token_extent(x.shape[1])
+    return jnp.stack([start, total])[None]
+
+  got = _on_patches(4, local, np.zeros((1, 12, 2, 1), np.float32), in_specs=[ROWS], out_specs=P("patch"))
+  np.testing.assert_array_equal(got, [[0, 12], [3, 12], [6, 12], [9, 12]])
+  assert SINGLE_DEVICE.token_extent(12) == (0, 12)
 
 
 def _moments(x_bhwc, groups):
@@ -76,7 +87,7 @@ def test_synchronous_groupnorm_moments_are_image_wide(mode):
   expected = _moments(x, 4)
 
   def local(x):
-    return PatchContext("patch", 4, mode).group_norm_moments(_moments(x, 4), "gn")[None]
+    return PatchContext(4, mode).norm_moments(_moments(x, 4), "gn")[0][None]
 
   got = _on_patches(4, local, x, in_specs=[ROWS], out_specs=P("patch"))
   for device_moments in got:  # every device sees the image-wide moments in synchronous steps
@@ -84,13 +95,11 @@ def test_synchronous_groupnorm_moments_are_image_wide(mode):
 
 
 def _displaced_moments(mode, fresh_x, stale_gathered):
-  """Runs one displaced GroupNorm request on 4 patches; returns (moments used, recorded)."""
+  """Runs one displaced GroupNorm request on 4 patches; returns (moments used, sent for the next step)."""
 
   def local(x, stale):
-    record = {}
-    ctx = PatchContext("patch", 4, mode, stale={"gn": stale}, record=record)
-    used = ctx.group_norm_moments(_moments(x, 2), "gn")
-    return used[None], record.get("gn", jnp.zeros_like(stale))[None]
+    used, sent = PatchContext(4, mode, stale={"gn": stale}, records=True).norm_moments(_moments(x, 2), "gn")
+    return used[None], (jnp.zeros_like(stale) if sent is None else sent)[None]
 
   return _on_patches(4, local, fresh_x, stale_gathered, in_specs=[ROWS, P()],
                      out_specs=(P("patch"), P("patch")))
@@ -130,18 +139,17 @@ def test_corrected_async_falls_back_to_local_variance_when_negative():
   np.testing.assert_allclose(variance, 0.0, atol=1e-4)
 
 
-def test_displaced_halo_uses_previous_step_and_records_this_one():
+def test_displaced_halo_uses_previous_step_and_sends_this_one():
   x = jax.random.normal(jax.random.key(5), (1, 8, 3, 2))
   stale_x = x * 10.0
 
   def local(x, stale_x):
-    sync_record = {}
-    PatchContext("patch", 4, record=sync_record).halo_rows(stale_x, 1, "c")  # "previous step"
-    record = {}
-    padded = PatchContext("patch", 4, stale=sync_record, record=record).halo_rows(x, 1, "c")
-    fresh_padded = PatchContext("patch", 4).halo_rows(x, 1, "c")
-    stale_padded = PatchContext("patch", 4).halo_rows(stale_x, 1, "c")
-    return padded, fresh_padded, stale_padded, PatchContext("patch", 4, stale=record, record={}).halo_rows(x, 1, "c")
+    _, previous = PatchContext(4, records=True).conv_halo(stale_x, 1, "c")  # "previous step"
+    padded, sent = PatchContext(4, stale={"c": previous}, records=True).conv_halo(x, 1, "c")
+    fresh_padded, _ = PatchContext(4).conv_halo(x, 1, "c")
+    stale_padded, _ = PatchContext(4).conv_halo(stale_x, 1, "c")
+    next_step, _ = PatchContext(4, stale={"c": sent}, records=True).conv_halo(x, 1, "c")
+    return padded, fresh_padded, stale_padded, next_step
 
   padded, fresh, stale_p, next_step = _on_patches(4, local, x, stale_x, in_specs=[ROWS, ROWS],
                                                   out_specs=(ROWS,) * 4)
@@ -149,12 +157,11 @@ def test_displaced_halo_uses_previous_step_and_records_this_one():
   for used, fr, st, nxt in zip(rows(padded), rows(fresh), rows(stale_p), rows(next_step)):
     np.testing.assert_allclose(used[:, 1:-1], fr[:, 1:-1])          # own rows fresh
     np.testing.assert_allclose(used[:, [0, -1]], st[:, [0, -1]])     # halo from the previous step
-    np.testing.assert_allclose(nxt[:, [0, -1]], fr[:, [0, -1]])      # this step's halo recorded
+    np.testing.assert_allclose(nxt[:, [0, -1]], fr[:, [0, -1]])      # this step's halo sent on
 
 
-def test_displaced_context_needs_record_and_unique_keys():
-  with pytest.raises(ValueError, match="needs `record`"):
-    PatchContext("patch", 2, stale={})
-  ctx = PatchContext("patch", 1, record={"a": 0})
-  with pytest.raises(ValueError, match="used twice"):
-    ctx._exchanged("a", None, lambda f: f)
+def test_displaced_context_sends_and_needs_its_stale_keys():
+  with pytest.raises(ValueError, match="records=True"):
+    PatchContext(2, stale={})
+  with pytest.raises(ValueError, match="no stale activations for layer 'b'"):
+    PatchContext(1, stale={"a": 0}, records=True)._exchanged("b", None, lambda f: f)

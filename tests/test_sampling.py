@@ -1,6 +1,7 @@
 """`dfjax.sample` against a reference loop written with diffusers' UNet and schedulers, and the
 guarantees of its single jitted program."""
 
+import dataclasses
 import re
 import time
 
@@ -121,12 +122,28 @@ def test_bad_input_names_the_problem(unets, inputs):
   no_time_ids = Conditioning(cond.encoder_hidden_states, text_embeds=cond.text_embeds)
   with pytest.raises(ValueError, match="time_ids"):
     _sample(model, noise, no_time_ids, guidance_scale=1.0)
-  with pytest.raises(ValueError, match="same fields"):
+  with pytest.raises(ValueError, match="uncond lacks 'time_ids'"):
     _sample(model, noise, cond, uncond=no_time_ids)
+  with_labels = dataclasses.replace(uncond, class_labels=np.zeros(noise.shape[0], np.int32))
+  with pytest.raises(ValueError, match="same fields"):
+    _sample(model, noise, cond, uncond=with_labels)
   with pytest.raises(ValueError, match="batch"):
     _sample(model, noise[:1], cond, uncond=uncond)
   with pytest.raises(ValueError, match="cfg=2"):
     _sample(model, noise, cond, guidance_scale=1.0, mesh=dfjax.make_mesh(1, 2, 1))
+
+
+def test_conditioning_may_be_a_mapping_of_the_models_names(unets, inputs):
+  _, model = unets
+  noise, cond, uncond = inputs
+  as_dict = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if v is not None}
+  from_dataclass = np.asarray(_sample(model, noise, cond, uncond=uncond))
+  from_mapping = np.asarray(_sample(model, noise, as_dict(cond), uncond=as_dict(uncond)))
+  np.testing.assert_array_equal(from_mapping, from_dataclass)
+  with pytest.raises(ValueError, match="unknown conditioning key.*'prompt_embeds'.*encoder_hidden_states"):
+    _sample(model, noise, {**as_dict(cond), "prompt_embeds": cond.encoder_hidden_states}, uncond=uncond)
+  with pytest.raises(ValueError, match="cond lacks 'text_embeds'.*encoder_hidden_states, text_embeds, time_ids"):
+    _sample(model, noise, {k: v for k, v in as_dict(cond).items() if k != "text_embeds"}, uncond=uncond)
 
 
 def test_opt_in_finite_check_names_the_step_where_nans_appear(unets, inputs):

@@ -15,7 +15,7 @@ from convert.keymap import convert_state_dict
 from models.config import UNetConfig
 from models.presets import unet_preset
 from models.unet import UNet2DConditionModel
-from sharding.context import ParallelContext
+from models.parallel import ParallelContext
 
 HEIGHT, WIDTH, TOKENS = 16, 24, 5  # latent height != width on purpose
 TOLERANCE = 1e-4  # max|ours − diffusers| / max|diffusers|, fp32
@@ -204,14 +204,16 @@ class Recorder(ParallelContext):
     self.seen[key] = value
     return value
 
-  def halo_rows(self, x_bhwc, rows, key):
-    return self._record(key, super().halo_rows(x_bhwc, rows, key))
+  def conv_halo(self, x_bhwc, rows, key):
+    padded, _ = super().conv_halo(x_bhwc, rows, key)
+    return self._record(key, padded), None
 
-  def attention_kv(self, k_btc, v_btc, key):
-    return self._record(key, (k_btc, v_btc))
+  def attend(self, q_btnd, k_btnd, v_btnd, key):
+    self._record(key, (k_btnd, v_btnd))
+    return super().attend(q_btnd, k_btnd, v_btnd, key)
 
-  def group_norm_moments(self, moments_bg2, key):
-    return self._record(key, moments_bg2)
+  def norm_moments(self, moments_bg2, key):
+    return self._record(key, moments_bg2), None
 
 
 class Replay(ParallelContext):
@@ -220,15 +222,16 @@ class Replay(ParallelContext):
   def __init__(self, seen, index, count):
     self.seen, self.index, self.count = seen, index, count
 
-  def halo_rows(self, x_bhwc, rows, key):
+  def conv_halo(self, x_bhwc, rows, key):
     h = x_bhwc.shape[1]
-    return self.seen[key][:, self.index * h:self.index * h + h + 2 * rows]
+    return self.seen[key][:, self.index * h:self.index * h + h + 2 * rows], None
 
-  def attention_kv(self, k_btc, v_btc, key):
-    return self.seen[key]
+  def attend(self, q_btnd, k_btnd, v_btnd, key):
+    k_full, v_full = self.seen[key]
+    return jax.nn.dot_product_attention(q_btnd, k_full, v_full), None
 
-  def group_norm_moments(self, moments_bg2, key):
-    return self.seen[key]
+  def norm_moments(self, moments_bg2, key):
+    return self.seen[key], None
 
 
 def test_row_patches_need_nothing_but_the_context():

@@ -28,9 +28,9 @@ from dfjax import metrics
 from dfjax.bench.timing import device_name
 from dfjax.generate import (DEFAULT_GUIDANCE, Source, checkpoint_source, embedded_source, initial_noise,
                             resolve_patch, timed_sample)
-from sharding.groupnorm import GroupNormMode
+from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import make_mesh
-from sharding.strategy import Strategy
+from sharding.strategies import Strategy
 
 ABLATION_WARMUPS = (0, 1, 2, 4)
 ABLATION_SCHEDULER, ABLATION_STEPS = "dpmpp_2m", 10
@@ -130,9 +130,7 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
   bar = tqdm(total=len(tables) + len(runs), unit="run", disable=not progress)
 
   def run(table, patch, strategy):
-    bar.set_description(f"{table}: {strategy.name} patch={patch}"
-                        + (f" {strategy.groupnorm.value} warm-up {strategy.warmup_steps}"
-                           if strategy.name == "displaced" else ""))
+    bar.set_description(f"{table}: {strategy.summary()} patch={patch}")
     out, compile_s, sample_s = timed_sample(
         unet, noise, source.cond, source.uncond, mesh=make_mesh(1, 1, patch), strategy=strategy,
         scheduler_config=source.scheduler_config, guidance_scale=config.guidance_scale, **samplers[table])

@@ -1,6 +1,7 @@
 """`dfjax bench strategies`: per-step time, communication and stale memory of each strategy.
 
-For every patch count, runs single, exact, displaced and naive on the same inputs in one process,
+For every patch count, runs single and every registered strategy that splits rows over `patch`
+(exact, displaced, naive, …) on the same inputs in one process,
 reads each compiled program's per-step collectives (sharding/comm.py) and the displaced
 strategy's stale buffers, and prints them beside the analytic figures (sharding/analytic.py).
 On a CPU the devices are virtual and share the cores: times are CPU numbers, not speedups.
@@ -18,9 +19,10 @@ from dfjax.bench.unet import DTYPES, latent_size, load_config
 from dfjax.sampling import Conditioning, lower_sample, sample, stale_buffer_shapes
 from models.config import UNetConfig
 from models.unet import UNet2DConditionModel
-from sharding import analytic, comm
-from sharding.mesh import make_mesh
-from sharding.strategy import Strategy
+from sharding.accounting import comm
+from sharding.axes import PATCH
+from sharding.mesh import axis_sizes, make_mesh
+from sharding.strategies import Strategy, strategy_class, strategy_names, with_shared_options
 
 MIB = 2**20
 
@@ -69,14 +71,11 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   traffic = comm.traffic_per_step(compiled.as_text())
   stale = stale_buffer_shapes(model, noise, cond, **kwargs)
   config, (batch, height, width, _) = model.config, noise.shape
-  patch = mesh.shape["patch"]
-  local_batch = 2 * batch // (mesh.shape["cfg"] * mesh.shape["data"])
-  expected = analytic.bytes_per_step(config, height, width, patch, local_batch, dtype_bytes) if patch > 1 else {}
-  expected_stale = (analytic.stale_bytes(config, height, width, patch, local_batch, dtype_bytes,
-                                         stale_moments=strategy.groupnorm.value in ("stale", "corrected_async"))
-                    if stale else {})
-  if strategy.name == "naive":
-    expected = {}
+  sizes = axis_sizes(mesh)
+  local_batch = 2 * batch // (sizes["cfg"] * sizes["data"])
+  expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
+  expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
+  patch = sizes[PATCH]
   return StrategyRun(strategy.name, patch, compile_s, run_s / steps, traffic[-1].total_bytes if traffic else 0,
                      sum(expected.values()), sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)),
                      sum(expected_stale.values()))
@@ -98,9 +97,11 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
   single = _measure(model, noise, cond, uncond, make_mesh(1, cfg, 1), Strategy.single(), steps, iters, dtype_bytes)
   print(_row(single, single.step_s))
   runs = [single]
+  row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
+                    for name in strategy_names() if PATCH in strategy_class(name).axes]
   for patch in patches:
     mesh = make_mesh(1, cfg, patch)
-    for strategy in (Strategy.exact(), Strategy.displaced(warmup_steps=warmup_steps), Strategy.naive()):
+    for strategy in row_strategies:
       runs.append(_measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes))
       print(_row(runs[-1], single.step_s))
   print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "

@@ -3,7 +3,7 @@
 `SimulatedPatchContext` is `PatchContext` with each collective replaced by a local stand-in that
 returns what an interior device of an N-device `patch` mesh would receive, in shape and dtype:
   halo     (B, r, W, C) rows from above and from below: this device's own edge rows, swapped;
-  kv       (2, B, N, T, C) the K/V blocks of all N patches: this device's block, tiled N times;
+  kv       (2, B, N, T, heads, D) the K/V blocks of all N patches: this device's block, tiled N times;
   moments  (N, B, G, 2) every patch's GroupNorm moments: this device's own, repeated N times.
 Everything else (attaching halos, replacing the own block, combining moments, the displaced
 steps' stale inputs and records) is PatchContext's own code, so the UNet runs the per-device
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sharding import halo
-from sharding.patch_context import PatchContext
+from sharding.contexts.patch import PatchContext
+from sharding.exchange import halo
 
 
 def halo_standin(edges: halo.Halo) -> halo.Halo:
@@ -31,9 +31,9 @@ def halo_standin(edges: halo.Halo) -> halo.Halo:
   return lax.optimization_barrier((bottom, top))
 
 
-def kv_standin(fresh_2btc: jax.Array, num_patches: int) -> jax.Array:
-  """(2, B, T, C) → (2, B, N, T, C) like `kv.exchange` over N devices."""
-  return lax.optimization_barrier(jnp.repeat(fresh_2btc[:, :, None], num_patches, axis=2))
+def kv_standin(fresh_2btnd: jax.Array, num_patches: int) -> jax.Array:
+  """(2, B, T, heads, D) → (2, B, N, T, heads, D) like `kv.exchange` over N devices."""
+  return lax.optimization_barrier(jnp.repeat(fresh_2btnd[:, :, None], num_patches, axis=2))
 
 
 def moments_standin(moments_bg2: jax.Array, num_patches: int) -> jax.Array:
@@ -43,13 +43,13 @@ def moments_standin(moments_bg2: jax.Array, num_patches: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class SimulatedPatchContext(PatchContext):
-  """An interior device of `num_patches` row patches; `axis` must be a mesh axis of size 1."""
+  """An interior device of `num_patches` row patches, run on a mesh whose `patch` axis has size 1."""
 
   def _exchange_halo(self, edges: halo.Halo) -> halo.Halo:
     return halo_standin(edges)
 
-  def _exchange_kv(self, fresh_2btc: jax.Array) -> jax.Array:
-    return kv_standin(fresh_2btc, self.num_patches)
+  def _exchange_kv(self, fresh_2btnd: jax.Array) -> jax.Array:
+    return kv_standin(fresh_2btnd, self.num_patches)
 
   def _exchange_moments(self, moments_bg2: jax.Array) -> jax.Array:
     return moments_standin(moments_bg2, self.num_patches)

@@ -11,7 +11,7 @@ an all-reduce moves its payload.
 
 import dataclasses
 
-from sharding import hlo
+from sharding.accounting import hlo
 
 COLLECTIVES = {"all-gather", "collective-permute", "all-reduce", "all-to-all", "reduce-scatter"}
 # Ops that only move or relabel data: a collective's result passing only through them to the

@@ -1,0 +1,92 @@
+"""The parallel-context protocol: how the few layers that need other devices' data get it.
+
+Model code never names a mesh axis. The layers that need data beyond their own rows ask the
+context passed to the model at call time:
+  conv_halo(x, rows, key)      a k×k conv's `rows` = k//2 neighbour rows above and below;
+  norm_moments(m, key)         GroupNorm's image-wide E[x], E[x²] from this device's;
+  attend(q, k, v, key)         self-attention over every token of the image (the context gathers
+                               K/V, or later runs Ulysses or ring attention behind the same call);
+  token_extent(rows)           which global rows this device holds (DiT positional embeddings).
+This base class is the single-device context: the whole image is local, so every request is
+answered from local data. `sharding/contexts/` implements the same requests with collectives,
+stale values or nothing.
+
+Every request carries `key`, the calling layer's dotted path in the module tree
+("down_blocks.0.resnets.1.conv1"): it names the layer's slot in the stale state of displaced
+methods. A request returns `(answer, sent)`: `sent` is what the request exchanged this step for
+the next one (None when nothing is carried). The layer hands it to `keep_for_next_step`, which
+records it with NNX's own `sow`, and the caller collects every layer's `sent` with
+`call_recording`. So exchanged values leave the model call as data, never through a mutated
+Python container, and the model runs unchanged under `nnx.remat`, `nnx.scan` and `jax.checkpoint`.
+
+Shape letters: B batch, H rows, W columns, C channels, T query tokens, S key tokens, N heads,
+D head width, G groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Sent = Any  # a pytree of arrays: what one request exchanged for the next step
+
+
+class SentForNextStep(nnx.Variable):
+  """A layer's exchanged values of this step, sown for the next step's stale state."""
+
+
+def _only_once(previous: Sent | None, sent: Sent) -> Sent:
+  if previous is not None:
+    raise ValueError("a layer exchanged twice in one model call: every call of a layer that asks the "
+                     "parallel context needs its own layer (and key).")
+  return sent
+
+
+def keep_for_next_step(layer: nnx.Module, sent: Sent | None) -> None:
+  """Records what `layer`'s request sent, for `call_recording` to return (nothing when None)."""
+  if sent is not None:
+    layer.sow(SentForNextStep, "sent", sent, reduce_fn=_only_once, init_fn=lambda: None)
+
+
+def call_recording(model: nnx.Module, *args, **kwargs) -> tuple[Any, dict[str, Sent]]:
+  """`model(*args, **kwargs)` and {layer key: what it sent for the next step}."""
+  out, state = nnx.capture(model, SentForNextStep)(*args, **kwargs)
+  sent = {".".join(str(p) for p in path[:-1]): variable.get_value() for path, variable in nnx.to_flat_state(state)}
+  return out, sent
+
+
+class ParallelContext:
+  """Single device: the layer's input already is the whole image. Requests return (answer, None)."""
+
+  def conv_halo(self, x_bhwc: jax.Array, rows: int, key: str) -> tuple[jax.Array, Sent | None]:
+    """x with `rows` rows above and below: the neighbours' rows, zeros at the image edges.
+
+    A k×k conv (k = 2·rows + 1, any stride) run with VALID row padding on the answer gives the
+    rows this device owns of the full-image conv with `rows` zero padding.
+    """
+    del key
+    return jnp.pad(x_bhwc, ((0, 0), (rows, rows), (0, 0), (0, 0))), None  # B, H+2r, W, C
+
+  def norm_moments(self, moments_bg2: jax.Array, key: str) -> tuple[jax.Array, Sent | None]:
+    """Image-wide GroupNorm moments from this device's: [..., 0] = E[x], [..., 1] = E[x²], fp32."""
+    del key
+    return moments_bg2, None
+
+  def attend(self, q_btnd: jax.Array, k_btnd: jax.Array, v_btnd: jax.Array,
+             key: str) -> tuple[jax.Array, Sent | None]:
+    """Self-attention of this device's queries over every token of the image, (B, T, N, D).
+
+    Tokens are row-major; the keys and values given are this device's tokens.
+    """
+    del key
+    return jax.nn.dot_product_attention(q_btnd, k_btnd, v_btnd), None  # B, T, N, D
+
+  def token_extent(self, local_rows: int) -> tuple[jax.Array | int, int]:
+    """(global index of this device's first row, rows of the whole image) for `local_rows` here."""
+    return 0, local_rows
+
+
+SINGLE_DEVICE = ParallelContext()

@@ -1,0 +1,1 @@
+"""What a program communicates: the HLO reader, bytes per step read from it, and analytic volumes."""

@@ -1,0 +1,1 @@
+"""Implementations of the parallel-context protocol (models/parallel.py) over a device mesh."""

@@ -1,0 +1,14 @@
+"""Every parallel method, one module each, registered by name (see base.py).
+
+Importing this package imports every strategy module, so the registry is complete for
+`Strategy.from_name`, `strategy_names()` and the CLI. The import order is the registry's order.
+"""
+
+from sharding.strategies import single  # isort: skip  (first: the reference of the others)
+from sharding.strategies import patch  # isort: skip
+from sharding.strategies.base import (Phase, Strategy, option_names, strategy_class, strategy_names,
+                                      with_shared_options)
+from sharding.strategies.cfg import Guidance
+
+__all__ = ["Guidance", "Phase", "Strategy", "option_names", "patch", "single", "strategy_class", "strategy_names",
+           "with_shared_options"]

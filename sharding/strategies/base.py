@@ -1,0 +1,152 @@
+"""What every strategy is: the `Strategy` base class, its phases, and the registry by name.
+
+A strategy says how one image's denoising is spread over the mesh. Each method is one module of
+this package with one subclass of `Strategy`, which owns everything about the method:
+  * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg);
+  * `validate`: whether a model, latent size and mesh fit it, with the valid choices named;
+  * `phases`: consecutive steps that share one parallel context and so one `lax.scan` body
+    (the same phases with simulated collectives for `bench simulate`);
+  * `expected_traffic` and `stale_bytes`: its analytic bytes per step and stale state per device;
+  * `summary`: one line naming it with its options, for reports.
+Subclassing registers the class under its `name` (`Strategy.from_name`, the CLI's choices), and
+as a constructor on the base class: `Strategy.displaced(warmup_steps=4)` is the `Displaced` class
+called with those options. Code outside `sharding/` asks these methods and never branches on a
+strategy's name, so a new method is one new module here, imported by `sharding/strategies/__init__`.
+
+Strategies are frozen dataclasses: hashable, so a strategy is part of the jit cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+from jax.sharding import PartitionSpec as P
+
+from models.parallel import ParallelContext
+from sharding.axes import CFG, DATA, MESH_AXES, PATCH
+
+Stale = Mapping[str, Any]  # {layer key: what it sent the previous step}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Steps [start, stop) and the context they run with.
+
+  Attributes:
+    context: stale state (None unless `uses_stale`) → the step's parallel context.
+    uses_stale: the steps consume the previous step's exchanges (the scan carry).
+    records: the steps send exchanges for the next step.
+  """
+
+  start: int
+  stop: int
+  context: Callable[[Stale | None], ParallelContext]
+  uses_stale: bool = False
+  records: bool = False
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """How one image's denoising is spread over the mesh. Build with `Strategy.<name>(...)` or `from_name`."""
+
+  name: ClassVar[str] = ""
+  description: ClassVar[str] = ""
+  axes: ClassVar[frozenset[str]] = frozenset()
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if not cls.name:
+      return  # an abstract family (e.g. the row-patch strategies' common base)
+    if cls.name in _REGISTRY:
+      raise ValueError(f"two strategies are named {cls.name!r}: {_REGISTRY[cls.name].__qualname__} and "
+                       f"{cls.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    setattr(Strategy, cls.name, staticmethod(lambda *args, _cls=cls, **options: _cls(*args, **options)))
+
+  @classmethod
+  def from_name(cls, name: str, **options) -> Strategy:
+    """The strategy registered as `name`, built with `options` (its dataclass fields)."""
+    unknown = set(options) - set(option_names(name))
+    if unknown:
+      raise ValueError(f"strategy {name!r} takes no option {', '.join(sorted(unknown))}; its options: "
+                       f"{', '.join(option_names(name)) or 'none'}.")
+    return _REGISTRY[name](**options)
+
+  # -------------------------------------------------------------------------- what subclasses define
+
+  def phases(self, num_steps: int, sizes: Mapping[str, int], *, simulated: bool = False) -> list[Phase]:
+    """The phases of a `num_steps` run on a mesh of `sizes`.
+
+    `simulated`: contexts whose collectives are local stand-ins of the same shapes, so that one
+    device runs one device's program of a mesh of `sizes` (sharding/contexts/simulated.py).
+    """
+    raise NotImplementedError
+
+  def expected_traffic(self, config, height: int, width: int, sizes: Mapping[str, int], batch: int,
+                       activation_bytes: int) -> dict[str, int]:
+    """Analytic bytes one interior device receives per step of the last phase, by kind.
+
+    `batch` is the batch one device's model call runs (the guidance pair included).
+    """
+    return {}
+
+  def overlapped_kinds(self) -> frozenset[str]:
+    """Traffic kinds of the last phase whose results only the next step consumes (overlappable)."""
+    return frozenset()
+
+  def stale_bytes(self, config, height: int, width: int, sizes: Mapping[str, int], batch: int,
+                  activation_bytes: int) -> dict[str, int]:
+    """Analytic bytes of stale state one device carries between steps, by kind."""
+    return {}
+
+  def options(self) -> str:
+    """Its options in words ('' when it has none)."""
+    return ""
+
+  # -------------------------------------------------------------------------- shared behaviour
+
+  def validate(self, config, height: int, width: int, sizes: Mapping[str, int]) -> None:
+    """Raises ValueError, naming the fix, when the model, latent size or mesh do not fit."""
+    config.check_latent_size(height, width)  # first what one device needs
+    for axis in MESH_AXES:
+      if axis in (DATA, CFG) or axis in self.axes or sizes.get(axis, 1) == 1:
+        continue
+      users = [name for name, cls in _REGISTRY.items() if axis in cls.axes]
+      raise ValueError(
+          f"strategy {self.name!r} does not split an image over the {axis!r} axis, but the mesh has "
+          f"{axis}={sizes[axis]}: use a mesh with {axis}=1, or a strategy that uses it "
+          f"({', '.join(users) or 'none yet'}).")
+
+  def latent_spec(self) -> P:
+    """How the (B, H, W, C) latents are laid out on the mesh during the run."""
+    return P(DATA, PATCH)
+
+  def summary(self) -> str:
+    options = self.options()
+    return f"{self.name} ({options})" if options else self.name
+
+
+def option_names(name: str) -> tuple[str, ...]:
+  """The options (dataclass fields) strategy `name` takes."""
+  return tuple(field.name for field in dataclasses.fields(strategy_class(name)))
+
+
+def with_shared_options(name: str, options: Mapping[str, Any]) -> Strategy:
+  """Strategy `name` built with those of `options` it takes (a run's options shared by several strategies)."""
+  return Strategy.from_name(name, **{k: v for k, v in options.items() if k in option_names(name)})
+
+
+def strategy_names() -> tuple[str, ...]:
+  """Every registered strategy, in registration order."""
+  return tuple(_REGISTRY)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(_REGISTRY)}.")
+  return _REGISTRY[name]
