@@ -38,7 +38,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dfjax import images, metrics
-from dfjax.sampling import Conditioning, lower_sample, sample
+from dfjax.bench.timing import compile_and_time
+from dfjax.inputs import initial_noise, standin_conditioning
+from dfjax.sampling import Conditioning, prepare_sample
 from sharding.axes import PATCH
 from sharding.mesh import describe, make_mesh
 from sharding.strategies import Strategy, with_shared_options
@@ -46,7 +48,6 @@ from sharding.strategies import Strategy, with_shared_options
 DEFAULT_STRATEGIES = ("single", "displaced", "naive")
 DEFAULT_GUIDANCE = 4.0
 DIFF_GAIN = 4.0  # |strategy − single| is drawn this many times brighter
-TEXT_TOKENS = 77  # sequence length of the stand-in prompt of a text-to-image UNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +163,10 @@ def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
     return _class_source(load_trained(path), count, f"class-conditional model {path}")
   unet = load_model(path)
   config, batch = unet.config, count or 8
-  key = jax.random.fold_in(jax.random.key(seed), 1 << 20)  # a stream apart from the noise's
-  tokens_btd = jax.random.normal(key, (batch, TEXT_TOKENS, config.encoder_dim))  # B, T, D
+  side = 8 * (config.sample_size if isinstance(config.sample_size, int) else 128)  # image pixels (VAE ×8)
   return Source(
-      unet, load_scheduler_config(path), _text_free_conditioning(config, tokens_btd),
-      _text_free_conditioning(config, jnp.zeros_like(tokens_btd)),
+      unet, load_scheduler_config(path), standin_conditioning(config, batch, (side, side), seed=seed),
+      standin_conditioning(config, batch, (side, side), zeros=True),
       [f"seed {seed} #{i}" for i in range(batch)], _is_pixel_space(config),
       f"converted UNet {path}, text-free (random prompt embeddings, zeros unconditional)")
 
@@ -184,31 +184,6 @@ def _class_source(trained, count: int | None, description: str) -> Source:
 
 def _is_pixel_space(config) -> bool:
   return config.in_channels == 3 and config.out_channels == 3
-
-
-def _text_free_conditioning(config, tokens_btd: jax.Array) -> Conditioning:
-  """Stand-in conditioning for a converted text-to-image UNet: the given tokens, zeros elsewhere."""
-  batch = tokens_btd.shape[0]
-  extra: dict[str, jax.Array] = {}
-  if config.addition_embed_type == "text_time":  # SDXL: pooled text and size/crop ids
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    side = 8 * (config.sample_size if isinstance(config.sample_size, int) else 128)
-    extra["text_embeds"] = jnp.zeros((batch, pooled))
-    extra["time_ids"] = jnp.tile(jnp.array([[side, side, 0, 0, side, side]], jnp.float32), (batch, 1))
-  match config.class_embedding_kind:
-    case None:
-      pass
-    case "projection":
-      extra["class_labels"] = jnp.zeros((batch, config.projection_class_embeddings_input_dim))
-    case _:
-      extra["class_labels"] = jnp.zeros((batch,), jnp.int32)
-  return Conditioning(tokens_btd, **extra)
-
-
-def initial_noise(seed: int, batch: int, height: int, width: int, channels: int) -> jax.Array:
-  """(B, H, W, C) unit Gaussian noise; image i depends only on (seed, i), not on the batch size."""
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(batch))
-  return jax.vmap(lambda k: jax.random.normal(k, (height, width, channels)))(keys)  # B, H, W, C
 
 
 # ----------------------------------------------------------------------------------- the runs
@@ -244,14 +219,9 @@ def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, on_compiled=None,
 
   `on_compiled()`, if given, is called between the two (e.g. to advance a progress bar).
   """
-  kwargs = dict(uncond=uncond, mesh=mesh, strategy=strategy, **kwargs)
-  start = time.perf_counter()
-  lower_sample(unet, noise, cond, **kwargs).compile()  # jax reuses this program in `sample`
-  compiled = time.perf_counter()
-  if on_compiled is not None:
-    on_compiled()
-  out = np.asarray(jax.block_until_ready(sample(unet, noise, cond, **kwargs)))
-  return out, compiled - start, time.perf_counter() - compiled
+  program = prepare_sample(unet, noise, cond, uncond=uncond, mesh=mesh, strategy=strategy, **kwargs)
+  timed = compile_and_time(program.lowered, program.inputs, on_compiled=on_compiled)
+  return np.asarray(timed.output[0]), timed.compile_s, timed.run_s
 
 
 def generate(config: GenerateConfig, *, progress: bool = True) -> GenerateResult:

@@ -161,10 +161,26 @@ def _prepare_like_sample(args, kwargs):
   return _prepare(**bound.arguments)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleProgram:
+  """`sample`'s program lowered, and the placed inputs its compiled form runs on.
+
+  `lowered.compile()(*inputs)` returns (latents, first non-finite step of each device or −1).
+  """
+
+  lowered: jax.stages.Lowered
+  inputs: tuple
+
+
+def prepare_sample(*args, **kwargs) -> SampleProgram:
+  """`sample`'s program and inputs (same arguments), to compile and run apart, e.g. to time them."""
+  graphdef, inputs, plan = _prepare_like_sample(args, kwargs)
+  return SampleProgram(_sample_jit.lower(graphdef, *inputs, plan=plan), inputs)
+
+
 def lower_sample(*args, **kwargs) -> jax.stages.Lowered:
   """`sample`'s program, lowered (same arguments): `.compile()` it to inspect HLO or costs."""
-  graphdef, inputs, plan = _prepare_like_sample(args, kwargs)
-  return _sample_jit.lower(graphdef, *inputs, plan=plan)
+  return prepare_sample(*args, **kwargs).lowered
 
 
 def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:

@@ -8,15 +8,15 @@ On a CPU the devices are virtual and share the cores: times are CPU numbers, not
 """
 
 import dataclasses
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
-from dfjax.bench.timing import block, device_name, median_seconds
+from dfjax.bench.timing import compile_and_time, device_name
 from dfjax.bench.unet import DTYPES, latent_size, load_config
-from dfjax.sampling import Conditioning, lower_sample, sample, stale_buffer_shapes
+from dfjax.inputs import standin_conditioning
+from dfjax.sampling import prepare_sample, stale_buffer_shapes
 from models.config import UNetConfig
 from models.unet import UNet2DConditionModel
 from sharding.accounting import comm
@@ -49,25 +49,12 @@ def _row(run: StrategyRun, single_s: float) -> str:
           f"{run.stale_bytes / MIB:9.3f} {run.analytic_stale_bytes / MIB:9.3f}")
 
 
-def _conditioning(config: UNetConfig, batch: int, rng) -> Conditioning:
-  extra = {}
-  if config.addition_embed_type == "text_time":
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    extra = {"text_embeds": rng.standard_normal((batch, pooled), np.float32),
-             "time_ids": np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (batch, 1))}
-  if config.class_embedding_kind is not None:
-    extra["class_labels"] = np.zeros((batch,), np.int32)
-  return Conditioning(rng.standard_normal((batch, 77, config.encoder_dim), np.float32), **extra)
-
-
 def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes) -> StrategyRun:
   kwargs = dict(uncond=uncond, num_steps=steps, mesh=mesh, strategy=strategy,
                 scheduler_config={"clip_sample": False})
-  start = time.perf_counter()
-  compiled = lower_sample(model, noise, cond, **kwargs).compile()
-  compile_s = time.perf_counter() - start
-  # `sample` reuses the program just compiled (jax caches compilations of identical programs).
-  run_s = median_seconds(lambda: block(sample(model, noise, cond, **kwargs)), iters)
+  program = prepare_sample(model, noise, cond, **kwargs)
+  timed = compile_and_time(program.lowered, program.inputs, iters, warmup=1)
+  compile_s, run_s, compiled = timed.compile_s, timed.run_s, timed.compiled
   traffic = comm.traffic_per_step(compiled.as_text())
   stale = stale_buffer_shapes(model, noise, cond, **kwargs)
   config, (batch, height, width, _) = model.config, noise.shape
@@ -89,7 +76,7 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
   model = nnx.jit(lambda: UNet2DConditionModel(unet_config, rngs=nnx.Rngs(0), dtype=jdtype, param_dtype=jdtype))()
   rng = np.random.default_rng(0)
   noise = rng.standard_normal((1, side, side, unet_config.in_channels), np.float32)
-  cond, uncond = _conditioning(unet_config, 1, rng), _conditioning(unet_config, 1, rng)
+  cond, uncond = (standin_conditioning(unet_config, 1, (resolution, resolution), seed=seed) for seed in (1, 2))
   dtype_bytes = np.dtype(jdtype).itemsize
   print(f"strategies, UNet {config} at {resolution}² ({side}² latent), {steps} DDIM steps with CFG, "
         f"{dtype}, displaced warm-up {warmup_steps}, on {device_name()}")

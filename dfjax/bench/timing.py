@@ -1,9 +1,10 @@
-"""Shared measurement helpers: median wall time after warm-up, and the machine's name."""
+"""Measurement helpers: compile-then-time, median wall time after warm-up, and the machine's name."""
 
+import dataclasses
 import platform
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 
@@ -22,6 +23,32 @@ def median_seconds(run: Callable[[], object], iters: int, warmup: int = 1) -> fl
 
 def block(tree):
   return jax.block_until_ready(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed:
+  """A program compiled and run: its compiled form, compile seconds, run seconds, last output."""
+
+  compiled: jax.stages.Compiled
+  compile_s: float
+  run_s: float
+  output: Any
+
+
+def compile_and_time(lowered: jax.stages.Lowered, args: tuple, iters: int = 1, warmup: int = 0,
+                     on_compiled: Callable[[], None] | None = None) -> Timed:
+  """Compiles `lowered`, then runs it on `args` (`warmup` untimed runs, median of `iters` timed ones).
+
+  `on_compiled()`, if given, is called between the two (e.g. to advance a progress bar).
+  """
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  if on_compiled is not None:
+    on_compiled()
+  outputs = []
+  run_s = median_seconds(lambda: outputs.append(block(compiled(*args))), iters, warmup)
+  return Timed(compiled, compile_s, run_s, outputs[-1])
 
 
 def device_name() -> str:

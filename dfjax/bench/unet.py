@@ -24,6 +24,7 @@ from flax import nnx
 
 from dfjax.bench.flops import analytic_unet_flops
 from dfjax.bench.timing import block, device_name, median_seconds
+from dfjax.inputs import standin_conditioning
 from models.config import UNetConfig
 from models.presets import PRESETS, unet_preset
 from models.unet import UNet2DConditionModel
@@ -121,20 +122,11 @@ def parameter_count(model: nnx.Module) -> int:
 
 
 def unet_inputs(config: UNetConfig, batch: int, height: int, width: int) -> tuple:
-  """(x NHWC, timesteps, encoder_hidden_states, extra kwargs) as fp32 numpy, 77 text tokens."""
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((batch, height, width, config.in_channels), np.float32)
-  context = rng.standard_normal((batch, 77, config.encoder_dim), np.float32)
-  extra = {}
-  if config.addition_embed_type == "text_time":
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    size = [height * 8, width * 8, 0, 0, height * 8, width * 8]
-    extra = {"text_embeds": rng.standard_normal((batch, pooled), np.float32),
-             "time_ids": np.tile(np.array([size], np.float32), (batch, 1))}
-  if config.class_embedding_kind is not None:
-    extra["class_labels"] = np.zeros((batch,), np.int32)
+  """(x NHWC, timesteps, encoder_hidden_states, other conditioning kwargs) as fp32 numpy, 77 text tokens."""
+  x = np.random.default_rng(0).standard_normal((batch, height, width, config.in_channels), np.float32)
+  cond = standin_conditioning(config, batch, (8 * height, 8 * width)).as_kwargs()  # image pixels: VAE ×8
   t = np.full((batch,), 500.0, np.float32)
-  return x, t, context, extra
+  return x, t, cond.pop("encoder_hidden_states"), cond
 
 
 def peak_device_bytes(device=None) -> int | None:
