@@ -140,3 +140,33 @@ def test_analytic_stale_kv_of_sdxl_at_1024_is_the_papers_figure():
   for patches in (2, 4, 8):
     kv = analytic.stale_bytes(sdxl, 128, 128, patches, batch=1, activation_bytes=2)["kv"]
     assert abs(kv / 1e9 - 0.42) < 0.005
+
+
+def test_guidance_split_over_cfg_adds_its_analytic_gather(model):
+  """cfg=2 × patch=2: each device computes one guidance half of its rows and gathers the other's."""
+  from sharding.strategies import Guidance
+  height, width, patch, channels = HEIGHT, 8, 2, model.config.out_channels
+  sizes = {"data": 1, "cfg": 2, "stage": 1, "patch": patch, "tensor": 1}
+  strategy = Strategy.exact()
+  expected = strategy.expected_traffic(model.config, height, width, sizes, 1, activation_bytes=4)  # one half: batch 1
+  guidance = Guidance.for_mesh(True, sizes).expected_traffic(height // patch * width * channels, activation_bytes=4)
+  (traffic,) = comm.traffic_per_step(_compiled_text(model, height, make_mesh(1, 2, patch), strategy))
+  assert traffic.by_kind["collective-permute"][1] == expected["halo"]
+  assert traffic.by_kind["all-gather"][1] == expected["kv"] + expected["moments"] + guidance["guidance"]
+
+
+def test_registry_builds_every_strategy_by_name_with_clear_errors():
+  from sharding.strategies import strategy_names
+  assert strategy_names()[:4] == ("single", "exact", "displaced", "naive")
+  assert Strategy.from_name("displaced", warmup_steps=2, groupnorm="stale") == Strategy.displaced(2, "stale")
+  with pytest.raises(ValueError, match="unknown strategy 'ulysess'; valid strategies: single, exact"):
+    Strategy.from_name("ulysess")
+  with pytest.raises(ValueError, match="strategy 'exact' takes no option warmup_steps; its options: none"):
+    Strategy.from_name("exact", warmup_steps=2)
+  with pytest.raises(ValueError, match="warmup_steps=-1"):
+    Strategy.displaced(warmup_steps=-1)
+
+
+def test_a_mesh_axis_the_strategy_does_not_split_is_refused(model):
+  with pytest.raises(ValueError, match="strategy 'naive' does not split an image over the 'stage' axis.*stage=1"):
+    _run(model, mesh=make_mesh(1, 1, 2, stage=2), strategy=Strategy.naive())

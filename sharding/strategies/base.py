@@ -66,7 +66,7 @@ class Strategy:
       raise ValueError(f"two strategies are named {cls.name!r}: {_REGISTRY[cls.name].__qualname__} and "
                        f"{cls.__qualname__}")
     _REGISTRY[cls.name] = cls
-    setattr(Strategy, cls.name, staticmethod(lambda *args, _cls=cls, **options: _cls(*args, **options)))
+    setattr(Strategy, cls.name, staticmethod(cls))  # Strategy.<name>(…) is the class itself
 
   @classmethod
   def from_name(cls, name: str, **options) -> Strategy:
