@@ -1,46 +1,30 @@
-"""diffusers UNet folder → dfjax checkpoint folder.
+"""diffusers UNet folder → dfjax checkpoint folder (the layout of `convert/format.py`).
 
-A dfjax checkpoint is a folder:
-
-  params/                 the NNX params (orbax), nested like `nnx.state(model, nnx.Param)`
-  config.json             the diffusers UNet config, unchanged
-  scheduler_config.json   the pipeline's scheduler config, when the source had one
-  manifest.json           format marker, source files with sha256 and size, dtype, dfjax version
-
-It is written into a hidden temporary sibling of the destination and renamed into place at the
-end, so an interrupted or failed conversion leaves no half checkpoint behind.
+The source's tensors are mapped onto the param tree of the UNet its config describes
+(`models.build`), checked, optionally cast, and written atomically with a manifest recording every
+source file's sha256 and size.
 """
 
 from __future__ import annotations
 
-import datetime
-from typing import Any
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
 import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from convert import keymap
-from convert.safetensors_io import SourceFiles, find_source, read_json, read_tensors
+from convert.format import (CONFIG, FORMAT, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype,
+                            check_weights, is_checkpoint, manifest_header, read_unet_config,
+                            write_atomically)
+from convert.safetensors_io import SourceFiles, find_source, read_tensors
+from models.build import unet_param_shapes
 
 log = logging.getLogger(__name__)
-
-FORMAT = "dfjax-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-PARAMS_DIR = "params"
-CONFIG = "config.json"
-SCHEDULER_CONFIG = "scheduler_config.json"
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
@@ -64,9 +48,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
   src, dst = Path(src), Path(dst)
   _check_destination(src, dst, overwrite)
   store_dtype = None if dtype is None else as_float_dtype(dtype)
-  # dfjax.loading builds the model; imported here, not at the top, as it imports this module.
-  from dfjax.loading import read_unet_config, unet_param_shapes
-
   source = find_source(src, variant)
   config = read_unet_config(source.config)
   tensors = read_tensors(source)
@@ -76,41 +57,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     params = {path: array.astype(store_dtype) for path, array in params.items()}
     check_weights({keymap.path_str(p): a for p, a in params.items()}, f"weights cast to {dtype}")
   manifest = _manifest(source, params)
-  _write_atomically(dst, lambda tmp: _write_checkpoint(tmp, source, params, manifest))
+  write_atomically(dst, lambda tmp: _write_checkpoint(tmp, source, params, manifest))
   log.info("converted %s (%d params, %s) into %s", src, len(params), manifest["dtype"], dst)
   return dst
 
 
 # ---------------------------------------------------------------------------------- checks
-
-def as_float_dtype(dtype: str | np.dtype) -> np.dtype:
-  """`"bf16"`, `"float16"`, `jnp.float32`… → a numpy float dtype, or a ValueError."""
-  name = _DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-  try:
-    result = jnp.dtype(name)
-  except TypeError as e:
-    raise ValueError(f"dtype {dtype!r} is not a dtype; use float32, float16 or bfloat16") from e
-  if not jnp.issubdtype(result, jnp.floating):
-    raise ValueError(f"dtype {dtype!r} is not a float dtype; use float32, float16 or bfloat16")
-  return result
-
-
-def check_weights(tensors: Mapping[str, np.ndarray], what: str) -> None:
-  """Every tensor is a float and finite, else one ValueError listing the offenders."""
-  not_float = [f"{k} ({a.dtype})" for k, a in tensors.items()
-               if not jnp.issubdtype(a.dtype, jnp.floating)]
-  if not_float:
-    raise ValueError(f"{what}: {len(not_float)} tensors are not floating point: "
-                     + ", ".join(sorted(not_float)))
-  bad = []
-  for key, array in tensors.items():
-    finite = np.isfinite(array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array)
-    if not finite.all():
-      bad.append(f"{key} ({int(array.size - finite.sum())} of {array.size} values NaN/inf)")
-  if bad:
-    raise ValueError(f"{what}: {len(bad)} tensors hold NaN or inf, refusing to convert: "
-                     + ", ".join(sorted(bad)))
-
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
   """Refuses a destination that would lose data: an existing folder without `overwrite`, a
@@ -128,30 +80,7 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
                           f"{FORMAT!r}); refusing to replace it, remove it yourself if meant")
 
 
-def is_checkpoint(path: Path) -> bool:
-  """Whether `path` is a folder with a dfjax manifest."""
-  try:
-    return read_json(Path(path) / MANIFEST).get("format") == FORMAT
-  except ValueError:
-    return False
-
-
 # ---------------------------------------------------------------------------------- writing
-
-def manifest_header(params: Mapping[Any, np.ndarray]) -> dict:
-  """The manifest fields every dfjax checkpoint has, whatever wrote it."""
-  dtypes = sorted({str(a.dtype) for a in params.values()})
-  return {
-      "format": FORMAT,
-      "format_version": FORMAT_VERSION,
-      "model": "UNet2DConditionModel",
-      "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-      "num_params": int(sum(a.size for a in params.values())),
-      "num_tensors": len(params),
-      "dfjax_version": _dfjax_version(),
-      "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-  }
-
 
 def _manifest(source: SourceFiles, params: Mapping[keymap.Path, np.ndarray]) -> dict:
   return {
@@ -173,13 +102,6 @@ def _file_record(path: Path, root: Path) -> dict:
           "sha256": digest.hexdigest()}
 
 
-def _dfjax_version() -> str:
-  try:
-    return importlib.metadata.version("dfjax")
-  except importlib.metadata.PackageNotFoundError:
-    return "unknown"
-
-
 def _write_checkpoint(folder: Path, source: SourceFiles,
                       params: Mapping[keymap.Path, np.ndarray], manifest: dict) -> None:
   """Writes every file of the checkpoint into `folder` (which exists and is empty)."""
@@ -193,31 +115,3 @@ def _write_checkpoint(folder: Path, source: SourceFiles,
   if source.scheduler_config is not None:
     shutil.copyfile(source.scheduler_config, folder / SCHEDULER_CONFIG)
   (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
-  """Runs `write(tmp)` on a fresh temporary sibling of `dst`, then renames it to `dst`.
-
-  An existing `dst` is first renamed aside and only deleted once the new folder is in place; if
-  the swap fails it is renamed back. On any error the temporary folder is removed.
-  """
-  dst = dst.absolute()
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tag = uuid.uuid4().hex[:8]
-  tmp = dst.with_name(f".{dst.name}.tmp-{tag}")
-  old = dst.with_name(f".{dst.name}.old-{tag}")
-  tmp.mkdir()
-  try:
-    write(tmp)
-    if dst.exists():
-      os.replace(dst, old)
-      try:
-        os.replace(tmp, dst)
-      except BaseException:
-        os.replace(old, dst)
-        raise
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, dst)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)

@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from models.build import ParamPath as Path
+from models.build import Shape
+
 log = logging.getLogger(__name__)
 
-Path = tuple[str | int, ...]
-"""A param path as `nnx.state` flattens it: attribute names, ints for list indices."""
-Shape = tuple[int, ...]
 LayoutFix = Callable[[np.ndarray, Shape], np.ndarray]
 
 MODULE_RENAMES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (

@@ -205,14 +205,3 @@ def _check_index_matches(index: Path, found: Mapping[str, str]) -> None:
   problems += [f"{k} (in {v}, not in the index)" for k, v in found.items() if k not in expected]
   if problems:
     raise ValueError(f"{index} does not match its shards: " + "; ".join(sorted(problems)))
-
-
-def read_json(path: Path) -> dict:
-  """A JSON object from `path`, with the file named in the error when it is not one."""
-  try:
-    value = json.loads(Path(path).read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: cannot read JSON ({type(e).__name__}: {e})") from e
-  if not isinstance(value, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-  return value

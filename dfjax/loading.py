@@ -3,7 +3,7 @@
 The model is built abstractly (`nnx.eval_shape`, no random init), its params are restored by
 orbax straight into arrays of the asked dtype and sharding, and the stored config is checked
 against the stored weights before anything is read. The checkpoint folder layout is described in
-`convert/convert.py`; `dfjax convert SRC DST` writes it.
+`convert/format.py`; `dfjax convert SRC DST` writes it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from convert.convert import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype,
-                             is_checkpoint)
-from convert.keymap import Path as ParamPath
-from convert.keymap import Shape, path_str
-from convert.safetensors_io import read_json
+from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype, is_checkpoint,
+                            read_json, read_unet_config)
+from convert.keymap import path_str
+from models.build import ParamPath, Shape, abstract_unet
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
@@ -69,43 +68,6 @@ def load_scheduler_config(path: str | os.PathLike) -> dict | None:
   _check_is_checkpoint(path)
   file = path / SCHEDULER_CONFIG
   return read_json(file) if file.is_file() else None
-
-
-# ---------------------------------------------------------------------------------- the model
-
-def abstract_unet(config: Mapping, *, dtype: Any = None, param_dtype: Any = None):
-  """The UNet of a diffusers config, built with `nnx.eval_shape` (abstract params, no init)."""
-  from models.config import UNetConfig
-  from models.unet import UNet2DConditionModel
-
-  unet_config = UNetConfig.from_diffusers_config(dict(config))
-  kwargs = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-  return nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, rngs=nnx.Rngs(0), **kwargs))
-
-
-def read_unet_config(file: Path) -> dict:
-  """A diffusers UNet `config.json` as a dict, checked to be one dfjax can build.
-
-  Raises:
-    ValueError: naming the file, when it is not a UNet2DConditionModel config dfjax supports.
-  """
-  from models.config import UNetConfig
-
-  config = read_json(file)
-  name = config.get("_class_name", "UNet2DConditionModel")
-  if name != "UNet2DConditionModel":
-    raise ValueError(f"{file} describes a {name}; dfjax converts UNet2DConditionModel only")
-  try:
-    UNetConfig.from_diffusers_config(config)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{file}: {e}") from e
-  return config
-
-
-def unet_param_shapes(config: Mapping) -> dict[ParamPath, Shape]:
-  """Param path → shape of the UNet a diffusers config describes."""
-  params = nnx.state(abstract_unet(config), nnx.Param)
-  return {p: tuple(v.shape) for p, v in nnx.to_flat_state(params)}
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dfjax import cli
+from dfjax import commands
 from dfjax.bench import simulate
 from dfjax.bench.flops import analytic_unet_flops, flops_by_kind
 from dfjax.bench.unet import compiled_flops, random_unet, unet_inputs
@@ -151,7 +151,7 @@ def config_file(tmp_path):
 
 
 def test_bench_unet_prints_jax_and_diffusers_rows(config_file, capsys):
-  code = cli.main(["bench", "unet", "--config", config_file, "--resolution", "64", "--iters", "1"])
+  code = commands.main(["bench", "unet", "--config", config_file, "--resolution", "64", "--iters", "1"])
   out = capsys.readouterr().out
   assert code == 0, out
   assert "matmul rate" in out and "TFLOP/s" in out and "of mm" in out and "peak GiB" in out and "XLA/anl" in out and "×eager" in out and " thread" in out
@@ -165,7 +165,7 @@ def test_bench_unet_prints_jax_and_diffusers_rows(config_file, capsys):
 
 
 def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsys):
-  code = cli.main(["bench", "simulate", "--config", config_file, "--resolution", "128", "--patch", "2",
+  code = commands.main(["bench", "simulate", "--config", config_file, "--resolution", "128", "--patch", "2",
                    "--strategy", "displaced", "--iters", "1", "--hlo-comm"])
   out = capsys.readouterr().out
   assert code == 0, out
@@ -192,6 +192,6 @@ def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsy
     (["bench", "simulate", "--groupnorm", "approx"], "GroupNorm mode"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
-  assert cli.main(argv) == 2
+  assert commands.main(argv) == 2
   err = capsys.readouterr().err
   assert "error:" in err and message in err, err

@@ -22,7 +22,8 @@ diffusers = pytest.importorskip("diffusers")
 import convert.convert as convert_module  # noqa: E402
 from convert import convert_checkpoint, convert_state_dict, find_source, read_tensors  # noqa: E402
 from convert.keymap import conv_to_kernel, linear_to_kernel, source_key_for  # noqa: E402
-from dfjax.loading import load_model, load_scheduler_config, unet_param_shapes  # noqa: E402
+from dfjax.loading import load_model, load_scheduler_config  # noqa: E402
+from models.build import unet_param_shapes  # noqa: E402
 
 _TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
              cross_attention_dim=32, sample_size=16)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfjax import cli, generate, images
+from dfjax import commands, generation, images
+from dfjax.inputs import initial_noise
+from sharding.strategies import strategy_names
 
 
 def _table(stdout: str) -> dict[str, list[str]]:
@@ -17,8 +19,8 @@ def _table(stdout: str) -> dict[str, list[str]]:
 def test_embedded_model_end_to_end(tmp_path, capsys):
   """The shipped model: PNGs written, PSNR printed, displaced much closer to single than naive."""
   out = tmp_path / "out"
-  code = cli.main(["generate", "--steps", "8", "--warmup-steps", "1", "--images", "2", "--cfg", "2",
-                   "--patch", "4", "--out", str(out)])
+  code = commands.main(["generate", "--steps", "8", "--warmup-steps", "1", "--images", "2", "--cfg",
+                        "2", "--patch", "4", "--out", str(out)])
   assert code == 0
   stdout = capsys.readouterr().out
   rows = _table(stdout)
@@ -49,10 +51,10 @@ def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys):
       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
       projection_class_embeddings_input_dim=32 + 6 * 8)
   unet.save_pretrained(tmp_path / "diffusers")
-  assert cli.main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "ckpt")]) == 0
+  assert commands.main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "ckpt")]) == 0
   out = tmp_path / "out"
-  code = cli.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--strategy", "single", "exact",
-                   "--patch", "2", "--steps", "2", "--images", "2", "--out", str(out)])
+  code = commands.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--strategy", "single",
+                        "exact", "--patch", "2", "--steps", "2", "--images", "2", "--out", str(out)])
   assert code == 0
   stdout = capsys.readouterr().out
   assert "text-free" in stdout
@@ -62,7 +64,6 @@ def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--patch", "3"], "valid patch counts: [1, 2, 4, 8]"),
-    (["--strategy", "single", "bogus"], "unknown strategy 'bogus'"),
     (["--groupnorm", "async"], "unknown GroupNorm mode 'async'"),
     (["--cfg", "2", "--patch", "8"], "pass --devices 16"),
     (["--steps", "0"], "steps=0"),
@@ -70,25 +71,35 @@ def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys):
 ])
 def test_bad_flags_get_a_clear_error(tmp_path, capsys, flags, message):
   out = tmp_path / "out"
-  assert cli.main(["generate", "--out", str(out), *flags]) == 2
+  assert commands.main(["generate", "--out", str(out), *flags]) == 2
   err = capsys.readouterr().err
   assert "dfjax generate: error:" in err and message in err
   assert "Traceback" not in err and not out.exists()
+
+
+def test_unknown_strategy_is_refused_with_the_registered_choices(tmp_path, capsys):
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as exit_info:
+    commands.main(["generate", "--out", str(out), "--strategy", "single", "bogus"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "dfjax generate: error:" in err and "invalid choice: 'bogus'" in err
+  assert all(repr(name) in err for name in strategy_names()) and not out.exists()
 
 
 def test_default_patch_uses_the_devices_the_height_allows():
   from models.config import UNetConfig
   four_levels = UNetConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
                            down_block_types=("DownBlock2D",) * 4, up_block_types=("UpBlock2D",) * 4)
-  assert generate.valid_patch_counts(four_levels, 64) == [1, 2, 4, 8]
-  assert generate.resolve_patch(four_levels, 64, None, 1, 8) == 8
-  assert generate.resolve_patch(four_levels, 64, None, 2, 8) == 4
-  assert generate.resolve_patch(four_levels, 64, None, 1, 16) == 8  # 64 rows allow no more
-  assert generate.resolve_patch(four_levels, 64, None, 1, 6) == 4
+  assert four_levels.valid_row_splits(64) == [1, 2, 4, 8]
+  assert generation.resolve_patch(four_levels, 64, None, 1, 8) == 8
+  assert generation.resolve_patch(four_levels, 64, None, 2, 8) == 4
+  assert generation.resolve_patch(four_levels, 64, None, 1, 16) == 8  # 64 rows allow no more
+  assert generation.resolve_patch(four_levels, 64, None, 1, 6) == 4
 
 
 def test_noise_of_an_image_does_not_depend_on_the_batch():
-  np.testing.assert_array_equal(generate.initial_noise(3, 2, 8, 8, 3), generate.initial_noise(3, 5, 8, 8, 3)[:2])
+  np.testing.assert_array_equal(initial_noise(3, 2, 8, 8, 3), initial_noise(3, 5, 8, 8, 3)[:2])
 
 
 def test_latent_pictures_share_the_reference_scale():

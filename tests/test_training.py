@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dfjax import cli, data
+from dfjax import commands, data
 from dfjax.loading import load_model
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import TrainConfig, load_default_model, load_trained, train
@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
   whole, split = root / "whole", root / "split"
   flags = ["--model", "tiny", "--steps", "3", "--batch", "2", "--save-every", "2",
            "--log-every", "2", "--warmup-steps", "2"]
-  assert cli.main(["train", "--out", str(whole), *flags]) == 0
+  assert commands.main(["train", "--out", str(whole), *flags]) == 0
   assert train(TrainConfig(out=str(split), **TINY), stop_at=1, progress=False) is None
   resumed = train(TrainConfig(out=str(split), **TINY), resume=True, progress=False)
   return whole / "model", resumed
@@ -74,7 +74,7 @@ def test_refuses_to_mix_runs(runs, tmp_path):
     train(TrainConfig(out=str(whole_out), **TINY), progress=False)
   with pytest.raises(ValueError, match="steps=3 \\(now 4\\)"):
     train(TrainConfig(out=str(whole_out), **{**TINY, "steps": 4}), resume=True, progress=False)
-  assert cli.main(["train", "--out", str(whole_out), "--model", "tiny", "--steps", "3"]) == 2
+  assert commands.main(["train", "--out", str(whole_out), "--model", "tiny", "--steps", "3"]) == 2
   with pytest.raises(ValueError, match="unknown model"):
     TrainConfig(out=str(tmp_path), model="huge")
   with pytest.raises(ValueError, match="without class tokens"):

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from dfjax import metrics
 from dfjax.bench.timing import device_name
-from dfjax.generate import (DEFAULT_GUIDANCE, Source, checkpoint_source, embedded_source, initial_noise,
-                            resolve_patch, timed_sample)
+from dfjax.generation import (DEFAULT_GUIDANCE, Source, checkpoint_source, embedded_source, resolve_patch,
+                              timed_sample)
+from dfjax.inputs import initial_noise
 from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import make_mesh
 from sharding.strategies import Strategy

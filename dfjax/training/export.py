@@ -1,6 +1,6 @@
 """A trained class-conditional model as a dfjax checkpoint folder, and back.
 
-The folder is an ordinary dfjax checkpoint (the layout of `convert/convert.py`, so
+The folder is an ordinary dfjax checkpoint (the layout of `convert/format.py`, so
 `dfjax.load_model` loads its UNet) with the class tokens beside it:
 
   params/                 the UNet's NNX params (orbax)
@@ -29,11 +29,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-# The converter's layout, format marker and atomic writer: one definition of the format.
-from convert.convert import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, _write_atomically, check_weights,
-                             manifest_header)
+from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, check_weights, is_checkpoint,
+                            manifest_header, read_json, write_atomically)
 from convert.keymap import path_str
-from convert.safetensors_io import read_json
+from dfjax.loading import load_model, load_scheduler_config
 from dfjax.training.card import write_model_card
 from models.class_tokens import ClassTokens
 
@@ -102,7 +101,7 @@ def write_model(folder: str | os.PathLike, unet: nnx.Module, class_tokens: Class
     _write_json(tmp / MANIFEST, manifest)
     write_model_card(tmp)
 
-  _write_atomically(folder, write)
+  write_atomically(folder, write)
   return folder
 
 
@@ -119,8 +118,6 @@ def load_trained(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: A
     ValueError: not a trained dfjax model (e.g. a converted text-to-image UNet: no class tokens),
       or class tokens that do not fit the UNet.
   """
-  from dfjax.loading import load_model, load_scheduler_config
-
   folder = Path(folder)
   unet = load_model(folder, dtype=dtype, param_dtype=param_dtype, sharding=sharding)
   if not (folder / TOKENS_CONFIG).is_file() or not (folder / TOKENS_DIR).is_dir():
@@ -154,7 +151,6 @@ def _pure(module: nnx.Module) -> dict:
 
 
 def _is_checkpoint_or_empty(folder: Path) -> bool:
-  from convert.convert import is_checkpoint
   return is_checkpoint(folder) or (folder.is_dir() and not any(folder.iterdir()))
 
 

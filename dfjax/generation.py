@@ -1,12 +1,13 @@
-"""`dfjax generate`: one batch of images sampled with several strategies, compared with `single`.
+"""One batch sampled with several strategies and compared with `single`: what `dfjax generate` runs.
 
 The same noise and conditioning go through `dfjax.sample` once per strategy: `single` on one
 device (per guidance half), the patch strategies on a `cfg × patch` mesh. Each strategy's
-program is compiled first and then run, so compile and sampling times are reported apart. The
+program is compiled first and then run, so compile and sampling times are measured apart. The
 images of every strategy, a side-by-side sheet with the amplified difference from `single`, and
-the raw arrays are written to the output folder; PSNR and SSIM against `single` are printed.
+the raw arrays are written to the output folder, with PSNR and SSIM against `single`. The
+command (dfjax/commands/generate.py) only parses flags and prints the report.
 
-What is sampled:
+What is sampled (`Source`):
   * by default, the embedded model (`dfjax.training.load_default_model`): a class-conditional
     pixel-space UNet, 64×64 RGB, one image per class;
   * `checkpoint=` a `dfjax train` model folder (class-conditional, the same as above), or a
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,20 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dfjax import images, metrics
+from dfjax import data, images, metrics
 from dfjax.bench.timing import compile_and_time
 from dfjax.inputs import initial_noise, standin_conditioning
+from dfjax.loading import load_model, load_scheduler_config
 from dfjax.sampling import Conditioning, prepare_sample
+from dfjax.training import load_default_model, load_trained
+from dfjax.training.default_model import default_model_dir
+from dfjax.training.export import TOKENS_CONFIG
 from sharding.axes import PATCH
 from sharding.mesh import describe, make_mesh
-from sharding.strategies import Strategy, with_shared_options
+from sharding.strategies import Strategy, strategy_names, with_shared_options
 
-DEFAULT_STRATEGIES = ("single", "displaced", "naive")
+REFERENCE = "single"  # the strategy every other is compared with
+DEFAULT_STRATEGIES = (REFERENCE, "displaced", "naive")
 DEFAULT_GUIDANCE = 4.0
 DIFF_GAIN = 4.0  # |strategy − single| is drawn this many times brighter
 
@@ -84,7 +89,7 @@ class GenerateConfig:
 
   def __post_init__(self):
     if not self.strategies:
-      raise ValueError("no strategy given: name at least one of single, exact, displaced, naive")
+      raise ValueError(f"no strategy given: name at least one of {', '.join(strategy_names())}")
     if len(set(self.strategies)) != len(self.strategies):
       raise ValueError(f"strategies {list(self.strategies)} name one more than once")
     for name, value in (("steps", self.steps), ("images", self.images), ("patch", self.patch),
@@ -138,27 +143,23 @@ class StrategyRun:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
+  """What a run produced: its settings, a line describing it, every strategy's run, the files written."""
+
   config: GenerateConfig
   description: str
   runs: list[StrategyRun]
   files: list[Path]
-  table: str
 
 
 # ------------------------------------------------------------------------------ what is sampled
 
 def embedded_source(count: int | None) -> Source:
   """The shipped class-conditional model; `count` images cycling over the classes."""
-  from dfjax.training import load_default_model
-  from dfjax.training.default_model import default_model_dir
   return _class_source(load_default_model(), count, f"embedded model ({default_model_dir()})")
 
 
 def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
   """A `dfjax train` folder (class-conditional) or a converted diffusers UNet (text-free)."""
-  from dfjax.loading import load_model, load_scheduler_config
-  from dfjax.training.export import TOKENS_CONFIG, load_trained
-
   if (Path(path) / TOKENS_CONFIG).is_file():
     return _class_source(load_trained(path), count, f"class-conditional model {path}")
   unet = load_model(path)
@@ -172,7 +173,6 @@ def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
 
 
 def _class_source(trained, count: int | None, description: str) -> Source:
-  from dfjax import data
   unet, tokens, scheduler_config = trained
   num_classes = tokens.num_classes
   labels_b = np.arange(count or num_classes) % num_classes  # B
@@ -188,15 +188,9 @@ def _is_pixel_space(config) -> bool:
 
 # ----------------------------------------------------------------------------------- the runs
 
-def valid_patch_counts(config, height: int) -> list[int]:
-  """Row-patch counts that split `height` rows into whole rows at every resolution level."""
-  factor = config.downsample_factor
-  return [n for n in range(1, height // factor + 1) if height % (n * factor) == 0]
-
-
 def resolve_patch(config, height: int, patch: int | None, cfg: int, device_count: int) -> int:
   """The patch count to use: `patch`, checked, or the most the devices and the height allow."""
-  valid = valid_patch_counts(config, height)
+  valid = config.valid_row_splits(height)
   if patch is None:
     fitting = [n for n in valid if n * cfg <= device_count]
     if not fitting:
@@ -205,7 +199,7 @@ def resolve_patch(config, height: int, patch: int | None, cfg: int, device_count
   if patch not in valid:
     raise ValueError(f"patch={patch} does not fit the {height}-row image: every patch needs whole "
                      f"rows at all {config.num_levels} resolution levels (a multiple of "
-                     f"{config.downsample_factor}); valid patch counts: {valid}")
+                     f"{config.row_granularity}); valid patch counts: {valid}")
   if cfg * patch > device_count:
     raise ValueError(f"cfg={cfg} × patch={patch} needs {cfg * patch} devices, but {device_count} are "
                      f"available: on a CPU, pass --devices {cfg * patch} (virtual devices), or use "
@@ -257,13 +251,14 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
       bar.update()
       bar.set_description(f"{name}: {config.steps} steps")
 
-    out, compile_s, sample_s = timed_sample(source.unet, noise, source.cond, source.uncond, mesh=meshes[strategy.name],
-                                            strategy=strategy, on_compiled=compiled, **sampler)
+    out, compile_s, sample_s = timed_sample(source.unet, noise, source.cond, source.uncond,
+                                            mesh=meshes[strategy.name], strategy=strategy,
+                                            on_compiled=compiled, **sampler)
     bar.update()
     outputs[strategy.name], times[strategy.name] = out, (compile_s, sample_s)
   bar.set_description("write images")
 
-  reference = outputs.get("single")
+  reference = outputs.get(REFERENCE)
   runs = []
   for strategy in strategies:
     out = outputs[strategy.name]
@@ -280,7 +275,7 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   description = (f"{source.description}; {len(source.captions)} images of {size}×{size}, "
                  f"{config.steps}-step {config.scheduler}, guidance {config.guidance_scale}, "
                  f"seed {config.seed}")
-  return GenerateResult(config, description, runs, files, format_table(runs))
+  return GenerateResult(config, description, runs, files)
 
 
 def _model_size(unet_config) -> int:
@@ -305,12 +300,13 @@ def write_outputs(out: Path, runs: list[StrategyRun], captions: list[str]) -> li
   """Each strategy's grid, the comparison sheet, the arrays (samples.npz) and metrics.json."""
   files = []
   for run in runs:
-    files.append(images.save_png(images.grid(images.to_uint8(run.pictures), columns=5), out / f"{run.name}.png",
-                                 scale=2))
-  reference = next((r for r in runs if r.name == "single"), None)
+    files.append(images.save_png(images.grid(images.to_uint8(run.pictures), columns=5),
+                                 out / f"{run.name}.png", scale=2))
+  reference = next((r for r in runs if r.name == REFERENCE), None)
   columns = [(run.name, images.to_uint8(run.pictures)) for run in runs]
   if reference is not None:
-    columns += [(f"|{run.name}-single|x{DIFF_GAIN:g}", images.difference(run.pictures, reference.pictures, DIFF_GAIN))
+    columns += [(f"|{run.name}-{REFERENCE}|x{DIFF_GAIN:g}",
+                 images.difference(run.pictures, reference.pictures, DIFF_GAIN))
                 for run in runs if run is not reference]
   files.append(images.save_png(images.sheet(columns, row_labels=captions), out / "comparison.png"))
   np.savez_compressed(out / "samples.npz", **{run.name: run.pictures for run in runs})
@@ -321,30 +317,3 @@ def write_outputs(out: Path, runs: list[StrategyRun], captions: list[str]) -> li
   (out / "metrics.json").write_text(json.dumps({"captions": captions, "runs": summary}, indent=2) + "\n")
   files.append(out / "metrics.json")
   return files
-
-
-def format_table(runs: list[StrategyRun]) -> str:
-  """Per strategy: mesh, compile and sampling seconds, mean PSNR / SSIM against single."""
-  rows = [f"{'strategy':<10} {'mesh':<42} {'compile s':>9} {'sample s':>9} {'PSNR dB':>8} {'SSIM':>6}"]
-  for run in runs:
-    if run.psnr_db is None:
-      psnr, ssim = "—", "—"
-    elif run.name == "single":
-      psnr, ssim = "ref", "ref"
-    else:
-      psnr, ssim = f"{np.mean(run.psnr_db):.2f}", f"{np.mean(run.ssim):.3f}"
-    rows.append(f"{run.name:<10} {run.mesh:<42} {run.compile_s:9.1f} {run.sample_s:9.1f} {psnr:>8} {ssim:>6}")
-  return "\n".join(rows)
-
-
-def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResult:
-  """`dfjax generate`: samples, writes the images and prints the table with machine and command."""
-  from dfjax.bench.timing import device_name
-
-  start = time.perf_counter()
-  result = generate(config)
-  print(f"model: {result.description}")
-  print(f"machine: {device_name()}; command: {command}; wall time {time.perf_counter() - start:.0f} s")
-  print(result.table)
-  print(f"wrote {', '.join(str(f) for f in result.files)}")
-  return result

@@ -1,0 +1,59 @@
+"""The `dfjax` command: convert | generate | bench | train. Each subcommand is a thin wrapper.
+
+`main(argv)` is the console script (`dfjax …`) and `python -m dfjax …`; `build_parser()` gives the
+parser, one module of this package per command family adding its subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+import jax
+
+from dfjax.commands import bench, convert, generate, train
+from sharding.distributed import ProcessGroup, initialize
+
+_BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, ConnectionError, FloatingPointError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="dfjax",
+                                   description="The `dfjax` command: convert | generate | bench | train.")
+  parser.add_argument("--cpu-devices", type=int, default=8,
+                      help="virtual devices to split the CPU into when there is no accelerator (default 8)")
+  processes = parser.add_argument_group(
+      "multi-process runs (or DFJAX_COORDINATOR, DFJAX_NUM_PROCESSES, DFJAX_PROCESS_ID)")
+  processes.add_argument("--coordinator", help="host:port of process 0's coordination service")
+  processes.add_argument("--num-processes", type=int, help="number of processes in the run")
+  processes.add_argument("--process-id", type=int, help="this process's index, 0 … num-processes−1")
+  commands = parser.add_subparsers(dest="command", required=True)
+  for family in (convert, bench, generate, train):
+    family.register(commands)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs one `dfjax` command; 0 on success, 2 (with `dfjax CMD: error: …` on stderr) on bad input."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser().parse_args(argv)
+  args.command_line = shlex.join(["dfjax", *argv])
+  _use_cpu_devices(getattr(args, "devices", None) or args.cpu_devices)
+  try:
+    initialize(ProcessGroup.from_env(args.coordinator, args.num_processes, args.process_id))
+    args.run(args)
+  except _BAD_INPUT as error:  # bad input: what and how to fix
+    print(f"dfjax {args.command}: error: {error}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _use_cpu_devices(count: int) -> None:
+  """Splits the host CPU into `count` virtual devices; only the CPU backend reads it."""
+  if count < 1:
+    raise SystemExit(f"dfjax: --cpu-devices={count} must be at least 1")
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # jax already started in this process (main() called from Python): keep its devices
+    pass

@@ -1,0 +1,119 @@
+"""`dfjax bench unet | strategies | fidelity | simulate`: the flags of each measurement.
+
+The measurements themselves live in dfjax/bench/; this module only parses flags and calls them.
+"""
+
+from __future__ import annotations
+
+from dfjax.bench import fidelity, simulate, strategies, unet
+from dfjax.commands.options import add_groupnorm_argument, add_strategy_argument, strategies_over
+from models.presets import PRESETS
+from sharding.axes import PATCH
+
+_DTYPES = list(unet.DTYPES)
+_PRESET_HELP = f"preset ({', '.join(PRESETS)}) or config.json"
+
+
+def register(commands) -> None:
+  """Adds `bench` and its measurements to the `dfjax` parser's subcommands."""
+  bench = commands.add_parser("bench", help="measurements, side by side, machine named")
+  benches = bench.add_subparsers(dest="bench", required=True)
+  _add_unet(benches)
+  _add_strategies(benches)
+  _add_fidelity(benches)
+  _add_simulate(benches)
+
+
+def _add_unet(benches) -> None:
+  parser = benches.add_parser(
+      "unet", help="UNet step (CFG batch) latency, compile time, memory, TFLOP/s vs diffusers")
+  parser.add_argument("--config", default="tiny-sdxl", help=_PRESET_HELP)
+  parser.add_argument("--resolution", type=int, nargs="+", default=[256], help="image side(s) in pixels")
+  parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
+  parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--no-torch", action="store_true", help="skip diffusers' PyTorch UNet")
+  parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd diffusers")
+  parser.add_argument("--torch-threads", type=int, default=None,
+                      help="PyTorch CPU threads (default: one per core other processes leave idle)")
+  parser.set_defaults(run=lambda args: unet.run(args.config, args.resolution, args.batch, args.dtype,
+                                                args.iters, not args.no_torch, args.torch_compile,
+                                                args.torch_threads))
+
+
+def _add_strategies(benches) -> None:
+  parser = benches.add_parser(
+      "strategies", help=f"single and {strategies_over(PATCH)}: step time, traffic, stale memory")
+  parser.add_argument("--config", default="tiny-sdxl", help="preset or config.json")
+  parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
+  parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts to compare")
+  parser.add_argument("--cfg", type=int, choices=[1, 2], default=1,
+                      help="split guidance over 2 device groups")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup-steps", type=int, default=4)
+  parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
+  parser.add_argument("--iters", type=int, default=3)
+  parser.set_defaults(run=lambda args: strategies.run(args.config, args.resolution, args.patch, args.cfg,
+                                                      args.steps, args.warmup_steps, args.dtype, args.iters))
+
+
+def _add_fidelity(benches) -> None:
+  d = fidelity.FidelityConfig()
+  parser = benches.add_parser(
+      "fidelity", help="PSNR/SSIM of displaced and naive vs single (DistriFusion Table 1's shape)",
+      description="For each patch count and GroupNorm mode, PSNR and SSIM of displaced and naive "
+      "images against single over --seeds seeds (one batched sample call per configuration), then "
+      "a warm-up ablation with 10-step DPM-Solver++(2M). The default run takes tens of minutes on a "
+      "2-core CPU.")
+  parser.add_argument("--seeds", type=int, default=d.seeds,
+                      help=f"images per configuration (default {d.seeds})")
+  parser.add_argument("--steps", type=int, default=d.steps,
+                      help=f"DDIM steps of the main table (default {d.steps})")
+  parser.add_argument("--patch", type=int, nargs="+", default=list(d.patch),
+                      help=f"patch counts (default {' '.join(map(str, d.patch))})")
+  add_groupnorm_argument(parser, d.groupnorm, several=True)
+  parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                      help=f"displaced warm-up of the main table (default {d.warmup_steps})")
+  parser.add_argument("--ablation-patch", type=int, default=None,
+                      help="patch count of the warm-up ablation (default: the largest --patch; 0 skips it)")
+  parser.add_argument("--guidance", type=float, default=d.guidance_scale,
+                      help=f"classifier-free guidance scale (default {d.guidance_scale:g})")
+  parser.add_argument("--checkpoint", metavar="DIR",
+                      help="a `dfjax train` model folder instead of the embedded model")
+  parser.add_argument("--json", metavar="OUT", help="also write every per-seed value to this JSON file")
+  parser.set_defaults(run=_run_fidelity)
+
+
+def _run_fidelity(args) -> None:
+  config = fidelity.FidelityConfig(seeds=args.seeds, steps=args.steps, patch=tuple(args.patch),
+                                   groupnorm=tuple(args.groupnorm), warmup_steps=args.warmup_steps,
+                                   ablation_patch=args.ablation_patch, guidance_scale=args.guidance,
+                                   checkpoint=args.checkpoint)
+  fidelity.run(config, args.json, command=args.command_line)
+
+
+def _add_simulate(benches) -> None:
+  parser = benches.add_parser(
+      "simulate", help="per-device cost of patch parallelism on one device, projected over NVLink",
+      description="Runs, on one device, exactly the program one device of an N-device patch mesh runs "
+      "(its rows, the halo/K/V/moment shapes of N devices, collectives replaced by local stand-ins), "
+      "times it, and projects the step time and speedup of exact (compute + comm) and displaced (max "
+      "of the two) over A100 and H100 NVLink, beside DistriFusion's measured speedups. "
+      "Configurations that do not fit are skipped.")
+  parser.add_argument("--config", default="tiny-sdxl", help=_PRESET_HELP)
+  parser.add_argument("--resolution", type=int, nargs="+", default=[512],
+                      help="image side(s) in pixels (latent = /8)")
+  parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
+  parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
+  parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
+  add_strategy_argument(parser, ["exact", "displaced"], "strategies to simulate")
+  add_groupnorm_argument(parser, "corrected_async")
+  parser.add_argument("--hlo-comm", action="store_true",
+                      help="also compile the real N-device sampling program and read its per-step traffic "
+                      "(needs N devices: on a CPU the virtual ones; for tiny configs)")
+  parser.add_argument("--latency-us", type=float, default=0.0,
+                      help="fixed cost per collective added to the communication time "
+                      "(default 0: bandwidth only)")
+  parser.set_defaults(run=lambda args: simulate.run(args.config, args.resolution, args.patch, args.dtype,
+                                                    args.iters, args.strategy, args.groupnorm, args.hlo_comm,
+                                                    args.latency_us))
