@@ -21,9 +21,7 @@ from dfjax.sampling import Conditioning, stale_buffer_shapes
 from models.config import UNetConfig
 from models.presets import unet_preset
 from sharding.accounting import analytic
-from sharding.mesh import make_mesh
-from sharding.contexts.patch import PatchContext
-from sharding.axes import PATCH
+from sharding.mesh import axis_sizes, make_mesh
 from sharding.strategies import Strategy
 
 # Two levels keep tracing and compiling short; every exchange kind is there (halo convs incl. the
@@ -73,13 +71,15 @@ def test_analytic_flops_match_xla_cost_analysis():
 @pytest.mark.parametrize("patches", [2, 4])
 def test_simulated_program_has_the_real_shards_output_shape(model, patches):
   graphdef, params = nnx.split(model)
-  mesh = make_mesh(1, 1, patches)
-  real = simulate.unet_step(graphdef, mesh, lambda stale, record: PatchContext(PATCH_AXIS, patches))
-  real_args = simulate.place(mesh, params, *unet_inputs(model.config, 2, HEIGHT, WIDTH))
+  mesh, exact = make_mesh(1, 1, patches), Strategy.exact()
+  real = simulate.device_step(graphdef, mesh, exact.steady_phase(axis_sizes(mesh)), exact.latent_spec())
+  real_args = simulate.place(mesh, exact.latent_spec(), params, *unet_inputs(model.config, 2, HEIGHT, WIDTH))
   real_out = jax.eval_shape(real, *real_args)[0]
-  shard = jax.sharding.NamedSharding(mesh, simulate.ROWS).shard_shape(real_out.shape)  # B, H/N, W, C
-  for kind in simulate.KINDS:
-    step, args = simulate.simulated_program(model, HEIGHT, WIDTH, patches, kind, simulate.GroupNormMode.CORRECTED_ASYNC)
+  shard = jax.sharding.NamedSharding(mesh, exact.latent_spec()).shard_shape(real_out.shape)  # B, H/N, W, C
+  assert shard[1] == HEIGHT // patches
+  assert set(simulate.SIMULATED) >= {"exact", "displaced", "naive"}  # every row strategy, from the registry
+  for name in simulate.SIMULATED:
+    step, args = simulate.simulated_program(model, HEIGHT, WIDTH, patches, Strategy.from_name(name))
     out = jax.eval_shape(step, *args)[0]
     assert (out.shape, out.dtype) == (shard, real_out.dtype)
     assert args[1].shape == shard  # its input rows are the real shard's too
@@ -87,25 +87,53 @@ def test_simulated_program_has_the_real_shards_output_shape(model, patches):
 
 @pytest.mark.parametrize("patches,groupnorm", [(2, "corrected_async"), (4, "stale"), (4, "separate")])
 def test_simulated_exchanges_have_the_shapes_of_the_real_ones(model, patches, groupnorm):
-  """The stale inputs and recorded outputs of the simulated displaced step are, layer by layer,
-  what the real displaced run carries from step to step: what PatchContext's collectives deliver."""
-  mode = simulate.GroupNormMode.parse(groupnorm)
-  step, args = simulate.simulated_program(model, HEIGHT, WIDTH, patches, "displaced", mode)
-  stale, record = args[-1], jax.eval_shape(step, *args)[1]
+  """The stale inputs and sent outputs of the simulated displaced step are, layer by layer, what
+  the real displaced run carries from step to step: what PatchContext's collectives deliver."""
+  strategy = Strategy.displaced(warmup_steps=1, groupnorm=groupnorm)
+  step, args = simulate.simulated_program(model, HEIGHT, WIDTH, patches, strategy)
+  stale, sent = args[-1], jax.eval_shape(step, *args)[1]
 
   _, _, text, extra = unet_inputs(model.config, 1, HEIGHT, WIDTH)
   noise = np.zeros((1, HEIGHT, WIDTH, 4), np.float32)
   cond = Conditioning(text, **extra)
   real = stale_buffer_shapes(model, noise, cond, uncond=cond, num_steps=4, mesh=make_mesh(1, 1, patches),
-                             strategy=Strategy.displaced(warmup_steps=1, groupnorm=groupnorm))
-  assert set(record) == set(real) and len(real) > 0
-  assert _shapes(record) == _shapes(real) == _shapes(stale)
+                             strategy=strategy)
+  assert set(sent) == set(real) and len(real) > 0
+  assert _shapes(sent) == _shapes(real) == _shapes(stale)
   kinds = {k: 0 for k in ("halo", "kv", "moments")}
   for key, value in real.items():  # classify each layer's buffer to compare with the analytic volume
-    kind = "halo" if isinstance(value, tuple) else "kv" if value.ndim == 5 else "moments"
+    kind = "halo" if isinstance(value, tuple) else "kv" if value.ndim == 6 else "moments"  # kv: 2,B,n,T,N,D
     kinds[kind] += sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(value))
   expected = analytic.stale_bytes(model.config, HEIGHT, WIDTH, patches, 2, 4, stale_moments=groupnorm != "separate")
   assert {k: v for k, v in kinds.items() if v} == {k: v for k, v in expected.items() if v}
+
+
+def test_the_simulated_exact_step_carries_nothing(model):
+  step, args = simulate.simulated_program(model, HEIGHT, WIDTH, 2, Strategy.exact())
+  assert args[-1] is None and jax.eval_shape(step, *args)[1] == {}
+
+
+ALL_KINDS = {"halo", "kv", "moments"}
+# TWO_LEVEL_SDXL's collectives per step, counted by hand: 8 resnets (2 GroupNorms, 2 3×3 convs each),
+# conv_in, the down- and upsampling convs, 4 transformers (a GroupNorm each) with 8 self-attentions in
+# all, the output GroupNorm and conv: 20 halo convs (2 permutes each), 8 K/V gathers, 21 moment gathers.
+HAND_COUNTED_COLLECTIVES = {"halo": 2 * 20, "kv": 8, "moments": 21}
+
+
+@pytest.mark.parametrize("strategy,exchanged,synchronous", [
+    (Strategy.exact(), ALL_KINDS, ALL_KINDS),                                  # used inside the step
+    (Strategy.displaced(groupnorm="sync"), ALL_KINDS, {"moments"}),            # only sync moments wait
+    (Strategy.displaced(groupnorm="corrected_async"), ALL_KINDS, set()),
+    (Strategy.displaced(groupnorm="separate"), {"halo", "kv"}, set()),         # no moments exchanged
+    (Strategy.naive(), set(), set()),
+], ids=["exact", "displaced-sync", "displaced-corrected_async", "displaced-separate", "naive"])
+def test_comm_bytes_split_into_what_the_step_waits_for_and_what_overlaps(model, strategy, exchanged,
+                                                                          synchronous):
+  volume = analytic.bytes_per_step(model.config, HEIGHT, HEIGHT, 4, 2, 4)  # one interior device, CFG batch 2
+  sync, overlapped, collectives = simulate.comm_bytes(model.config, HEIGHT, 4, strategy, 4)
+  assert sync == sum(volume[kind] for kind in synchronous)
+  assert overlapped == sum(volume[kind] for kind in exchanged - synchronous)
+  assert collectives == sum(HAND_COUNTED_COLLECTIVES[kind] for kind in exchanged)
 
 
 def test_a_configuration_that_does_not_fit_is_skipped_with_a_note(model, monkeypatch, capsys):
@@ -113,11 +141,11 @@ def test_a_configuration_that_does_not_fit_is_skipped_with_a_note(model, monkeyp
     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99.0GiB.")
 
   monkeypatch.setattr(simulate, "simulated_program", out_of_memory)
-  assert simulate._measure(model, 3840, 480, 2, "exact", simulate.GroupNormMode.SYNC, 1) is None
+  assert simulate._measure(model, 3840, 480, 2, Strategy.exact(), 1) is None
   assert "skipped: does not fit in device memory" in capsys.readouterr().out
   monkeypatch.setattr(simulate, "simulated_program", lambda *a: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: bug")))
   with pytest.raises(jax.errors.JaxRuntimeError):  # other runtime errors are not swallowed
-    simulate._measure(model, 512, 64, 2, "exact", simulate.GroupNormMode.SYNC, 1)
+    simulate._measure(model, 512, 64, 2, Strategy.exact(), 1)
 
 
 def test_projection_adds_comm_for_exact_and_overlaps_it_for_displaced():
@@ -188,7 +216,7 @@ def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsy
     (["bench", "unet", "--resolution", "72", "--no-torch"], "multiples of 32"),  # latent 9: not /4
     (["bench", "simulate", "--resolution", "256", "--patch", "3"], "3 row patches"),
     (["bench", "simulate", "--resolution", "256", "--patch", "0"], "patch counts"),
-    (["bench", "simulate", "--strategy", "ring"], "unknown strategies"),
+    (["bench", "simulate", "--strategy", "single"], "unknown strategies"),  # the reference row, not a choice
     (["bench", "simulate", "--groupnorm", "approx"], "GroupNorm mode"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):

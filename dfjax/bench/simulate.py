@@ -1,23 +1,23 @@
 """`dfjax bench simulate`: the per-device cost of patch parallelism, projected from one device.
 
 One device of an N-device `patch` mesh runs the UNet on H/N latent rows with the halo rows, K/V
-and GroupNorm moments of N devices. This benchmark runs exactly that program on one device, the
-collectives replaced by local stand-ins of the same shapes (sharding/simulated.py), and times one
-UNet step with classifier-free guidance (batch 2) after compilation, for
-  exact      synchronous patch parallelism: each exchange is used as soon as it arrives;
-  displaced  DistriFusion: the previous step's exchanges come in as inputs, this step's go out.
-The bytes a device receives per step (sharding/analytic.py; with --hlo-comm also read from the
-compiled N-device program, sharding/comm.py) over a stated link bandwidth give the communication
-time, and with it a projected step time:
-  exact      compute + communication (every collective has a consumer inside the step);
-  displaced  max(compute, communication) (no collective does; `sync` GroupNorm moments excepted).
+and GroupNorm moments of N devices. This benchmark runs exactly that program on one device for
+each registered strategy that splits rows over `patch`: the steady state of its run (the phase
+after any warm-up, `strategy.steady_phase`) with its collectives replaced by local stand-ins of
+the same shapes (`simulated=True`, sharding/contexts/simulated.py), and times one UNet step with
+classifier-free guidance (batch 2) after compilation; `single` is the reference row. The bytes a
+device receives per step (`strategy.expected_traffic`; with --hlo-comm also read from the
+compiled N-device sampling program, sharding/accounting/comm.py) over a stated link bandwidth
+give the communication time, and with it a projected step time:
+  step = max(compute, overlapped comm) + synchronous comm,
+the overlapped kinds being those only the next step consumes (`strategy.overlapped_kinds()`: none
+for exact; for displaced halos, K/V and, unless GroupNorm is `sync`, the moments).
 These are projections, not measurements: bandwidth-bound transfers at the link's full rate (plus
---latency-us per collective), perfect overlap for displaced, no contention for the links.
+--latency-us per collective), perfect overlap, no contention for the links.
 """
 
 import dataclasses
-import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -25,19 +25,21 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfjax.bench.timing import block, device_name, median_seconds
+from dfjax.bench.timing import compile_and_time, device_name
 from dfjax.bench.unet import DTYPES, latent_size, load_config, parameter_count, random_unet, unet_inputs
-from dfjax.sampling import Conditioning, lower_sample
+from dfjax.inputs import standin_conditioning
+from dfjax.sampling import lower_sample
 from models.config import UNetConfig
-from sharding import analytic, comm
-from sharding.context import SINGLE_DEVICE, ParallelContext
-from sharding.groupnorm import GroupNormMode
-from sharding.mesh import make_mesh, single_device_mesh
-from sharding.simulated import SimulatedPatchContext
-from sharding.strategy import PATCH_AXIS, Strategy
+from models.parallel import call_recording
+from sharding.accounting import analytic, comm
+from sharding.axes import PATCH
+from sharding.exchange.groupnorm import GroupNormMode
+from sharding.mesh import axis_sizes, make_mesh, single_device_mesh
+from sharding.strategies import Phase, Strategy, strategy_class, strategy_names, with_shared_options
 
 MIB = 2**20
-KINDS = ("exact", "displaced")
+SIMULATED = tuple(name for name in strategy_names() if PATCH in strategy_class(name).axes)
+COLLECTIVES_PER_SITE = {"halo": 2, "kv": 1, "moments": 1}  # a halo comes from above and from below
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,64 +55,64 @@ LINKS = (
     Link("H100 NVLink4", 450e9, "H100 SXM5: 18 NVLink4 links × 25 GB/s per direction (900 GB/s both ways)"),
 )
 # DistriFusion (Li et al., CVPR 2024): SDXL, measured speedup of DistriFusion (displaced patch
-# parallelism) on N NVLink-connected A100s over one A100; {resolution: {N: speedup}}.
-PAPER_SPEEDUPS = {1024: {2: 1.5, 4: 2.2, 8: 2.8}, 2048: {2: 1.8, 4: 3.1, 8: 4.9}, 3840: {2: 1.8, 4: 3.4, 8: 6.1}}
+# parallelism) on N NVLink-connected A100s over one A100; {strategy: {resolution: {N: speedup}}}.
+PAPER_SPEEDUPS = {"displaced": {1024: {2: 1.5, 4: 2.2, 8: 2.8}, 2048: {2: 1.8, 4: 3.1, 8: 4.9},
+                                3840: {2: 1.8, 4: 3.4, 8: 6.1}}}
 
 
 # ---------------------------------------------------------------------------------- the per-device program
 
-def unet_step(graphdef, mesh: Mesh, context: Callable[[dict | None, dict | None], ParallelContext],
-              records: bool = False) -> Callable:
-  """One UNet forward on every device of `mesh`, as a jitted program.
+def device_step(graphdef, mesh: Mesh, phase: Phase, latent_spec: P) -> Callable:
+  """One UNet forward of `phase` on every device of `mesh`, as a jitted program.
 
-  Returns f(params, x, t, text, extra, stale) → (eps, record): `x` and `eps` are (B, H, W, C)
-  split by rows over `patch`; `stale` (None for a synchronous step) and `record` (None unless
-  `records`) are one device's exchange buffers, as in the sampling loop's scan carry. Buffers
-  are only meaningful on a one-device mesh (the simulation): they are returned unsplit.
+  Returns f(params, x, t, text, extra, stale) → (eps, sent): `x` and `eps` are (B, H, W, C) laid
+  out as `latent_spec`; `stale` (None unless `phase.uses_stale`) and `sent` ({} unless
+  `phase.records`) are one device's exchange buffers, as in the sampling loop's scan carry.
+  Buffers are only meaningful on a one-device mesh (the simulation): they are returned unsplit.
   """
   def on_device(params, x, t, text, extra, stale):
-    record = {} if records else None
-    eps = nnx.merge(graphdef, params)(x, t, text, **extra, ctx=context(stale, record))  # B, h, W, C
-    return eps, record
+    model = nnx.merge(graphdef, params)  # inside the trace: the call records onto its layers
+    return call_recording(model, x, t, text, ctx=phase.context(stale), **extra)  # eps: B, h, W, C
 
-  return jax.jit(jax.shard_map(on_device, mesh=mesh, in_specs=STEP_SPECS, out_specs=(ROWS, P()), check_vma=False))
-
-
-ROWS = P(None, PATCH_AXIS)
-STEP_SPECS = (P(), ROWS, P(), P(), P(), P())  # params, x, t, text, extra, stale
+  step = jax.shard_map(on_device, mesh=mesh, in_specs=_specs(latent_spec), out_specs=(latent_spec, P()),
+                       check_vma=False)
+  return jax.jit(step)
 
 
-def place(mesh: Mesh, params, x, t, text, extra, stale=None) -> tuple:
-  """`unet_step`'s arguments on `mesh`: x split by rows, the rest replicated."""
+def _specs(latent_spec: P) -> tuple[P, ...]:
+  return P(), latent_spec, P(), P(), P(), P()  # params, x, t, text, extra, stale
+
+
+def place(mesh: Mesh, latent_spec: P, params, x, t, text, extra, stale=None) -> tuple:
+  """`device_step`'s arguments on `mesh`: x laid out as `latent_spec`, the rest replicated."""
   args = (params, x, t, text, extra, stale)
-  return tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, STEP_SPECS))
+  return tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip(args, _specs(latent_spec)))
 
 
-def simulated_context(num_patches: int, kind: str, groupnorm: GroupNormMode = GroupNormMode.CORRECTED_ASYNC):
-  """(stale, record) → the context of one interior device of `num_patches` for `kind`."""
-  match kind:
-    case "single":
-      return lambda stale, record: SINGLE_DEVICE
-    case "exact":
-      return lambda stale, record: SimulatedPatchContext(PATCH_AXIS, num_patches, GroupNormMode.SYNC, stale, record)
-    case "displaced":
-      return lambda stale, record: SimulatedPatchContext(PATCH_AXIS, num_patches, groupnorm, stale, record)
-    case _:
-      raise ValueError(f"unknown simulated strategy {kind!r}; valid: single, {', '.join(KINDS)}.")
+def simulated_sizes(num_patches: int) -> dict[str, int]:
+  """The axis sizes of the mesh one device stands in for: `patch` = N, every other axis 1."""
+  return axis_sizes(single_device_mesh()) | {PATCH: num_patches}
 
 
-def simulated_program(model, height: int, width: int, num_patches: int, kind: str, groupnorm: GroupNormMode):
-  """(jitted per-device step, its arguments) for one device of `num_patches` on a height × width latent."""
-  config, (graphdef, params) = model.config, nnx.split(model)
-  mesh = single_device_mesh()
-  inputs = unet_inputs(config, 2, height // num_patches, width)
+def steady_run_steps(strategy: Strategy, sizes) -> int:
+  """Steps of the shortest run ending in two steps of the steady phase (XLA inlines one-trip loops)."""
+  return strategy.steady_phase(sizes).start + 2
+
+
+def simulated_program(model, height: int, width: int, num_patches: int, strategy: Strategy) -> tuple:
+  """(jitted per-device step, its arguments): one device of `num_patches` in `strategy`'s steady phase
+  on a height × width latent."""
+  graphdef, params = nnx.split(model)
+  mesh, sizes, spec = single_device_mesh(), simulated_sizes(num_patches), strategy.latent_spec()
+  phases = strategy.phases(steady_run_steps(strategy, sizes), sizes, simulated=True)
+  inputs = unet_inputs(model.config, 2, height // num_patches, width)
   stale = None
-  if kind == "displaced":  # the stale inputs have the shapes a synchronous step records
-    recording = unet_step(graphdef, mesh, simulated_context(num_patches, kind, groupnorm), records=True)
-    shapes = jax.eval_shape(recording, *place(mesh, params, *inputs))[1]
+  if phases[-1].uses_stale:  # the carry has the shapes the run's first recording phase sends
+    recording = next(p for p in phases if p.records and not p.uses_stale)
+    recording_step = device_step(graphdef, mesh, recording, spec)
+    shapes = jax.eval_shape(recording_step, *place(mesh, spec, params, *inputs))[1]
     stale = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  step = unet_step(graphdef, mesh, simulated_context(num_patches, kind, groupnorm), records=kind == "displaced")
-  return step, place(mesh, params, *inputs, stale)
+  return device_step(graphdef, mesh, phases[-1], spec), place(mesh, spec, params, *inputs, stale)
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -149,40 +151,28 @@ class SimRun:
     return max(self.step_s, overlapped) + sync
 
 
-def _time(step, args, iters: int) -> tuple[float, float]:
-  start = time.perf_counter()
-  compiled = step.lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  return compile_s, median_seconds(lambda: block(compiled(*args)), iters)
-
-
-def comm_bytes(config: UNetConfig, side: int, num_patches: int, kind: str, groupnorm: GroupNormMode,
+def comm_bytes(config: UNetConfig, side: int, num_patches: int, strategy: Strategy,
                activation_bytes: int) -> tuple[int, int, int]:
-  """(synchronous bytes, overlappable bytes, collectives) one interior device receives per step."""
-  volume = analytic.bytes_per_step(config, side, side, num_patches, 2, activation_bytes)
-  counts = {"halo": 2, "kv": 1, "moments": 1}  # collectives per exchange site: halo = up + down
-  sites = analytic.exchange_sites(config)
-  if kind == "displaced" and groupnorm is GroupNormMode.SEPARATE:
-    volume.pop("moments")
-    sites = [s for s in sites if s.kind != "moments"]
-  collectives = sum(counts[s.kind] for s in sites)
-  if kind == "exact":
-    return sum(volume.values()), 0, collectives
-  moments = volume.pop("moments", 0) if groupnorm is GroupNormMode.SYNC else 0
-  return moments, sum(volume.values()), collectives
+  """(synchronous bytes, overlappable bytes, collectives) one interior device receives per steady step."""
+  volume = strategy.expected_traffic(config, side, side, simulated_sizes(num_patches), 2, activation_bytes)
+  overlapped = strategy.overlapped_kinds()
+  sites = [site for site in analytic.exchange_sites(config) if site.kind in volume]
+  collectives = sum(COLLECTIVES_PER_SITE[site.kind] for site in sites)
+  return (sum(b for kind, b in volume.items() if kind not in overlapped),
+          sum(b for kind, b in volume.items() if kind in overlapped), collectives)
 
 
-def hlo_comm_bytes(model, side: int, num_patches: int, kind: str, groupnorm: GroupNormMode) -> int | None:
-  """Per-step bytes one device receives in the compiled N-device sampling program (last phase)."""
+def hlo_comm_bytes(model, side: int, num_patches: int, strategy: Strategy) -> int | None:
+  """Per-step bytes one device receives in the compiled N-device sampling program's steady phase."""
   if jax.device_count() < num_patches:
     return None
-  _, _, text, extra = unet_inputs(model.config, 1, side, side)
-  noise = np.random.default_rng(1).standard_normal((1, side, side, model.config.in_channels), np.float32)
-  cond = Conditioning(text, **extra)
-  strategy = Strategy.exact() if kind == "exact" else Strategy.displaced(warmup_steps=1, groupnorm=groupnorm)
-  lowered = lower_sample(model, noise, cond, uncond=cond, num_steps=3, mesh=make_mesh(1, 1, num_patches),
-                         strategy=strategy, scheduler_config={"clip_sample": False})
-  return comm.traffic_per_step(lowered.compile().as_text())[-1].total_bytes
+  mesh = make_mesh(1, 1, num_patches)
+  noise = np.zeros((1, side, side, model.config.in_channels), np.float32)
+  cond = standin_conditioning(model.config, 1, (8 * side, 8 * side))  # image pixels: VAE ×8
+  num_steps = steady_run_steps(strategy, axis_sizes(mesh))
+  lowered = lower_sample(model, noise, cond, uncond=cond, num_steps=num_steps, mesh=mesh, strategy=strategy,
+                         scheduler_config={"clip_sample": False})
+  return comm.traffic_per_step(lowered.compile().as_text())[-1].total_bytes  # the last phase: the steady one
 
 
 # ---------------------------------------------------------------------------------- the table
@@ -207,79 +197,88 @@ def _row(run: SimRun, single_s: float, latency_s: float) -> str:
       continue
     projected = run.projected_s(link, latency_s)
     cells.append(f"| {sum(run.comm_s(link, latency_s)) * 1e3:7.2f} {projected * 1e3:7.2f} {single_s / projected:5.2f}")
-  paper = PAPER_SPEEDUPS.get(run.resolution, {}).get(run.patch) if run.strategy == "displaced" else None
+  paper = PAPER_SPEEDUPS.get(run.strategy, {}).get(run.resolution, {}).get(run.patch)
   cells.append(f"| {_cell(paper, '.1f', 5)}")
   return " ".join(cells)
 
 
 def run(config: str, resolutions: list[int], patches: list[int], dtype: str, iters: int,
-        strategies: list[str] = KINDS, groupnorm: str = "corrected_async", hlo_comm: bool = False,
+        strategies: list[str] = SIMULATED, groupnorm: str = "corrected_async", hlo_comm: bool = False,
         latency_us: float = 0.0) -> list[SimRun]:
   """Measures, prints and returns every configuration that fits in memory."""
   unet_config = UNetConfig.from_diffusers_config(load_config(config))
   mode = GroupNormMode.parse(groupnorm)
-  bad = [s for s in strategies if s not in KINDS]
+  bad = [name for name in strategies if name not in SIMULATED]
   if bad or not strategies:
-    raise ValueError(f"unknown strategies {bad}; valid: {', '.join(KINDS)}.")
+    raise ValueError(f"unknown strategies {bad} for simulate; valid: {', '.join(SIMULATED)} (the registered "
+                     f"strategies that split rows over {PATCH!r}; single is always the reference row).")
   if any(n < 1 for n in patches) or iters < 1 or latency_us < 0:
     raise ValueError(f"patch counts {patches} must be ≥ 1, --iters {iters} ≥ 1 and --latency-us {latency_us} ≥ 0.")
   patches = sorted(set(patches) - {1})
+  chosen = [with_shared_options(name, {"groupnorm": mode}) for name in strategies]
+  reference = Strategy.single()
   for resolution in resolutions:  # every size is checked before anything is built
-    for num_patches in [1, *patches]:
-      latent_size(unet_config, resolution, num_patches)
+    side = latent_size(unet_config, resolution)
+    for num_patches in patches:
+      latent_size(unet_config, resolution, num_patches)  # with the advice in pixels
+      for strategy in chosen:
+        strategy.validate(unet_config, side, side, simulated_sizes(num_patches))
 
   jdtype = DTYPES[dtype]
   model = random_unet(unet_config, jdtype)
   latency_s = latency_us * 1e-6
   print(f"simulate: UNet {config} ({parameter_count(model) / 1e9:.3f} B parameters), one UNet step with CFG "
         f"(batch 2), {dtype}, random weights; compute measured on {device_name()}, one device running one "
-        f"patch device's program (median of {iters}); displaced GroupNorm: {mode.value}")
+        f"patch device's program in the steady state, after any warm-up (median of {iters}); "
+        f"{'; '.join(strategy.summary() for strategy in chosen)}")
   for link in LINKS:
     print(f"  link {link.name}: {link.bytes_per_s / 1e9:.0f} GB/s per GPU per direction ({link.source})")
-  print(f"  PROJECTIONS: exact = compute + comm, displaced = max(compute, comm); comm = bytes received per step / "
-        f"link bandwidth + {latency_us:g} µs per collective; × = speedup over the single-device step on this machine; "
-        "paper = DistriFusion's measured SDXL speedups on A100s")
+  overlapped = {s.name: ", ".join(sorted(s.overlapped_kinds())) or "nothing" for s in chosen}
+  overlaps = "; ".join(f"{name} overlaps {kinds}" for name, kinds in overlapped.items())
+  print(f"  PROJECTIONS: step = max(compute, overlapped comm) + synchronous comm ({overlaps}); comm = bytes "
+        f"received per step / link bandwidth + {latency_us:g} µs per collective; × = speedup over the "
+        "single-device step on this machine; paper = DistriFusion's measured SDXL speedups on A100s")
   print(HEADER)
   print(SUBHEADER)
   runs = []
+  activation_bytes = np.dtype(jdtype).itemsize
   for resolution in resolutions:
     side = resolution // 8
-    single = _measure(model, resolution, side, 1, "single", mode, iters)
+    single = _measure(model, resolution, side, 1, reference, iters)
     if single is None:
       continue
     print(_row(single, single.step_s, latency_s), flush=True)
     runs.append(single)
     for num_patches in patches:
-      for kind in strategies:
-        measured = _measure(model, resolution, side, num_patches, kind, mode, iters)
+      for strategy in chosen:
+        measured = _measure(model, resolution, side, num_patches, strategy, iters)
         if measured is None:
           continue
-        sync, overlapped, collectives = comm_bytes(unet_config, side, num_patches, kind, mode,
-                                                   np.dtype(jdtype).itemsize)
-        hlo = hlo_comm_bytes(model, side, num_patches, kind, mode) if hlo_comm else None
+        sync, overlapped, collectives = comm_bytes(unet_config, side, num_patches, strategy, activation_bytes)
+        hlo = hlo_comm_bytes(model, side, num_patches, strategy) if hlo_comm else None
         runs.append(dataclasses.replace(measured, sync_bytes=sync, async_bytes=overlapped,
                                         collectives=collectives, hlo_bytes=hlo))
         print(_row(runs[-1], single.step_s, latency_s), flush=True)
   print("compute: the per-device program alone on one device; vs 1/N: compute over (single step / N); comm MiB: "
         "bytes one interior device receives per step (analytic); HLO MiB: the same read from the compiled "
-        "N-device program (--hlo-comm, needs N devices).")
+        "N-device program's steady phase (--hlo-comm, needs N devices).")
   if jax.devices()[0].platform == "cpu":
     print("On a CPU the compute is CPU time: these projections only exercise the harness; they say nothing "
           "about GPUs.")
   return runs
 
 
-def _measure(model, resolution: int, side: int, num_patches: int, kind: str, mode: GroupNormMode,
+def _measure(model, resolution: int, side: int, num_patches: int, strategy: Strategy,
              iters: int) -> SimRun | None:
   """Times one configuration; None (with a printed note) when it does not fit in device memory."""
   try:
-    step, args = simulated_program(model, side, side, num_patches, kind, mode)
-    compile_s, step_s = _time(step, args, iters)
+    step, args = simulated_program(model, side, side, num_patches, strategy)
+    timed = compile_and_time(step.lower(*args), args, iters, warmup=1)
   except (jax.errors.JaxRuntimeError, MemoryError) as error:
     if not is_out_of_memory(error):
       raise
     first_line = str(error).strip().splitlines()[0][:160]
-    print(f"{resolution:>5} {num_patches:>2} {kind:<9} skipped: does not fit in device memory ({first_line})",
-          flush=True)
+    print(f"{resolution:>5} {num_patches:>2} {strategy.name:<9} skipped: does not fit in device memory "
+          f"({first_line})", flush=True)
     return None
-  return SimRun(resolution, num_patches, kind, compile_s, step_s)
+  return SimRun(resolution, num_patches, strategy.name, timed.compile_s, timed.run_s)

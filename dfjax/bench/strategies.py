@@ -1,9 +1,9 @@
 """`dfjax bench strategies`: per-step time, communication and stale memory of each strategy.
 
 For every patch count, runs single and every registered strategy that splits rows over `patch`
-(exact, displaced, naive, …) on the same inputs in one process,
-reads each compiled program's per-step collectives (sharding/comm.py) and the displaced
-strategy's stale buffers, and prints them beside the analytic figures (sharding/analytic.py).
+(exact, displaced, naive, …) on the same inputs in one process, reads each compiled program's
+per-step collectives (sharding/accounting/comm.py) and its stale buffers, and prints them beside
+the strategy's analytic figures (`expected_traffic`, `stale_bytes`).
 On a CPU the devices are virtual and share the cores: times are CPU numbers, not speedups.
 """
 
@@ -20,7 +20,7 @@ from dfjax.sampling import prepare_sample, stale_buffer_shapes
 from models.config import UNetConfig
 from models.unet import UNet2DConditionModel
 from sharding.accounting import comm
-from sharding.axes import PATCH
+from sharding.axes import CFG, DATA, PATCH
 from sharding.mesh import axis_sizes, make_mesh
 from sharding.strategies import Strategy, strategy_class, strategy_names, with_shared_options
 
@@ -59,7 +59,7 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   stale = stale_buffer_shapes(model, noise, cond, **kwargs)
   config, (batch, height, width, _) = model.config, noise.shape
   sizes = axis_sizes(mesh)
-  local_batch = 2 * batch // (sizes["cfg"] * sizes["data"])
+  local_batch = 2 * batch // (sizes[CFG] * sizes[DATA])  # the guidance pair of this device's images
   expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
   expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
   patch = sizes[PATCH]

@@ -1,6 +1,7 @@
 """Measurement helpers: compile-then-time, median wall time after warm-up, and the machine's name."""
 
 import dataclasses
+import os
 import platform
 import statistics
 import time
@@ -46,9 +47,14 @@ def compile_and_time(lowered: jax.stages.Lowered, args: tuple, iters: int = 1, w
   compile_s = time.perf_counter() - start
   if on_compiled is not None:
     on_compiled()
-  outputs = []
-  run_s = median_seconds(lambda: outputs.append(block(compiled(*args))), iters, warmup)
-  return Timed(compiled, compile_s, run_s, outputs[-1])
+  last = []  # only the latest output stays alive, freed before the next run allocates its own
+
+  def run():
+    last.clear()
+    last.append(block(compiled(*args)))
+
+  run_s = median_seconds(run, iters, warmup)
+  return Timed(compiled, compile_s, run_s, last[0])
 
 
 def device_name() -> str:
@@ -56,6 +62,5 @@ def device_name() -> str:
   devices = jax.devices()
   first = devices[0]
   if first.platform == "cpu":
-    import os
     return f"cpu × {len(devices)} ({platform.machine()}, {os.cpu_count()} cores)"
   return f"{first.device_kind} × {len(devices)}"

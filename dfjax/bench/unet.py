@@ -12,6 +12,7 @@ fused attention, so there it falls short by the attention share).
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dfjax.bench.flops import analytic_unet_flops
-from dfjax.bench.timing import block, device_name, median_seconds
+from dfjax.bench.timing import compile_and_time, device_name, median_seconds
 from dfjax.inputs import standin_conditioning
 from models.config import UNetConfig
 from models.presets import PRESETS, unet_preset
@@ -76,7 +77,11 @@ def load_config(name_or_path: str) -> dict:
 
 
 def latent_size(config: UNetConfig, resolution: int, patches: int = 1) -> int:
-  """Latent side for an image side (the VAE downsamples by 8), checked against the UNet and patches."""
+  """Latent side for an image side (the VAE downsamples by 8), checked against the UNet and patches.
+
+  The fit itself is the model's one check (`config.check_latent_size`); the advice it gets here
+  is in image pixels, the unit of --resolution.
+  """
   if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
     valid = sorted({max(8, resolution // 8 * 8), resolution // 8 * 8 + 8})
     raise ValueError(f"resolution {resolution} is not a positive multiple of 8 (the VAE's downsampling); "
@@ -85,12 +90,21 @@ def latent_size(config: UNetConfig, resolution: int, patches: int = 1) -> int:
   try:
     config.check_latent_size(side, side, row_splits=patches)
   except ValueError as error:
-    step = 8 * config.downsample_factor * patches
-    near = sorted({max(step, resolution // step * step), resolution // step * step + step})
+    smallest = next(s for s in itertools.count(1) if _fits(config, s, patches))
+    near = [next(s for s in range(side - 1, 0, -1) if _fits(config, s, patches))] if side > smallest else []
+    near.append(next(s for s in itertools.count(side + 1) if _fits(config, s, patches)))
     raise ValueError(f"resolution {resolution} (latent {side}) does not fit: {error}. "
                      f"Image sides that fit{f' {patches} patches' if patches > 1 else ''}: multiples "
-                     f"of {step}, e.g. {near}.") from None
+                     f"of {8 * smallest}, e.g. {[8 * s for s in near]}.") from None
   return side
+
+
+def _fits(config: UNetConfig, side: int, patches: int) -> bool:
+  try:
+    config.check_latent_size(side, side, row_splits=patches)
+  except ValueError:
+    return False
+  return True
 
 
 def random_unet(config: UNetConfig, dtype, seed: int = 0) -> UNet2DConditionModel:
@@ -145,8 +159,7 @@ def matmul_rate(dtype, size: int | None = None, iters: int = 5) -> tuple[float, 
   """(FLOP/s, size) of square `size`² matmuls in `dtype` on the default device: the rate to compare with."""
   size = size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
   a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32).astype(dtype))
-  matmul = jax.jit(lambda a: a @ a).lower(a).compile()
-  return 2 * size**3 / median_seconds(lambda: block(matmul(a)), iters), size
+  return 2 * size**3 / compile_and_time(jax.jit(lambda a: a @ a).lower(a), (a,), iters, warmup=1).run_s, size
 
 
 def time_jax(model: UNet2DConditionModel, resolution: int, batch: int, iters: int) -> UNetTiming:
@@ -159,12 +172,10 @@ def time_jax(model: UNet2DConditionModel, resolution: int, batch: int, iters: in
   def forward(params, x, t, context, extra):
     return nnx.merge(graphdef, params)(x, t, context, **extra)
 
-  start = time.perf_counter()
-  compiled = forward.lower(params, x, t, context, extra).compile()
-  compile_s = time.perf_counter() - start
-  step_s = median_seconds(lambda: block(compiled(params, x, t, context, extra)), iters)
-  return UNetTiming("dfjax (jax)", resolution, compile_s, step_s, peak_device_bytes(),
-                    analytic_unet_flops(config, side, side, batch), compiled_flops(compiled))
+  args = (params, x, t, context, extra)
+  timed = compile_and_time(forward.lower(*args), args, iters, warmup=1)
+  return UNetTiming("dfjax (jax)", resolution, timed.compile_s, timed.run_s, peak_device_bytes(),
+                    analytic_unet_flops(config, side, side, batch), compiled_flops(timed.compiled))
 
 
 def idle_cores(seconds: float = 0.5) -> float | None:

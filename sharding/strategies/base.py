@@ -48,6 +48,7 @@ class Phase:
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+_LONGEST_RUN = 2**31 - 1  # the scan counts steps in int32: no run is longer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,14 @@ class Strategy:
           f"strategy {self.name!r} does not split an image over the {axis!r} axis, but the mesh has "
           f"{axis}={sizes[axis]}: use a mesh with {axis}=1, or a strategy that uses it "
           f"({', '.join(users) or 'none yet'}).")
+
+  def steady_phase(self, sizes: Mapping[str, int], *, simulated: bool = False) -> Phase:
+    """The phase a run settles in once any warm-up is over: what each step of a long run costs.
+
+    The last phase of the longest run there can be, which every warm-up ends before; its `start`
+    is how many steps a run takes to reach it (`bench simulate` times it, accounting reads it).
+    """
+    return self.phases(_LONGEST_RUN, sizes, simulated=simulated)[-1]
 
   def latent_spec(self) -> P:
     """How the (B, H, W, C) latents are laid out on the mesh during the run."""
