@@ -208,6 +208,13 @@ def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsy
     assert float(speedup) == pytest.approx(single_ms / float(projected_ms), rel=0.02)
 
 
+def test_simulate_offers_the_row_strategies_not_the_reference(capsys):
+  with pytest.raises(SystemExit) as exit_info:  # single is the reference row, not a choice
+    commands.main(["bench", "simulate", "--strategy", "single"])
+  assert exit_info.value.code == 2
+  assert "invalid choice: 'single' (choose from exact, displaced, naive)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["bench", "unet", "--config", "no-such-preset", "--no-torch"], "preset"),
     (["bench", "simulate", "--config", "no-such-preset"], "preset"),
@@ -216,7 +223,6 @@ def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsy
     (["bench", "unet", "--resolution", "72", "--no-torch"], "multiples of 32"),  # latent 9: not /4
     (["bench", "simulate", "--resolution", "256", "--patch", "3"], "3 row patches"),
     (["bench", "simulate", "--resolution", "256", "--patch", "0"], "patch counts"),
-    (["bench", "simulate", "--strategy", "single"], "unknown strategies"),  # the reference row, not a choice
     (["bench", "simulate", "--groupnorm", "approx"], "GroupNorm mode"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):

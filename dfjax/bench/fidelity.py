@@ -95,14 +95,17 @@ class Row:
 
 
 def _configurations(config: FidelityConfig, ablation_patch: int):
-  """(table, patch, strategy) of every run after the references, in run order."""
+  """(table, patch, strategy, its GroupNorm mode, its warm-up) of every run after the references, in run order.
+
+  The mode and warm-up are None for naive, which has neither.
+  """
   for patch in config.patch:
     for mode in config.groupnorm:
-      yield "main", patch, Strategy.displaced(config.warmup_steps, mode)
-    yield "main", patch, Strategy.naive()
+      yield "main", patch, Strategy.displaced(config.warmup_steps, mode), mode, config.warmup_steps
+    yield "main", patch, Strategy.naive(), None, None
   if ablation_patch:
     for warmup in ABLATION_WARMUPS:
-      yield "warmup", ablation_patch, Strategy.displaced(warmup, "corrected_async")
+      yield "warmup", ablation_patch, Strategy.displaced(warmup, "corrected_async"), "corrected_async", warmup
 
 
 def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row], Source]:
@@ -126,7 +129,7 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
   runs = list(_configurations(config, ablation_patch))
   samplers = {"main": dict(scheduler="ddim", num_steps=config.steps),
               "warmup": dict(scheduler=ABLATION_SCHEDULER, num_steps=ABLATION_STEPS)}
-  tables = sorted({table for table, _, _ in runs}, key=["main", "warmup"].index)
+  tables = sorted({table for table, *_ in runs}, key=["main", "warmup"].index)
 
   bar = tqdm(total=len(tables) + len(runs), unit="run", disable=not progress)
 
@@ -140,12 +143,10 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
 
   references = {table: run(table, 1, Strategy.single())[0] for table in tables}
   rows = []
-  for table, patch, strategy in runs:
+  for table, patch, strategy, groupnorm, warmup_steps in runs:
     images, compile_s, sample_s = run(table, patch, strategy)
     reference = references[table]
-    displaced = strategy.name == "displaced"
-    rows.append(Row(table, strategy.name, strategy.groupnorm.value if displaced else None, patch,
-                    strategy.warmup_steps if displaced else None, metrics.psnr(images, reference),
+    rows.append(Row(table, strategy.name, groupnorm, patch, warmup_steps, metrics.psnr(images, reference),
                     metrics.ssim(images, reference), compile_s, sample_s))
   bar.close()
   return rows, source

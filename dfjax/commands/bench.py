@@ -97,8 +97,9 @@ def _add_simulate(benches) -> None:
       "simulate", help="per-device cost of patch parallelism on one device, projected over NVLink",
       description="Runs, on one device, exactly the program one device of an N-device patch mesh runs "
       "(its rows, the halo/K/V/moment shapes of N devices, collectives replaced by local stand-ins), "
-      "times it, and projects the step time and speedup of exact (compute + comm) and displaced (max "
-      "of the two) over A100 and H100 NVLink, beside DistriFusion's measured speedups. "
+      "times it, and projects the step time and speedup over A100 and H100 NVLink (max(compute, the "
+      "communication the strategy overlaps) + the communication it waits for), beside DistriFusion's "
+      "measured speedups. "
       "Configurations that do not fit are skipped.")
   parser.add_argument("--config", default="tiny-sdxl", help=_PRESET_HELP)
   parser.add_argument("--resolution", type=int, nargs="+", default=[512],
@@ -106,7 +107,7 @@ def _add_simulate(benches) -> None:
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
-  add_strategy_argument(parser, ["exact", "displaced"], "strategies to simulate")
+  add_strategy_argument(parser, ["exact", "displaced"], "strategies to simulate", simulate.SIMULATED)
   add_groupnorm_argument(parser, "corrected_async")
   parser.add_argument("--hlo-comm", action="store_true",
                       help="also compile the real N-device sampling program and read its per-step traffic "

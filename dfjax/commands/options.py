@@ -22,10 +22,11 @@ def strategies_taking(option: str) -> str:
   return ", ".join(n for n in strategy_names() if option in option_names(n))
 
 
-def add_strategy_argument(parser, default: Sequence[str], what: str) -> None:
-  """--strategy NAME…: one or more registered strategies, each listed in the help with its description."""
-  described = "; ".join(f"{n}: {strategy_class(n).description}" for n in strategy_names())
-  parser.add_argument("--strategy", nargs="+", choices=strategy_names(), default=list(default),
+def add_strategy_argument(parser, default: Sequence[str], what: str, names: Sequence[str] | None = None) -> None:
+  """--strategy NAME…: one or more of `names` (default: every registered strategy), each described in the help."""
+  names = strategy_names() if names is None else tuple(names)
+  described = "; ".join(f"{n}: {strategy_class(n).description}" for n in names)
+  parser.add_argument("--strategy", nargs="+", choices=names, default=list(default),
                       metavar="NAME", help=_escaped(f"{what} (default {' '.join(default)}). {described}"))
 
 
