@@ -27,6 +27,7 @@ from dfjax import schedulers
 from models.parallel import call_recording
 from sharding.axes import DATA, PATCH
 from sharding.mesh import axis_sizes, single_device_mesh
+from sharding.partitioning import param_specs
 from sharding.strategies import Guidance, Phase, Strategy
 
 
@@ -149,8 +150,9 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
 
   plan = _Plan(mesh, strategy, guidance, scheduler, scheduler_config, num_steps, check_finite)
   graphdef, params = nnx.split(model)
-  place = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
-  return graphdef, (place(params, P()), place(noise, strategy.latent_spec()), place(pair, guidance.pair_spec()),
+  place = lambda tree, specs: jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+  return graphdef, (place(params, _param_specs(plan, params)), place(noise, strategy.latent_spec()),
+                    place(pair, guidance.pair_spec()),
                     jnp.float32(guidance_scale)), plan
 
 
@@ -200,8 +202,9 @@ def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:
     return jax.tree.map(lambda a: a[None], record)  # one slot per device
 
   every_device = P(tuple(plan.mesh.axis_names))
-  shapes = jax.eval_shape(jax.shard_map(record_on_device, mesh=plan.mesh, in_specs=_in_specs(plan),
-                                        out_specs=every_device), *inputs)
+  on_mesh = jax.shard_map(record_on_device, mesh=plan.mesh, in_specs=_in_specs(plan, inputs[0]),
+                          out_specs=every_device)
+  shapes = jax.eval_shape(on_mesh, *inputs)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
 
 
@@ -233,8 +236,13 @@ def _check_latents(model, noise, pair: Conditioning, strategy: Strategy, sizes: 
   strategy.validate(model.config, height, width, sizes)
 
 
-def _in_specs(plan: _Plan) -> tuple[P, ...]:
-  return P(), plan.strategy.latent_spec(), plan.guidance.pair_spec(), P()
+def _param_specs(plan: _Plan, params) -> nnx.State:
+  """Each param's spec under the strategy's rule table (all `P()` under the default, replicated one)."""
+  return param_specs(params, plan.strategy.param_rules(), plan.sizes)
+
+
+def _in_specs(plan: _Plan, params) -> tuple:
+  return _param_specs(plan, params), plan.strategy.latent_spec(), plan.guidance.pair_spec(), P()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -246,7 +254,7 @@ def _sample_jit(graphdef, params, noise, pair, guidance_scale, *, plan: _Plan):
     return x, first_bad_step[None]
 
   out_specs = (plan.strategy.latent_spec(), P(tuple(plan.mesh.axis_names)))
-  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan), out_specs=out_specs)(
+  return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan, params), out_specs=out_specs)(
       params, noise, pair, guidance_scale)
 
 

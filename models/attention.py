@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import Conv2d, Dtype, GroupNorm, LayerNorm, Linear
+from models.layers import EMBED, HEADS, MLP, Conv2d, Dtype, GroupNorm, LayerNorm, Linear
 from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 
@@ -33,10 +33,10 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * head_dim
-    self.to_q = Linear(query_dim, inner, use_bias=False, **kw)
-    self.to_k = Linear(context_dim or query_dim, inner, use_bias=False, **kw)
-    self.to_v = Linear(context_dim or query_dim, inner, use_bias=False, **kw)
-    self.to_out = Linear(inner, query_dim, **kw)
+    self.to_q = Linear(query_dim, inner, use_bias=False, axes=(EMBED, HEADS), **kw)
+    self.to_k = Linear(context_dim or query_dim, inner, use_bias=False, axes=(EMBED, HEADS), **kw)
+    self.to_v = Linear(context_dim or query_dim, inner, use_bias=False, axes=(EMBED, HEADS), **kw)
+    self.to_out = Linear(inner, query_dim, axes=(HEADS, EMBED), **kw)
     self.heads = heads
     self.is_self_attention = context_dim is None
     self.upcast = upcast
@@ -72,8 +72,9 @@ class FeedForward(nnx.Module):
 
   def __init__(self, dim: int, inner_dim: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.proj_in = Linear(dim, 2 * inner_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.proj_out = Linear(inner_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj_in = Linear(dim, 2 * inner_dim, axes=(EMBED, MLP), **kw)
+    self.proj_out = Linear(inner_dim, dim, axes=(MLP, EMBED), **kw)
 
   def __call__(self, x_btc: jax.Array) -> jax.Array:
     value_btf, gate_btf = jnp.split(self.proj_in(x_btc), 2, axis=-1)  # B, T, F each

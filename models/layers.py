@@ -21,6 +21,33 @@ from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 Dtype = Any
 
+# Logical param axes. Every param names each of its axes by its role (NNX `out_sharding`
+# metadata, see `param`), and a strategy's rule table (sharding/partitioning.py) maps the names
+# to mesh axes; by default every param is replicated. Tensor parallelism splits the widths a layer
+# creates (HEADS, MLP, CONV_OUT: column-parallel); a projection back names that width on its input
+# ((HEADS, EMBED), (MLP, EMBED): row-parallel), so a column/row pair needs no gather between them.
+EMBED = "embed"  # the width a layer reads (and a projection back writes): tokens, embeddings
+HEADS = "heads"  # attention inner width, heads × head width
+MLP = "mlp"  # a Linear's output width: feed-forward and embedding-MLP inner widths
+CONV_IN = "conv_in"  # the channels a conv reads (and GroupNorm normalises)
+CONV_OUT = "conv_out"  # the channels a conv writes
+KERNEL_H = "kernel_h"  # conv taps: rows
+KERNEL_W = "kernel_w"  # conv taps: columns
+VOCAB = "vocab"  # embedding table rows
+PARAM_AXES = (EMBED, HEADS, MLP, CONV_IN, CONV_OUT, KERNEL_H, KERNEL_W, VOCAB)
+
+
+def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+  """An `nnx.Param` whose axes carry the logical names `axes`, one per axis.
+
+  The names go in NNX's own sharding metadata (`out_sharding`); `eager_sharding=False` because
+  they are logical, not mesh axes: NNX must not place the value when it is created, the
+  strategy's rule table does when a run starts (`sharding.partitioning.param_specs`).
+  """
+  if len(axes) != value.ndim:
+    raise ValueError(f"param of shape {tuple(value.shape)} needs {value.ndim} axis names, got {axes}")
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
 
 def param_key(rngs: nnx.Rngs) -> jax.Array:
   """The next key of the `params` stream; the same key as `rngs.params()`.
@@ -56,13 +83,16 @@ def assign_ctx_keys(root: nnx.Module) -> None:
 class Linear(nnx.Module):
   """y = x·kernel + bias, `kernel` (C, D) (torch's (D, C) transposed), optional `bias` (D,).
 
+  `axes` names the (input, output) feature axes of `kernel`; `bias` is named by the output's.
+
   Shape letters: C input features, D output features (any leading axes).
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_lecun_normal(param_key(rngs), (in_features, out_features), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+               axes: tuple[str, str] = (EMBED, MLP), dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.kernel = param(_lecun_normal(param_key(rngs), (in_features, out_features), param_dtype), axes)
+    self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x_c: jax.Array) -> jax.Array:
@@ -71,11 +101,11 @@ class Linear(nnx.Module):
 
 
 class _AffineNorm(nnx.Module):
-  """`scale` and `bias` (C,) applied in fp32 to a normalised fp32 input, then cast to `dtype`."""
+  """`scale` and `bias` (C,), named `axis`, applied in fp32 to a normalised fp32 input, then cast."""
 
-  def __init__(self, num_features: int, *, epsilon: float, dtype: Dtype, param_dtype: Dtype):
-    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+  def __init__(self, num_features: int, *, epsilon: float, axis: str, dtype: Dtype, param_dtype: Dtype):
+    self.scale = param(jnp.ones((num_features,), param_dtype), (axis,))
+    self.bias = param(jnp.zeros((num_features,), param_dtype), (axis,))
     self.epsilon = epsilon
     self.dtype = dtype
 
@@ -90,10 +120,10 @@ class LayerNorm(_AffineNorm):
   Shape letters: C features (any leading axes).
   """
 
-  def __init__(self, num_features: int, *, epsilon: float, dtype: Dtype = jnp.float32,
+  def __init__(self, num_features: int, *, epsilon: float, axis: str = EMBED, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     del rngs  # ones and zeros
-    super().__init__(num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+    super().__init__(num_features, epsilon=epsilon, axis=axis, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x_c: jax.Array) -> jax.Array:
     x_c = x_c.astype(jnp.float32)  # ..., C
@@ -110,7 +140,8 @@ class Embed(nnx.Module):
 
   def __init__(self, num_embeddings: int, features: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(jax.random.normal(param_key(rngs), (num_embeddings, features), param_dtype))
+    self.embedding = param(jax.random.normal(param_key(rngs), (num_embeddings, features), param_dtype),
+                           (VOCAB, EMBED))
     self.dtype = dtype
 
   def __call__(self, ids_b: jax.Array) -> jax.Array:
@@ -122,18 +153,20 @@ class Conv2d(nnx.Module):
 
   For k > 1 the k//2 rows above and below come from `ctx.conv_halo`, and the conv runs with
   VALID row padding on them (zero padding on columns), so a row patch yields exactly its rows of
-  the full-image conv. 1×1 convs need no other rows.
+  the full-image conv. 1×1 convs need no other rows. `axes` names the (input, output) channel axes
+  of `kernel` (its taps are KERNEL_H, KERNEL_W); `bias` is named by the output's.
 
   Shape letters: B batch, H rows, W columns, C input channels, D output channels, s stride.
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               axes: tuple[str, str] = (CONV_IN, CONV_OUT), dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if kernel_size % 2 != 1:
       raise ValueError(f"Conv2d kernel_size={kernel_size}: only odd sizes (zero padding k//2)")
     shape = (kernel_size, kernel_size, in_channels, out_channels)
-    self.kernel = nnx.Param(_lecun_normal(param_key(rngs), shape, param_dtype))
-    self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype))
+    self.kernel = param(_lecun_normal(param_key(rngs), shape, param_dtype), (KERNEL_H, KERNEL_W, *axes))
+    self.bias = param(jnp.zeros((out_channels,), param_dtype), axes[1:])
     self.kernel_size = kernel_size
     self.stride = stride
     self.dtype = dtype
@@ -161,12 +194,12 @@ class GroupNorm(_AffineNorm):
   Shape letters: B batch, H rows, W columns, C channels, G groups, K channels per group.
   """
 
-  def __init__(self, num_groups: int, num_channels: int, *, epsilon: float,
+  def __init__(self, num_groups: int, num_channels: int, *, epsilon: float, axis: str = CONV_IN,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     del rngs  # ones and zeros
     if num_channels % num_groups:
       raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
-    super().__init__(num_channels, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+    super().__init__(num_channels, epsilon=epsilon, axis=axis, dtype=dtype, param_dtype=param_dtype)
     self.num_groups = num_groups
     self.ctx_key = ""
 
@@ -215,7 +248,8 @@ class TimestepEmbedding(nnx.Module):
   def __init__(self, in_features: int, embed_dim: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.linear_1 = Linear(in_features, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = Linear(embed_dim, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_2 = Linear(embed_dim, embed_dim, axes=(MLP, EMBED), dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
 
   def __call__(self, x_bf: jax.Array) -> jax.Array:
     h_bd = nnx.silu(self.linear_1(x_bf))  # B, D
@@ -235,7 +269,8 @@ class ResnetBlock2D(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = GroupNorm(groups, in_channels, epsilon=eps, **kw)
     self.conv1 = Conv2d(in_channels, out_channels, 3, **kw)
-    self.time_emb_proj = Linear(temb_channels, out_channels, **kw)
+    # its output adds to conv1's, so it is named (and split) as conv1's output channels
+    self.time_emb_proj = Linear(temb_channels, out_channels, axes=(EMBED, CONV_OUT), **kw)
     self.norm2 = GroupNorm(groups, out_channels, epsilon=eps, **kw)
     self.conv2 = Conv2d(out_channels, out_channels, 3, **kw)
     self.conv_shortcut = Conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None

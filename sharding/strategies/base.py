@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from models.parallel import ParallelContext
 from sharding.axes import CFG, DATA, MESH_AXES, PATCH
+from sharding.partitioning import AxisRules
 
 Stale = Mapping[str, Any]  # {layer key: what it sent the previous step}
 
@@ -134,6 +135,10 @@ class Strategy:
   def latent_spec(self) -> P:
     """How the (B, H, W, C) latents are laid out on the mesh during the run."""
     return P(DATA, PATCH)
+
+  def param_rules(self) -> AxisRules:
+    """Which mesh axis splits each logical param axis (sharding/partitioning.py); default: replicated."""
+    return AxisRules.replicated()
 
   def summary(self) -> str:
     options = self.options()
