@@ -212,7 +212,7 @@ def test_simulate_offers_the_row_strategies_not_the_reference(capsys):
   with pytest.raises(SystemExit) as exit_info:  # single is the reference row, not a choice
     commands.main(["bench", "simulate", "--strategy", "single"])
   assert exit_info.value.code == 2
-  assert "invalid choice: 'single' (choose from exact, displaced, naive)" in capsys.readouterr().err
+  assert "invalid choice: 'single' (choose from 'exact', 'displaced', 'naive')" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
