@@ -1,14 +1,23 @@
 """diffusers' `UNet2DConditionModel` in Flax NNX, NHWC, for the SD1.x, SD2.x and SDXL families.
 
-Sections in reading order: down blocks, mid block, up blocks, the UNet, its input checks.
+Sections in reading order: down blocks, mid block, up blocks, segments, the UNet, its input checks.
 Attribute names and list indices mirror diffusers' modules, so a diffusers state dict maps onto
 `nnx.state(model, nnx.Param)` one-for-one (see `convert/keymap.py`). Every layer that needs other
 devices' rows asks the parallel context `ctx` (see `models/parallel.py`) under its `ctx_key`,
 the layer's dotted diffusers path, e.g. "down_blocks.0.resnets.1.conv1" or
 "mid_block.attentions.0.transformer_blocks.0.attn1".
+
+The forward is a fold over named segments ("embed", "down_blocks.i", "mid_block", "up_blocks.i",
+"out") that hand each other an explicit `UNetCarry`: pipeline methods cut the model there. Every
+block also says what it costs (`cost`, models/layers.py): `segment_costs` reads a config's FLOPs
+and context requests off the model itself, the one description of the UNet's layout.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +25,13 @@ from flax import nnx
 
 from models.attention import Transformer2DModel
 from models.config import UNetConfig
-from models.layers import (Conv2d, Downsample2D, Dtype, Embed, GroupNorm, ResnetBlock2D, TimestepEmbedding,
-                           Upsample2D, assign_ctx_keys, timestep_embedding)
+from models.layers import (Conv2d, Cost, Downsample2D, Dtype, Embed, GroupNorm, ResnetBlock2D,
+                           TimestepEmbedding, Upsample2D, Workload, assign_ctx_keys, timestep_embedding,
+                           total)
 from models.parallel import SINGLE_DEVICE, ParallelContext
 
-__all__ = ["UNetConfig", "UNet2DConditionModel", "DownBlock2D", "CrossAttnDownBlock2D",
-           "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"]
+__all__ = ["UNetConfig", "UNet2DConditionModel", "UNetCarry", "Segment", "segment_costs", "DownBlock2D",
+           "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"]
 
 
 def _attentions(config: UNetConfig, level: int, channels: int, depths: tuple[int, ...], *,
@@ -34,6 +44,16 @@ def _attentions(config: UNetConfig, level: int, channels: int, depths: tuple[int
                          use_linear_projection=config.use_linear_projection,
                          upcast=config.upcast_attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       for depth in depths])
+
+
+def _block_cost(at: Workload, resnets, attentions, resamplers) -> Cost:
+  """A down or up block at `at`, in its call order: each resnet (and its attention), the resampler."""
+  cost = Cost()
+  for i, resnet in enumerate(resnets):
+    cost += resnet.cost(at)
+    if attentions is not None:
+      cost += attentions[i].cost(at)
+  return cost if resamplers is None else cost + resamplers[0].cost(at)
 
 
 # ---------------------------------------------------------------------------------- down blocks
@@ -62,6 +82,7 @@ class DownBlock2D(nnx.Module):
                        if self.has_cross_attention else None)
     is_last = level == config.num_levels - 1
     self.downsamplers = None if is_last else nnx.List([Downsample2D(out, **kw)])
+    self.level = level
 
   def __call__(self, x_bhwc: jax.Array, temb_be: jax.Array, context_bsf: jax.Array, *,
                ctx: ParallelContext = SINGLE_DEVICE) -> tuple[jax.Array, list[jax.Array]]:
@@ -75,6 +96,10 @@ class DownBlock2D(nnx.Module):
       h_bhwd = self.downsamplers[0](h_bhwd, ctx=ctx)  # B, H/2, W/2, D
       skips.append(h_bhwd)
     return h_bhwd, skips
+
+  def cost(self, latent: Workload) -> Cost:
+    """Per sample, for a UNet input of `latent.rows` × `latent.cols`."""
+    return _block_cost(latent.coarser(self.level), self.resnets, self.attentions, self.downsamplers)
 
 
 class CrossAttnDownBlock2D(DownBlock2D):
@@ -101,12 +126,18 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                       eps=config.norm_eps, output_scale_factor=config.mid_block_scale_factor, **kw)
         for _ in range(2)])
     self.attentions = _attentions(config, level, c, (config.mid_transformer_layers,), **kw)
+    self.level = level
 
   def __call__(self, x_bhwc: jax.Array, temb_be: jax.Array, context_bsf: jax.Array, *,
                ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     x_bhwc = self.resnets[0](x_bhwc, temb_be, ctx=ctx)  # B, H, W, C
     x_bhwc = self.attentions[0](x_bhwc, context_bsf, ctx=ctx)  # B, H, W, C
     return self.resnets[1](x_bhwc, temb_be, ctx=ctx)  # B, H, W, C
+
+  def cost(self, latent: Workload) -> Cost:
+    """Per sample, for a UNet input of `latent.rows` × `latent.cols`."""
+    at = latent.coarser(self.level)
+    return self.resnets[0].cost(at) + self.attentions[0].cost(at) + self.resnets[1].cost(at)
 
 
 # ---------------------------------------------------------------------------------- up blocks
@@ -139,6 +170,7 @@ class UpBlock2D(nnx.Module):
                        if self.has_cross_attention else None)
     is_last = index == config.num_levels - 1
     self.upsamplers = None if is_last else nnx.List([Upsample2D(out, **kw)])
+    self.level = level
 
   def __call__(self, x_bhwc: jax.Array, skips: list[jax.Array], temb_be: jax.Array,
                context_bsf: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
@@ -152,6 +184,10 @@ class UpBlock2D(nnx.Module):
       h_bhwd = self.upsamplers[0](h_bhwd, ctx=ctx)  # B, 2H, 2W, D
     return h_bhwd
 
+  def cost(self, latent: Workload) -> Cost:
+    """Per sample, for a UNet input of `latent.rows` × `latent.cols`."""
+    return _block_cost(latent.coarser(self.level), self.resnets, self.attentions, self.upsamplers)
+
 
 class CrossAttnUpBlock2D(UpBlock2D):
   """`UpBlock2D` with a Transformer2DModel (`attentions[i]`) after each resnet."""
@@ -161,6 +197,72 @@ class CrossAttnUpBlock2D(UpBlock2D):
 
 _DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "CrossAttnDownBlock2D": CrossAttnDownBlock2D}
 _UP_BLOCKS = {"UpBlock2D": UpBlock2D, "CrossAttnUpBlock2D": CrossAttnUpBlock2D}
+
+
+# ---------------------------------------------------------------------------------- segments
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class UNetCarry:
+  """What one segment hands the next: arrays only, so that a pipeline can send it to another device.
+
+  Attributes:
+    h_bhwc: the hidden state: the input latent (cast, centred) before "embed", the prediction after "out".
+    skips: the down path's activations the up blocks have not consumed yet, oldest first.
+    temb_be: the embedding every resnet reads (timesteps + class or SDXL micro-conditioning); None
+      before "embed".
+    context_bsf: the text states cross-attention reads.
+    embedding_inputs: what "embed" embeds: "timesteps" (B,) and any of "text_embeds", "time_ids",
+      "class_labels"; "embed" empties it.
+  """
+
+  h_bhwc: jax.Array
+  skips: tuple[jax.Array, ...]
+  temb_be: jax.Array | None
+  context_bsf: jax.Array
+  embedding_inputs: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """A cut point of the model: `segment(carry, ctx=…)` runs it; `cost(latent)` is what it costs per
+  sample for a UNet input of `latent.rows` × `latent.cols` (models/layers.py)."""
+
+  name: str
+  run: Callable[[UNetCarry, ParallelContext], UNetCarry]
+  cost: Callable[[Workload], Cost]
+
+  def __call__(self, carry: UNetCarry, *, ctx: ParallelContext = SINGLE_DEVICE) -> UNetCarry:
+    return self.run(carry, ctx)
+
+
+def _run_down(block: DownBlock2D, carry: UNetCarry, ctx: ParallelContext) -> UNetCarry:
+  h_bhwd, skips = block(carry.h_bhwc, carry.temb_be, carry.context_bsf, ctx=ctx)  # B, H/2^l, W/2^l, Dl
+  return dataclasses.replace(carry, h_bhwc=h_bhwd, skips=carry.skips + tuple(skips))
+
+
+def _run_mid(block: UNetMidBlock2DCrossAttn, carry: UNetCarry, ctx: ParallelContext) -> UNetCarry:
+  return dataclasses.replace(carry, h_bhwc=block(carry.h_bhwc, carry.temb_be, carry.context_bsf, ctx=ctx))
+
+
+def _run_up(block: UpBlock2D, carry: UNetCarry, ctx: ParallelContext) -> UNetCarry:
+  n = len(block.resnets)  # each resnet concatenates one skip, the newest first
+  h_bhwd = block(carry.h_bhwc, carry.skips[-n:], carry.temb_be, carry.context_bsf, ctx=ctx)  # B, H/2^l, W/2^l
+  return dataclasses.replace(carry, h_bhwc=h_bhwd, skips=carry.skips[:-n])
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_unet(config: UNetConfig) -> UNet2DConditionModel:
+  """The model of `config` with abstract params (`nnx.eval_shape`): its layout, no weights. Read-only."""
+  return nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+
+
+def segment_costs(config: UNetConfig, latent: Workload) -> dict[str, Cost]:
+  """{segment name: its cost per sample}, in call order, for an input of `latent.rows` × `latent.cols`.
+
+  Read off the model `config` builds (abstractly, once per config), so the counts follow its layout.
+  """
+  return {segment.name: segment.cost(latent) for segment in _abstract_unet(config).segments()}
 
 
 # ---------------------------------------------------------------------------------- the UNet
@@ -213,7 +315,7 @@ class UNet2DConditionModel(nnx.Module):
                encoder_hidden_states: jax.Array, *, text_embeds: jax.Array | None = None,
                time_ids: jax.Array | None = None, class_labels: jax.Array | None = None,
                ctx: ParallelContext | None = None) -> jax.Array:
-    """Predicts the noise (or v) of the latent `x`.
+    """Predicts the noise (or v) of the latent `x`: `segments()` folded over `first_carry(...)`.
 
     Args:
       x: (B, H, W, C) noisy latent, NHWC (this device's rows under a patch-parallel context).
@@ -229,35 +331,61 @@ class UNet2DConditionModel(nnx.Module):
       ValueError: inputs that do not fit the config (checked while tracing: shapes are static).
     """
     ctx = SINGLE_DEVICE if ctx is None else ctx
-    cfg = self.config
-    b = _check_inputs(cfg, x, timesteps, encoder_hidden_states, text_embeds, time_ids, class_labels)
+    carry = self.first_carry(x, timesteps, encoder_hidden_states, text_embeds=text_embeds, time_ids=time_ids,
+                             class_labels=class_labels)
+    for segment in self.segments():
+      carry = segment(carry, ctx=ctx)
+    return carry.h_bhwc  # B, H, W, C_out
+
+  def first_carry(self, x: jax.Array, timesteps: jax.Array | float | int, encoder_hidden_states: jax.Array,
+                  *, text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
+                  class_labels: jax.Array | None = None) -> UNetCarry:
+    """The carry "embed" starts from: the inputs of `__call__`, checked, cast and broadcast."""
+    b = _check_inputs(self.config, x, timesteps, encoder_hidden_states, text_embeds, time_ids, class_labels)
     x_bhwc = x.astype(self.dtype)  # B, H, W, C
-    if cfg.center_input_sample:
+    if self.config.center_input_sample:
       x_bhwc = 2 * x_bhwc - 1.0  # B, H, W, C
     t_b = jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (b,))  # B
-    emb_be = self.time_embedding(self._sinusoid(t_b, cfg.block_out_channels[0]))  # B, E
+    given = dict(text_embeds=text_embeds, time_ids=time_ids, class_labels=class_labels)
+    inputs = {"timesteps": t_b, **{name: jnp.asarray(v) for name, v in given.items() if v is not None}}
+    return UNetCarry(x_bhwc, (), None, encoder_hidden_states.astype(self.dtype), inputs)  # context: B, S, F
+
+  def segments(self) -> tuple[Segment, ...]:
+    """The ordered cut points: "embed" (time, class and SDXL embeddings, conv_in), "down_blocks.i",
+    "mid_block", "up_blocks.i", "out" (conv_norm_out, SiLU, conv_out)."""
+    return (Segment("embed", self._embed, self._embed_cost),
+            *(Segment(f"down_blocks.{i}", functools.partial(_run_down, block), block.cost)
+              for i, block in enumerate(self.down_blocks)),
+            Segment("mid_block", functools.partial(_run_mid, self.mid_block), self.mid_block.cost),
+            *(Segment(f"up_blocks.{i}", functools.partial(_run_up, block), block.cost)
+              for i, block in enumerate(self.up_blocks)),
+            Segment("out", self._out, self._out_cost))
+
+  def _embed(self, carry: UNetCarry, ctx: ParallelContext) -> UNetCarry:
+    cfg, inputs = self.config, carry.embedding_inputs
+    emb_be = self.time_embedding(self._sinusoid(inputs["timesteps"], cfg.block_out_channels[0]))  # B, E
     if self.class_embedding is not None:
-      class_be = self._class_embedding(class_labels)  # B, E
+      class_be = self._class_embedding(inputs["class_labels"])  # B, E
       emb_be = (jnp.concatenate([emb_be, class_be], -1) if cfg.class_embeddings_concat
                 else emb_be + class_be)  # B, E (2E when concatenated)
     if self.add_embedding is not None:
-      time_bnd = self._sinusoid(time_ids.reshape(-1), cfg.addition_time_embed_dim).reshape(b, -1)  # B, N·A
-      add_bp = jnp.concatenate([text_embeds.astype(self.dtype), time_bnd], -1)  # B, P
+      b, time_ids_bn = emb_be.shape[0], inputs["time_ids"]
+      time_bnd = self._sinusoid(time_ids_bn.reshape(-1), cfg.addition_time_embed_dim).reshape(b, -1)  # B, N·A
+      add_bp = jnp.concatenate([inputs["text_embeds"].astype(self.dtype), time_bnd], -1)  # B, P
       emb_be = emb_be + self.add_embedding(add_bp)  # B, E
-    context_bsf = encoder_hidden_states.astype(self.dtype)  # B, S, F
+    h_bhwd = self.conv_in(carry.h_bhwc, ctx=ctx)  # B, H, W, D0
+    return UNetCarry(h_bhwd, (h_bhwd,), emb_be, carry.context_bsf, {})
 
-    h_bhwd = self.conv_in(x_bhwc, ctx=ctx)  # B, H, W, D0
-    skips = [h_bhwd]
-    for block in self.down_blocks:
-      h_bhwd, block_skips = block(h_bhwd, emb_be, context_bsf, ctx=ctx)  # B, H/2^l, W/2^l, Dl
-      skips += block_skips
-    h_bhwd = self.mid_block(h_bhwd, emb_be, context_bsf, ctx=ctx)  # B, H/f, W/f, D_last
-    for block in self.up_blocks:
-      n = len(block.resnets)
-      block_skips, skips = skips[-n:], skips[:-n]
-      h_bhwd = block(h_bhwd, block_skips, emb_be, context_bsf, ctx=ctx)  # B, H/2^l, W/2^l, Dl
-    h_bhwd = nnx.silu(self.conv_norm_out(h_bhwd, ctx=ctx))  # B, H, W, D0
-    return self.conv_out(h_bhwd, ctx=ctx)  # B, H, W, C_out
+  def _embed_cost(self, latent: Workload) -> Cost:
+    embeddings = (self.time_embedding, self.class_embedding, self.add_embedding)
+    return total(e.cost() for e in embeddings if e is not None) + self.conv_in.cost(latent)
+
+  def _out(self, carry: UNetCarry, ctx: ParallelContext) -> UNetCarry:
+    h_bhwd = nnx.silu(self.conv_norm_out(carry.h_bhwc, ctx=ctx))  # B, H, W, D0
+    return dataclasses.replace(carry, h_bhwc=self.conv_out(h_bhwd, ctx=ctx))  # B, H, W, C_out
+
+  def _out_cost(self, latent: Workload) -> Cost:
+    return self.conv_norm_out.cost(latent) + self.conv_out.cost(latent)
 
   def _sinusoid(self, t: jax.Array, dim: int) -> jax.Array:
     """diffusers' `Timesteps` projection (shared by time, class and SDXL time-id embeddings)."""
