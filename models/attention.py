@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import EMBED, HEADS, MLP, Conv2d, Dtype, GroupNorm, LayerNorm, Linear
+from models.layers import (EMBED, HEADS, MLP, Conv2d, Cost, Dtype, Exchange, GroupNorm, LayerNorm, Linear,
+                           Workload, total)
 from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 
@@ -59,6 +60,14 @@ class Attention(nnx.Module):
     o_bti = o_btnh.astype(self.dtype).reshape(b, t, -1)  # B, T, I
     return self.to_out(o_bti)  # B, T, C
 
+  def cost(self, at: Workload) -> Cost:
+    """Queries from `at.tokens` image tokens, keys from them (self) or from `at.text_tokens` (cross)."""
+    t, s = at.tokens, at.tokens if self.is_self_attention else at.text_tokens
+    inner = self.to_q.kernel.shape[1]
+    kv = (Exchange("kv", self.ctx_key, at.rows, at.cols, inner),) if self.is_self_attention else ()
+    attend = Cost({"attention": 2 * 2 * t * s * inner}, kv)  # Q·Kᵀ and P·V
+    return self.to_q.cost(t) + self.to_k.cost(s) + self.to_v.cost(s) + attend + self.to_out.cost(t)
+
   def _heads(self, x_bsi: jax.Array) -> jax.Array:
     b, s, _ = x_bsi.shape
     return x_bsi.reshape(b, s, self.heads, -1)  # B, S, N, H
@@ -79,6 +88,9 @@ class FeedForward(nnx.Module):
   def __call__(self, x_btc: jax.Array) -> jax.Array:
     value_btf, gate_btf = jnp.split(self.proj_in(x_btc), 2, axis=-1)  # B, T, F each
     return self.proj_out(value_btf * jax.nn.gelu(gate_btf, approximate=False))  # B, T, C
+
+  def cost(self, tokens: int) -> Cost:
+    return self.proj_in.cost(tokens) + self.proj_out.cost(tokens)
 
 
 class BasicTransformerBlock(nnx.Module):
@@ -106,6 +118,9 @@ class BasicTransformerBlock(nnx.Module):
     x_btc = x_btc + self.attn1(self.norm1(x_btc), ctx=ctx)  # B, T, C
     x_btc = x_btc + self.attn2(self.norm2(x_btc), context_bse, ctx=ctx)  # B, T, C
     return x_btc + self.ff(self.norm3(x_btc))  # B, T, C
+
+  def cost(self, at: Workload) -> Cost:
+    return self.attn1.cost(at) + self.attn2.cost(at) + self.ff.cost(at.tokens)
 
 
 class Transformer2DModel(nnx.Module):
@@ -150,3 +165,10 @@ class Transformer2DModel(nnx.Module):
     else:
       out_bhwc = self.proj_out(h_bti.reshape(b, h, w, -1))  # B, H, W, C
     return out_bhwc + x_bhwc  # B, H, W, C
+
+  def cost(self, at: Workload) -> Cost:
+    def projection(layer):
+      return layer.cost(at.tokens) if self.use_linear_projection else layer.cost(at)
+
+    blocks = total(block.cost(at) for block in self.transformer_blocks)
+    return self.norm.cost(at) + projection(self.proj_in) + blocks + projection(self.proj_out)

@@ -9,7 +9,10 @@ layers. Attribute and param names mirror diffusers' modules so that checkpoints 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -80,6 +83,72 @@ def assign_ctx_keys(root: nnx.Module) -> None:
       node.ctx_key = ".".join(str(p) for p in path)
 
 
+# ---------------------------------------------------------------------------------- costs
+# Every layer with matrix work or a request to the context says what it costs for one sample
+# (`cost`), and every block sums its layers' costs in the order it calls them: the model's own
+# layout is the only source of FLOP counts (dfjax/bench/flops.py) and exchange volumes
+# (sharding/accounting/analytic.py). Elementwise work (norms, activations, softmax, adds) is left
+# out: about 1 % of a Stable Diffusion forward.
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """What a cost is asked for, one sample: the image rows and columns where the layer runs (whole
+  image, not a patch), the text tokens cross-attention reads, and whether conv FLOPs count the taps
+  on the zero padding (`padded`, as published figures do) or only those inside the image (XLA)."""
+
+  rows: int
+  cols: int
+  text_tokens: int
+  padded: bool = True
+
+  @property
+  def tokens(self) -> int:
+    return self.rows * self.cols
+
+  def coarser(self, levels: int) -> Workload:
+    """`levels` resolution levels lower (negative: higher): rows and columns times 2^-levels."""
+    scale = 2.0 ** -levels
+    return dataclasses.replace(self, rows=int(self.rows * scale), cols=int(self.cols * scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """One request of a layer to the parallel context in one sample's forward, at whole-image size."""
+
+  kind: str      # "halo" (conv_halo), "kv" (attend) or "moments" (norm_moments)
+  key: str       # the asking layer's ctx_key
+  rows: int      # rows and columns of the layer's input
+  cols: int
+  channels: int  # halo: the conv's input channels; kv: heads × head width; moments: groups
+  halo_rows: int = 0  # halo: rows asked for above and below
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """One sample's FLOPs by kind ("conv", "linear", "attention"; 2 per multiply-add) and context
+  requests (in call order) of a layer, block or segment. `+` concatenates parts in call order."""
+
+  flops: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  exchanges: tuple[Exchange, ...] = ()
+
+  def __add__(self, other: Cost) -> Cost:
+    return Cost(dict(Counter(self.flops) + Counter(other.flops)), self.exchanges + other.exchanges)
+
+
+def total(costs) -> Cost:
+  """The sum of an iterable of costs (zero cost when empty)."""
+  return sum(costs, Cost())
+
+
+def _taps(size: int, kernel: int, stride: int, padded: bool) -> int:
+  """Kernel taps along one axis summed over the outputs of a conv with `kernel // 2` zero padding;
+  without `padded`, only the taps inside the image."""
+  outputs, pad = size // stride, kernel // 2
+  if padded:
+    return outputs * kernel
+  return sum(min(i * stride - pad + kernel, size) - max(i * stride - pad, 0) for i in range(outputs))
+
+
 class Linear(nnx.Module):
   """y = x·kernel + bias, `kernel` (C, D) (torch's (D, C) transposed), optional `bias` (D,).
 
@@ -98,6 +167,11 @@ class Linear(nnx.Module):
   def __call__(self, x_c: jax.Array) -> jax.Array:
     y_d = jnp.einsum("...c,cd->...d", x_c.astype(self.dtype), self.kernel[...].astype(self.dtype))  # ..., D
     return y_d if self.bias is None else y_d + self.bias[...].astype(self.dtype)  # ..., D
+
+  def cost(self, tokens: int) -> Cost:
+    """Applied to `tokens` feature vectors."""
+    c_in, c_out = self.kernel.shape
+    return Cost({"linear": 2 * tokens * c_in * c_out})
 
 
 class _AffineNorm(nnx.Module):
@@ -147,6 +221,9 @@ class Embed(nnx.Module):
   def __call__(self, ids_b: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], ids_b, axis=0).astype(self.dtype)  # B, D
 
+  def cost(self) -> Cost:
+    return Cost()  # a lookup: no matrix work
+
 
 class Conv2d(nnx.Module):
   """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`.
@@ -183,6 +260,13 @@ class Conv2d(nnx.Module):
         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # B, H/s, W/s, D
     return y_bhwd + self.bias[...].astype(self.dtype)  # B, H/s, W/s, D
 
+  def cost(self, at: Workload) -> Cost:
+    """On an input of `at.rows` × `at.cols`: every kernel tap, or only those inside the image."""
+    k, _, c_in, c_out = self.kernel.shape
+    taps = _taps(at.rows, k, self.stride, at.padded) * _taps(at.cols, k, self.stride, at.padded)
+    halo = (Exchange("halo", self.ctx_key, at.rows, at.cols, c_in, k // 2),) if k > 1 else ()
+    return Cost({"conv": 2 * taps * c_in * c_out}, halo)
+
 
 class GroupNorm(_AffineNorm):
   """GroupNorm over (rows, columns, channels of a group) with image-wide moments from `ctx`.
@@ -216,6 +300,10 @@ class GroupNorm(_AffineNorm):
     inv_bg = lax.rsqrt(var_bg + self.epsilon)  # B, G
     y_bhwgk = (x_bhwgk - mean_bg[:, None, None, :, None]) * inv_bg[:, None, None, :, None]  # B, H, W, G, K
     return self._affine(y_bhwgk.reshape(b, h, w, c))  # B, H, W, C
+
+  def cost(self, at: Workload) -> Cost:
+    """No matrix work; one request for the moments of its groups."""
+    return Cost(exchanges=(Exchange("moments", self.ctx_key, at.rows, at.cols, self.num_groups),))
 
 
 def timestep_embedding(t_b: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -255,6 +343,10 @@ class TimestepEmbedding(nnx.Module):
     h_bd = nnx.silu(self.linear_1(x_bf))  # B, D
     return self.linear_2(h_bd)  # B, D
 
+  def cost(self) -> Cost:
+    """One embedding per sample."""
+    return self.linear_1.cost(1) + self.linear_2.cost(1)
+
 
 class ResnetBlock2D(nnx.Module):
   """diffusers `ResnetBlock2D` ("default" time scale shift): GroupNorm-SiLU-conv twice, with the
@@ -286,6 +378,11 @@ class ResnetBlock2D(nnx.Module):
     skip_bhwd = x_bhwc if self.conv_shortcut is None else self.conv_shortcut(x_bhwc)  # B, H, W, D
     return (skip_bhwd + h_bhwd) / self.output_scale_factor  # B, H, W, D
 
+  def cost(self, at: Workload) -> Cost:
+    shortcut = Cost() if self.conv_shortcut is None else self.conv_shortcut.cost(at)
+    return (self.norm1.cost(at) + self.conv1.cost(at) + self.time_emb_proj.cost(1) + self.norm2.cost(at)
+            + self.conv2.cost(at) + shortcut)
+
 
 class Downsample2D(nnx.Module):
   """Stride-2 3×3 `conv` (diffusers `Downsample2D(use_conv=True, padding=1)`).
@@ -299,6 +396,9 @@ class Downsample2D(nnx.Module):
 
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     return self.conv(x_bhwc, ctx=ctx)  # B, H/2, W/2, C
+
+  def cost(self, at: Workload) -> Cost:
+    return self.conv.cost(at)
 
 
 class Upsample2D(nnx.Module):
@@ -316,3 +416,7 @@ class Upsample2D(nnx.Module):
     x_bh2w2c = jnp.broadcast_to(x_bhwc[:, :, None, :, None, :], (b, h, 2, w, 2, c))  # B, H, 2, W, 2, C
     x_bhwc = x_bh2w2c.reshape(b, 2 * h, 2 * w, c)  # B, 2H, 2W, C
     return self.conv(x_bhwc, ctx=ctx)  # B, 2H, 2W, C
+
+  def cost(self, at: Workload) -> Cost:
+    """On an input of `at.rows` × `at.cols` (the conv runs at twice that)."""
+    return self.conv.cost(at.coarser(-1))
