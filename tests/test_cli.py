@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dfjax import commands
+from sharding.axes import PATCH
 from sharding.strategies import Strategy, base
 
 TWO_LEVEL_UNET = {
@@ -48,6 +49,7 @@ def test_strategy_choices_and_help_come_from_the_registry(monkeypatch, capsys):
   class Toy(Strategy):
     name = "toy"
     description = "a strategy this test registers"
+    axes = frozenset({PATCH})  # splits rows: bench simulate offers it too
 
   parser = commands.build_parser()
   assert parser.parse_args(["generate", "--strategy", "single", "toy"]).strategy == ["single", "toy"]

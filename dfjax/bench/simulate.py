@@ -38,7 +38,13 @@ from sharding.mesh import axis_sizes, make_mesh, single_device_mesh
 from sharding.strategies import Phase, Strategy, strategy_class, strategy_names, with_shared_options
 
 MIB = 2**20
-SIMULATED = tuple(name for name in strategy_names() if PATCH in strategy_class(name).axes)
+
+
+def simulated_strategies() -> tuple[str, ...]:
+  """The registered strategies this bench simulates: those that split rows over `patch` (asked when called,
+  so a strategy registered later is one too)."""
+  return tuple(name for name in strategy_names() if PATCH in strategy_class(name).axes)
+
 COLLECTIVES_PER_SITE = {"halo": 2, "kv": 1, "moments": 1}  # a halo comes from above and from below
 
 
@@ -203,14 +209,15 @@ def _row(run: SimRun, single_s: float, latency_s: float) -> str:
 
 
 def run(config: str, resolutions: list[int], patches: list[int], dtype: str, iters: int,
-        strategies: list[str] = SIMULATED, groupnorm: str = "corrected_async", hlo_comm: bool = False,
+        strategies: list[str] | None = None, groupnorm: str = "corrected_async", hlo_comm: bool = False,
         latency_us: float = 0.0) -> list[SimRun]:
-  """Measures, prints and returns every configuration that fits in memory."""
+  """Measures, prints and returns every configuration that fits in memory (default: every simulated strategy)."""
+  strategies = simulated_strategies() if strategies is None else strategies
   unet_config = UNetConfig.from_diffusers_config(load_config(config))
   mode = GroupNormMode.parse(groupnorm)
-  bad = [name for name in strategies if name not in SIMULATED]
+  bad = [name for name in strategies if name not in simulated_strategies()]
   if bad or not strategies:
-    raise ValueError(f"unknown strategies {bad} for simulate; valid: {', '.join(SIMULATED)} (the registered "
+    raise ValueError(f"unknown strategies {bad} for simulate; valid: {', '.join(simulated_strategies())} (the registered "
                      f"strategies that split rows over {PATCH!r}; single is always the reference row).")
   if any(n < 1 for n in patches) or iters < 1 or latency_us < 0:
     raise ValueError(f"patch counts {patches} must be ≥ 1, --iters {iters} ≥ 1 and --latency-us {latency_us} ≥ 0.")

@@ -107,7 +107,7 @@ def _add_simulate(benches) -> None:
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
-  add_strategy_argument(parser, ["exact", "displaced"], "strategies to simulate", simulate.SIMULATED)
+  add_strategy_argument(parser, ["exact", "displaced"], "strategies to simulate", simulate.simulated_strategies())
   add_groupnorm_argument(parser, "corrected_async")
   parser.add_argument("--hlo-comm", action="store_true",
                       help="also compile the real N-device sampling program and read its per-step traffic "
