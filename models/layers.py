@@ -115,7 +115,7 @@ class Workload:
 class Exchange:
   """One request of a layer to the parallel context in one sample's forward, at whole-image size."""
 
-  kind: str      # "halo" (conv_halo), "kv" (attend) or "moments" (norm_moments)
+  kind: str      # "halo" (conv_halo), "input_halo" (input_halo), "kv" (attend) or "moments" (norm_moments)
   key: str       # the asking layer's ctx_key
   rows: int      # rows and columns of the layer's input
   cols: int
@@ -228,7 +228,8 @@ class Embed(nnx.Module):
 class Conv2d(nnx.Module):
   """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`.
 
-  For k > 1 the k//2 rows above and below come from `ctx.conv_halo`, and the conv runs with
+  For k > 1 the k//2 rows above and below come from `ctx.conv_halo` (`ctx.input_halo` for a conv
+  on the model's input, `model_input=True`: always this step's rows), and the conv runs with
   VALID row padding on them (zero padding on columns), so a row patch yields exactly its rows of
   the full-image conv. 1×1 convs need no other rows. `axes` names the (input, output) channel axes
   of `kernel` (its taps are KERNEL_H, KERNEL_W); `bias` is named by the output's.
@@ -237,8 +238,8 @@ class Conv2d(nnx.Module):
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
-               axes: tuple[str, str] = (CONV_IN, CONV_OUT), dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               axes: tuple[str, str] = (CONV_IN, CONV_OUT), model_input: bool = False,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if kernel_size % 2 != 1:
       raise ValueError(f"Conv2d kernel_size={kernel_size}: only odd sizes (zero padding k//2)")
     shape = (kernel_size, kernel_size, in_channels, out_channels)
@@ -246,13 +247,15 @@ class Conv2d(nnx.Module):
     self.bias = param(jnp.zeros((out_channels,), param_dtype), axes[1:])
     self.kernel_size = kernel_size
     self.stride = stride
+    self.model_input = model_input
     self.dtype = dtype
     self.ctx_key = ""
 
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     pad = self.kernel_size // 2
     if pad:
-      x_bhwc, sent = ctx.conv_halo(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
+      ask = ctx.input_halo if self.model_input else ctx.conv_halo
+      x_bhwc, sent = ask(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
       keep_for_next_step(self, sent)
     y_bhwd = lax.conv_general_dilated(
         x_bhwc.astype(self.dtype), self.kernel[...].astype(self.dtype),
@@ -264,7 +267,8 @@ class Conv2d(nnx.Module):
     """On an input of `at.rows` × `at.cols`: every kernel tap, or only those inside the image."""
     k, _, c_in, c_out = self.kernel.shape
     taps = _taps(at.rows, k, self.stride, at.padded) * _taps(at.cols, k, self.stride, at.padded)
-    halo = (Exchange("halo", self.ctx_key, at.rows, at.cols, c_in, k // 2),) if k > 1 else ()
+    kind = "input_halo" if self.model_input else "halo"
+    halo = (Exchange(kind, self.ctx_key, at.rows, at.cols, c_in, k // 2),) if k > 1 else ()
     return Cost({"conv": 2 * taps * c_in * c_out}, halo)
 
 

@@ -3,6 +3,7 @@
 Model code never names a mesh axis. The layers that need data beyond their own rows ask the
 context passed to the model at call time:
   conv_halo(x, rows, key)      a k×k conv's `rows` = k//2 neighbour rows above and below;
+  input_halo(x, rows, key)     the same for a conv on the model's input, always this step's rows;
   norm_moments(m, key)         GroupNorm's image-wide E[x], E[x²] from this device's;
   attend(q, k, v, key)         self-attention over every token of the image (the context gathers
                                K/V, or later runs Ulysses or ring attention behind the same call);
@@ -69,6 +70,16 @@ class ParallelContext:
     """
     del key
     return jnp.pad(x_bhwc, ((0, 0), (rows, rows), (0, 0), (0, 0))), None  # B, H+2r, W, C
+
+  def input_halo(self, x_bhwc: jax.Array, rows: int, key: str) -> tuple[jax.Array, Sent | None]:
+    """`conv_halo` for a conv that reads the model's input (the latent), answered with this step's rows.
+
+    The input is small (4 channels for SD latents: about 2 KiB per neighbour at SDXL 1024²) and
+    known exactly on every device at the start of the step, so even displaced contexts exchange it
+    synchronously: DistriFusion's authors' code gives the first conv the current latent too (there
+    every device holds the whole latent). Nothing is carried to the next step.
+    """
+    return self.conv_halo(x_bhwc, rows, key)
 
   def norm_moments(self, moments_bg2: jax.Array, key: str) -> tuple[jax.Array, Sent | None]:
     """Image-wide GroupNorm moments from this device's: [..., 0] = E[x], [..., 1] = E[x²], fp32."""

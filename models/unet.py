@@ -286,7 +286,7 @@ class UNet2DConditionModel(nnx.Module):
     self.config = config
     self.dtype = dtype
     c0, temb = config.block_out_channels[0], config.time_embed_dim
-    self.conv_in = Conv2d(config.in_channels, c0, config.conv_in_kernel, **kw)
+    self.conv_in = Conv2d(config.in_channels, c0, config.conv_in_kernel, model_input=True, **kw)
     self.time_embedding = TimestepEmbedding(c0, temb, **kw)
     match config.class_embedding_kind:
       case None:

@@ -8,6 +8,8 @@ GroupNorm moments) is answered in one of two ways:
     overlap them all with compute.
 What a step exchanges for the next one is the `sent` part of each request's answer
 (models/parallel.py): the sampling loop collects it and makes it the carry of its `lax.scan`.
+The model's input conv (`input_halo`) is the one exchange that is synchronous in every step: its
+few latent channels are cheap, and fresh input rows are what DistriFusion's authors' code uses.
 """
 
 import dataclasses
@@ -66,6 +68,10 @@ class PatchContext(ParallelContext):
   def conv_halo(self, x_bhwc, rows, key):
     received, sent = self._exchanged(key, halo.edge_rows(x_bhwc, rows), self._exchange_halo)
     return halo.attach(x_bhwc, received), sent  # B, h+2r, W, C
+
+  def input_halo(self, x_bhwc, rows, key):
+    received = self._exchange_halo(halo.edge_rows(x_bhwc, rows))  # this step's rows, in every step
+    return halo.attach(x_bhwc, received), None  # B, h+2r, W, C
 
   def attend(self, q_btnd, k_btnd, v_btnd, key):
     fresh = kv.stack(k_btnd, v_btnd)  # 2, B, T, N, D

@@ -6,7 +6,8 @@ model's coarsest resolution (`config.row_granularity`).
              GroupNorm moments and uses them at once; the same maths as one device.
   displaced  DistriFusion: after the first step and `warmup_steps` synchronous ones, every layer
              uses the previous step's exchanges (the scan carry) and sends this step's for the
-             next, so no collective has a consumer inside the step.
+             next, so no collective but the input conv's small halo (this step's latent rows, as
+             in the authors' code) has a consumer inside the step.
   naive      independent patches, no communication: the quality baseline.
 """
 
