@@ -45,7 +45,7 @@ def simulated_strategies() -> tuple[str, ...]:
   so a strategy registered later is one too)."""
   return tuple(name for name in strategy_names() if PATCH in strategy_class(name).axes)
 
-COLLECTIVES_PER_SITE = {"halo": 2, "kv": 1, "moments": 1}  # a halo comes from above and from below
+COLLECTIVES_PER_SITE = {"halo": 2, "input_halo": 2, "kv": 1, "moments": 1}  # a halo comes from above and below
 
 
 @dataclasses.dataclass(frozen=True)
