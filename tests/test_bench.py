@@ -149,13 +149,18 @@ def test_a_configuration_that_does_not_fit_is_skipped_with_a_note(model, monkeyp
 
 
 def test_projection_adds_comm_for_exact_and_overlaps_it_for_displaced():
-  link = simulate.LINKS[0]
-  comm_s = 3e9 / link.bytes_per_s
+  # Worked by hand: 100 GB/s, a 50 ms step, 10 collectives; 3 GB take 30 ms over the link.
+  link = simulate.Link("test link", 100e9, "")
   exact = simulate.SimRun(2048, 4, "exact", 1.0, 0.05, sync_bytes=int(3e9), collectives=10)
   displaced = simulate.SimRun(2048, 4, "displaced", 1.0, 0.05, async_bytes=int(3e9), collectives=10)
-  assert exact.projected_s(link, 0.0) == pytest.approx(0.05 + comm_s)
-  assert displaced.projected_s(link, 0.0) == pytest.approx(max(0.05, comm_s))
-  assert displaced.projected_s(link, 1e-3) == pytest.approx(max(0.05, comm_s + 10e-3))
+  mixed = simulate.SimRun(2048, 4, "mixed", 1.0, 0.05, sync_bytes=int(1e9), async_bytes=int(6e9),
+                          collectives=10)
+  assert exact.projected_s(link, 0.0) == pytest.approx(0.08)  # 50 ms compute, then 30 ms waiting
+  assert exact.projected_s(link, 1e-3) == pytest.approx(0.09)  # + 10 × 1 ms latency
+  assert displaced.projected_s(link, 0.0) == pytest.approx(0.05)  # 30 ms hidden under 50 ms compute
+  assert displaced.projected_s(link, 1e-3) == pytest.approx(0.05)  # 40 ms still hidden
+  assert displaced.projected_s(link, 3e-3) == pytest.approx(0.06)  # 60 ms: the link is the bound
+  assert mixed.projected_s(link, 1e-3) == pytest.approx(0.08)  # 60 ms overlapped > 50, + 10 + 10 ms waited
 
 
 # ---------------------------------------------------------------------------------- the commands

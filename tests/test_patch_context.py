@@ -110,24 +110,44 @@ def test_displaced_groupnorm_modes_follow_distrifusion():
   fresh_local = jnp.stack([_moments(x, 2) for x in jnp.split(fresh_x, 4, axis=1)])  # n, B, G, 2
   stale = fresh_local * 0.5 + 0.1  # what each device sent at the previous step
 
-  used, recorded = _displaced_moments(GroupNormMode.STALE, fresh_x, stale)
+  _, recorded = _displaced_moments(GroupNormMode.STALE, fresh_x, stale)
   for i in range(4):
-    expected = stale.at[i].set(fresh_local[i]).mean(axis=0)
-    np.testing.assert_allclose(used[i], expected, rtol=1e-6)
     np.testing.assert_allclose(recorded[i], fresh_local, rtol=1e-6)  # this step's, for the next
-
-  used, _ = _displaced_moments(GroupNormMode.CORRECTED_ASYNC, fresh_x, stale)
-  for i in range(4):
-    corrected = stale.mean(axis=0) + fresh_local[i] - stale[i]
-    variance = corrected[..., 1] - corrected[..., 0] ** 2
-    local_variance = fresh_local[i][..., 1] - fresh_local[i][..., 0] ** 2
-    expected_variance = jnp.where(variance < 0, local_variance, variance)
-    got_variance = used[i][..., 1] - used[i][..., 0] ** 2
-    np.testing.assert_allclose(used[i][..., 0], corrected[..., 0], rtol=1e-5)
-    np.testing.assert_allclose(got_variance, expected_variance, rtol=1e-4, atol=1e-5)
 
   used, _ = _displaced_moments(GroupNormMode.SEPARATE, fresh_x, stale)
   np.testing.assert_allclose(used, fresh_local, rtol=1e-6)
+
+
+def test_displaced_groupnorm_moments_by_hand():
+  """4 patches, 2 groups, numbers worked out on paper from DistriFusion's definitions.
+
+  Device i's fresh rows: group 0 all i+1 (E[x] = i+1, E[x²] = (i+1)², variance 0); group 1 the
+  channels 1 and 3 (E[x] = 2, E[x²] = 5, variance 1). Its stale moments from the previous step:
+  group 0 (i, i²+1), group 1 (0, 2i); over the 4 devices they average to (1.5, 4.5) and (0, 3).
+
+  STALE: the mean over devices of the others' stale moments and its own fresh ones:
+    group 0 E[x] = (6 − i + (i+1))/4 = 1.75, E[x²] = (18 − (i²+1) + (i+1)²)/4 = 4.5 + i/2;
+    group 1 E[x] = (0 − 0 + 2)/4 = 0.5,      E[x²] = (12 − 2i + 5)/4 = 4.25 − i/2.
+  CORRECTED_ASYNC: stale image-wide + (own fresh − own stale), then variance = E[x²] − E[x]²,
+  replaced by the fresh local variance where negative:
+    group 0 E[x] = 1.5 + (i+1) − i = 2.5, E[x²] = 4.5 + 2i + 1 − 1 = 4.5 + 2i: variance
+      2i − 1.75 < 0 for i = 0 → E[x²] = 2.5² + 0 = 6.25; so 6.25, 6.5, 8.5, 10.5;
+    group 1 E[x] = 0 + 2 − 0 = 2, E[x²] = 3 + 5 − 2i = 8 − 2i: variance 4 − 2i < 0 for i = 3
+      → E[x²] = 2² + 1 = 5; so 8, 6, 4, 5.
+  """
+  x = np.zeros((1, 8, 4, 4), np.float32)  # B, H, W, C: rows 2i, 2i+1 on device i
+  for i in range(4):
+    x[:, 2 * i:2 * i + 2, :, :2] = i + 1
+  x[..., 2], x[..., 3] = 1, 3
+  stale = np.array([[[[i, i * i + 1], [0, 2 * i]]] for i in range(4)], np.float32)  # n, B, G, 2
+  i = np.arange(4.0)
+  expected = {
+      GroupNormMode.STALE: [[1.75 + 0 * i, 4.5 + i / 2], [0.5 + 0 * i, 4.25 - i / 2]],
+      GroupNormMode.CORRECTED_ASYNC: [[[2.5] * 4, [6.25, 6.5, 8.5, 10.5]], [[2.0] * 4, [8, 6, 4, 5]]],
+  }
+  for mode, numbers in expected.items():
+    used, _ = _displaced_moments(mode, x, stale)  # n, B, G, 2
+    np.testing.assert_allclose(used[:, 0], np.transpose(numbers, (2, 0, 1)), rtol=1e-6, err_msg=mode.value)
 
 
 def test_corrected_async_falls_back_to_local_variance_when_negative():
