@@ -67,6 +67,7 @@ LEAF_RULES: Mapping[tuple[str, int], tuple[tuple[str, LayoutFix], ...]] = {
     ("weight", 1): (("scale", keep),),
     ("weight", 2): (("kernel", linear_to_kernel), ("embedding", keep)),
     ("weight", 4): (("kernel", conv_to_kernel),),
+    ("scale_shift_table", 2): (("scale_shift_table", keep),),  # PixArt's bare modulation tables
 }
 """(diffusers leaf name, ndim) → candidate (dfjax leaf name, layout fix), first existing wins."""
 
@@ -111,7 +112,7 @@ def source_key_for(path: Path) -> str:
   module_parts = tuple(module)
   for old, new in MODULE_RENAMES:
     module_parts = _replace_run(module_parts, new, old)
-  source_leaf = "bias" if leaf == "bias" else "weight"
+  source_leaf = leaf if leaf in ("bias", "scale_shift_table") else "weight"
   return ".".join((*module_parts, source_leaf))
 
 
@@ -185,4 +186,4 @@ def _raise_if_problems(**problems: list[str]) -> None:
     if items:
       lines.append(f"{len(items)} {kind.replace('_', ' ')}:")
       lines += [f"  {item}" for item in items]
-  raise ValueError("diffusers checkpoint does not fit the dfjax UNet:\n" + "\n".join(lines))
+  raise ValueError("diffusers checkpoint does not fit the dfjax model:\n" + "\n".join(lines))

@@ -1,4 +1,4 @@
-"""Attention layers of the diffusion UNet: diffusers' `Attention`, `FeedForward` (GEGLU),
+"""Attention layers of the diffusion UNet: diffusers' `Attention`, `FeedForward` (GEGLU or GELU),
 `BasicTransformerBlock` and `Transformer2DModel` (continuous input), NHWC.
 
 Self-attention (`attn1`) asks the parallel context to attend over every token of the image
@@ -19,7 +19,8 @@ from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out`.
+  """Multi-head attention with `to_q`, `to_k`, `to_v` (biases with `bias`, diffusers' `attention_bias`)
+  and `to_out`. Cross-attention takes an optional keep-mask over the context tokens.
 
   Scores and softmax are fp32 for any activation dtype (`jax.nn.dot_product_attention`
   accumulates the scores in fp32 and takes the softmax in fp32). `upcast` (diffusers'
@@ -30,13 +31,13 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, query_dim: int, heads: int, head_dim: int, *, context_dim: int | None = None,
-               upcast: bool = False, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               upcast: bool = False, bias: bool = False, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * head_dim
-    self.to_q = Linear(query_dim, inner, use_bias=False, axes=(EMBED, HEADS), **kw)
-    self.to_k = Linear(context_dim or query_dim, inner, use_bias=False, axes=(EMBED, HEADS), **kw)
-    self.to_v = Linear(context_dim or query_dim, inner, use_bias=False, axes=(EMBED, HEADS), **kw)
+    self.to_q = Linear(query_dim, inner, use_bias=bias, axes=(EMBED, HEADS), **kw)
+    self.to_k = Linear(context_dim or query_dim, inner, use_bias=bias, axes=(EMBED, HEADS), **kw)
+    self.to_v = Linear(context_dim or query_dim, inner, use_bias=bias, axes=(EMBED, HEADS), **kw)
     self.to_out = Linear(inner, query_dim, axes=(HEADS, EMBED), **kw)
     self.heads = heads
     self.is_self_attention = context_dim is None
@@ -45,7 +46,9 @@ class Attention(nnx.Module):
     self.ctx_key = ""
 
   def __call__(self, x_btc: jax.Array, context_bse: jax.Array | None = None, *,
-               ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+               context_mask_bs: jax.Array | None = None, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    """`context_mask_bs` (cross-attention only): 1 keeps a context token, 0 drops it; as in diffusers,
+    (1 − mask)·−10000 is added to the scores."""
     b, t, _ = x_btc.shape
     source_bsc = x_btc if self.is_self_attention else context_bse
     q_btnh = self._heads(self.to_q(x_btc))  # B, T, N, H
@@ -56,7 +59,9 @@ class Attention(nnx.Module):
       o_btnh, sent = ctx.attend(q_btnh, k_bsnh, v_bsnh, self.ctx_key)  # B, T, N, H
       keep_for_next_step(self, sent)
     else:
-      o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh)  # B, T, N, H
+      bias_b11s = None if context_mask_bs is None else (
+          (1.0 - context_mask_bs.astype(jnp.float32)) * -10000.0)[:, None, None, :]  # B, 1, 1, S
+      o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, bias=bias_b11s)  # B, T, N, H
     o_bti = o_btnh.astype(self.dtype).reshape(b, t, -1)  # B, T, I
     return self.to_out(o_bti)  # B, T, C
 
@@ -73,21 +78,32 @@ class Attention(nnx.Module):
     return x_bsi.reshape(b, s, self.heads, -1)  # B, S, N, H
 
 
+FEED_FORWARD_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")  # diffusers' `activation_fn` names
+
+
 class FeedForward(nnx.Module):
-  """GEGLU feed-forward: `proj_in` (C → 2·F), value · gelu(gate) (exact erf), `proj_out` (F → C).
+  """`proj_in`, activation, `proj_out` (F → C). `activation` as diffusers' `activation_fn`:
+  "geglu" (`proj_in` C → 2·F, value · gelu(gate), exact erf: the UNet's), "gelu" (exact) or
+  "gelu-approximate" (tanh: DiT's and PixArt's), both with `proj_in` C → F.
 
   Shape letters: B batch, T tokens, C channels, F inner width.
   """
 
-  def __init__(self, dim: int, inner_dim: int, *, dtype: Dtype = jnp.float32,
+  def __init__(self, dim: int, inner_dim: int, *, activation: str = "geglu", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if activation not in FEED_FORWARD_ACTIVATIONS:
+      raise ValueError(f"feed-forward activation {activation!r}; supported: {', '.join(FEED_FORWARD_ACTIVATIONS)}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.proj_in = Linear(dim, 2 * inner_dim, axes=(EMBED, MLP), **kw)
+    self.proj_in = Linear(dim, (2 if activation == "geglu" else 1) * inner_dim, axes=(EMBED, MLP), **kw)
     self.proj_out = Linear(inner_dim, dim, axes=(MLP, EMBED), **kw)
+    self.activation = activation
 
   def __call__(self, x_btc: jax.Array) -> jax.Array:
-    value_btf, gate_btf = jnp.split(self.proj_in(x_btc), 2, axis=-1)  # B, T, F each
-    return self.proj_out(value_btf * jax.nn.gelu(gate_btf, approximate=False))  # B, T, C
+    if self.activation == "geglu":
+      value_btf, gate_btf = jnp.split(self.proj_in(x_btc), 2, axis=-1)  # B, T, F each
+      return self.proj_out(value_btf * jax.nn.gelu(gate_btf, approximate=False))  # B, T, C
+    h_btf = jax.nn.gelu(self.proj_in(x_btc), approximate=self.activation == "gelu-approximate")  # B, T, F
+    return self.proj_out(h_btf)  # B, T, C
 
   def cost(self, tokens: int) -> Cost:
     return self.proj_in.cost(tokens) + self.proj_out.cost(tokens)

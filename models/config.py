@@ -281,6 +281,10 @@ class UNetConfig:
       fields.append("class_labels")
     return tuple(fields)
 
+  def noise_prediction(self, out_bhwc):
+    """The channels of the model output a scheduler steps with: all of them (no learned variance)."""
+    return out_bhwc
+
   @property
   def row_granularity(self) -> int:
     """Rows a row patch must be a multiple of: one row at the lowest resolution level."""
@@ -288,8 +292,7 @@ class UNetConfig:
 
   def valid_row_splits(self, height: int) -> list[int]:
     """Row-patch counts that split `height` latent rows into whole rows at every resolution level."""
-    f = self.row_granularity
-    return [n for n in range(1, height // f + 1) if height % (n * f) == 0]
+    return valid_row_splits(height, self.row_granularity)
 
   def check_latent_size(self, height: int, width: int, row_splits: int = 1) -> None:
     """Checks that a latent of `height` × `width` fits the UNet, split into `row_splits` row patches.
@@ -300,25 +303,41 @@ class UNetConfig:
     Raises:
       ValueError: naming the sizes and the nearest valid choices.
     """
-    if not isinstance(row_splits, int) or row_splits < 1:
-      raise ValueError(f"row_splits must be a positive int, got {row_splits!r}")
     f = self.downsample_factor
-    problems = []
-    if height % (f * row_splits):
-      why = (f"height {height} is not divisible by {f}" if row_splits == 1 else
-             f"height {height} over {row_splits} row patches is not divisible by "
-             f"{row_splits} × {f} = {row_splits * f}")
-      problems.append(f"{why}; nearest valid heights: {_nearest_multiples(height, f * row_splits)}")
-      if row_splits > 1 and height % f == 0:
-        problems.append(f"valid patch counts for height {height}: {self.valid_row_splits(height)}")
-    if width % f:
-      problems.append(f"width {width} is not divisible by {f}; nearest valid widths: "
-                      f"{_nearest_multiples(width, f)}")
+    problems = row_split_problems(height, width, row_splits, f)
     if problems:
       raise ValueError(
           f"latent size {height}×{width} does not fit this UNet ({self.num_levels} resolution "
           f"levels: every patch's rows and columns must divide by 2^{self.num_levels - 1} = {f}): "
           + "; ".join(problems))
+
+
+def valid_row_splits(height: int, unit: int) -> list[int]:
+  """Row-patch counts that split `height` latent rows into patches of whole multiples of `unit` rows."""
+  return [n for n in range(1, height // unit + 1) if height % (n * unit) == 0]
+
+
+def row_split_problems(height: int, width: int, row_splits: int, unit: int) -> list[str]:
+  """What keeps a `height` × `width` latent from splitting into `row_splits` row patches whose rows and
+  columns are multiples of `unit`, each with the nearest valid choices (empty when it fits).
+
+  Raises:
+    ValueError: `row_splits` is not a positive int.
+  """
+  if not isinstance(row_splits, int) or row_splits < 1:
+    raise ValueError(f"row_splits must be a positive int, got {row_splits!r}")
+  f, problems = unit, []
+  if height % (f * row_splits):
+    why = (f"height {height} is not divisible by {f}" if row_splits == 1 else
+           f"height {height} over {row_splits} row patches is not divisible by "
+           f"{row_splits} × {f} = {row_splits * f}")
+    problems.append(f"{why}; nearest valid heights: {_nearest_multiples(height, f * row_splits)}")
+    if row_splits > 1 and height % f == 0:
+      problems.append(f"valid patch counts for height {height}: {valid_row_splits(height, f)}")
+  if width % f:
+    problems.append(f"width {width} is not divisible by {f}; nearest valid widths: "
+                    f"{_nearest_multiples(width, f)}")
+  return problems
 
 
 def _unsupported(key: str, value: Any, supported: Sequence[Any]) -> str:

@@ -37,7 +37,8 @@ CONV_OUT = "conv_out"  # the channels a conv writes
 KERNEL_H = "kernel_h"  # conv taps: rows
 KERNEL_W = "kernel_w"  # conv taps: columns
 VOCAB = "vocab"  # embedding table rows
-PARAM_AXES = (EMBED, HEADS, MLP, CONV_IN, CONV_OUT, KERNEL_H, KERNEL_W, VOCAB)
+MODULATION = "modulation"  # rows of a learned modulation table (PixArt's shift/scale/gate `scale_shift_table`)
+PARAM_AXES = (EMBED, HEADS, MLP, CONV_IN, CONV_OUT, KERNEL_H, KERNEL_W, VOCAB, MODULATION)
 
 
 def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
@@ -140,10 +141,10 @@ def total(costs) -> Cost:
   return sum(costs, Cost())
 
 
-def _taps(size: int, kernel: int, stride: int, padded: bool) -> int:
-  """Kernel taps along one axis summed over the outputs of a conv with `kernel // 2` zero padding;
+def _taps(size: int, kernel: int, stride: int, padded: bool, pad: int) -> int:
+  """Kernel taps along one axis summed over the outputs of a conv with `pad` zero padding;
   without `padded`, only the taps inside the image."""
-  outputs, pad = size // stride, kernel // 2
+  outputs = size // stride
   if padded:
     return outputs * kernel
   return sum(min(i * stride - pad + kernel, size) - max(i * stride - pad, 0) for i in range(outputs))
@@ -175,29 +176,36 @@ class Linear(nnx.Module):
 
 
 class _AffineNorm(nnx.Module):
-  """`scale` and `bias` (C,), named `axis`, applied in fp32 to a normalised fp32 input, then cast."""
+  """`scale` and `bias` (C,), named `axis`, applied in fp32 to a normalised fp32 input, then cast.
 
-  def __init__(self, num_features: int, *, epsilon: float, axis: str, dtype: Dtype, param_dtype: Dtype):
-    self.scale = param(jnp.ones((num_features,), param_dtype), (axis,))
-    self.bias = param(jnp.zeros((num_features,), param_dtype), (axis,))
+  Without `affine` (torch's `elementwise_affine=False`) there are no params and only the cast.
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float, axis: str, dtype: Dtype, param_dtype: Dtype,
+               affine: bool = True):
+    self.scale = param(jnp.ones((num_features,), param_dtype), (axis,)) if affine else None
+    self.bias = param(jnp.zeros((num_features,), param_dtype), (axis,)) if affine else None
     self.epsilon = epsilon
     self.dtype = dtype
 
   def _affine(self, y_c: jax.Array) -> jax.Array:
-    y_c = y_c * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)  # ..., C
+    if self.scale is not None:
+      y_c = y_c * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)  # ..., C
     return y_c.astype(self.dtype)  # ..., C
 
 
 class LayerNorm(_AffineNorm):
-  """LayerNorm over the last axis with `scale` and `bias`; statistics and affine in fp32.
+  """LayerNorm over the last axis with `scale` and `bias` (none without `elementwise_affine`, as in
+  torch); statistics and affine in fp32.
 
   Shape letters: C features (any leading axes).
   """
 
-  def __init__(self, num_features: int, *, epsilon: float, axis: str = EMBED, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, num_features: int, *, epsilon: float, elementwise_affine: bool = True, axis: str = EMBED,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     del rngs  # ones and zeros
-    super().__init__(num_features, epsilon=epsilon, axis=axis, dtype=dtype, param_dtype=param_dtype)
+    super().__init__(num_features, epsilon=epsilon, axis=axis, dtype=dtype, param_dtype=param_dtype,
+                     affine=elementwise_affine)
 
   def __call__(self, x_c: jax.Array) -> jax.Array:
     x_c = x_c.astype(jnp.float32)  # ..., C
@@ -226,13 +234,15 @@ class Embed(nnx.Module):
 
 
 class Conv2d(nnx.Module):
-  """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`.
+  """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`; or, with stride
+  = k (any k), non-overlapping k×k patches without padding (a DiT's patch embedding).
 
-  For k > 1 the k//2 rows above and below come from `ctx.conv_halo` (`ctx.input_halo` for a conv
-  on the model's input, `model_input=True`: always this step's rows), and the conv runs with
+  For a padded conv the k//2 rows above and below come from `ctx.conv_halo` (`ctx.input_halo` for a
+  conv on the model's input, `model_input=True`: always this step's rows), and the conv runs with
   VALID row padding on them (zero padding on columns), so a row patch yields exactly its rows of
-  the full-image conv. 1×1 convs need no other rows. `axes` names the (input, output) channel axes
-  of `kernel` (its taps are KERNEL_H, KERNEL_W); `bias` is named by the output's.
+  the full-image conv. 1×1 convs and patch convs (on patches of whole k-row bands) need no other
+  rows. `axes` names the (input, output) channel axes of `kernel` (its taps are KERNEL_H,
+  KERNEL_W); `bias` is named by the output's.
 
   Shape letters: B batch, H rows, W columns, C input channels, D output channels, s stride.
   """
@@ -240,19 +250,21 @@ class Conv2d(nnx.Module):
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                axes: tuple[str, str] = (CONV_IN, CONV_OUT), model_input: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    if kernel_size % 2 != 1:
-      raise ValueError(f"Conv2d kernel_size={kernel_size}: only odd sizes (zero padding k//2)")
+    if kernel_size % 2 != 1 and stride != kernel_size:
+      raise ValueError(f"Conv2d kernel_size={kernel_size}, stride={stride}: only odd sizes (zero padding "
+                       "k//2), or stride = kernel_size (patches, no padding)")
     shape = (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = param(_lecun_normal(param_key(rngs), shape, param_dtype), (KERNEL_H, KERNEL_W, *axes))
     self.bias = param(jnp.zeros((out_channels,), param_dtype), axes[1:])
     self.kernel_size = kernel_size
     self.stride = stride
+    self.pad = 0 if stride == kernel_size else kernel_size // 2
     self.model_input = model_input
     self.dtype = dtype
     self.ctx_key = ""
 
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
-    pad = self.kernel_size // 2
+    pad = self.pad
     if pad:
       ask = ctx.input_halo if self.model_input else ctx.conv_halo
       x_bhwc, sent = ask(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
@@ -266,9 +278,10 @@ class Conv2d(nnx.Module):
   def cost(self, at: Workload) -> Cost:
     """On an input of `at.rows` × `at.cols`: every kernel tap, or only those inside the image."""
     k, _, c_in, c_out = self.kernel.shape
-    taps = _taps(at.rows, k, self.stride, at.padded) * _taps(at.cols, k, self.stride, at.padded)
+    taps = (_taps(at.rows, k, self.stride, at.padded, self.pad)
+            * _taps(at.cols, k, self.stride, at.padded, self.pad))
     kind = "input_halo" if self.model_input else "halo"
-    halo = (Exchange(kind, self.ctx_key, at.rows, at.cols, c_in, k // 2),) if k > 1 else ()
+    halo = (Exchange(kind, self.ctx_key, at.rows, at.cols, c_in, self.pad),) if self.pad else ()
     return Cost({"conv": 2 * taps * c_in * c_out}, halo)
 
 
