@@ -1,6 +1,7 @@
 """Checkpoint conversion: diffusers UNet (safetensors) → dfjax checkpoint (orbax + config).
 
-  format.py: the checkpoint layout (CONFIG, MANIFEST, PARAMS_DIR…), is_checkpoint, write_atomically
+  format.py: the checkpoint layout (CONFIG, MANIFEST, PARAMS_DIR…), manifest and file hashes
+  atomic.py: complete-or-absent writes (signals held, disk errors in one line, leftovers removed)
 
   convert_checkpoint(src, dst, *, variant=None, dtype=None, overwrite=False) -> Path
   convert_state_dict(source, target_shapes) -> {param path: array}   (the pure key map)

@@ -1,14 +1,12 @@
 """diffusers UNet folder → dfjax checkpoint folder (the layout of `convert/format.py`).
 
 The source's tensors are mapped onto the param tree of the UNet its config describes
-(`models.build`), checked, optionally cast, and written atomically with a manifest recording every
-source file's sha256 and size.
+(`models.build`), checked, optionally cast, and written atomically (`convert.atomic`) with a
+manifest recording the sha256 and size of every source file and of every file written.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -18,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from convert import keymap
-from convert.format import (CONFIG, FORMAT, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype,
-                            check_weights, is_checkpoint, manifest_header, read_unet_config,
-                            write_atomically)
+from convert.atomic import prepare_destination, write_atomically
+from convert.format import (CONFIG, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype, check_weights,
+                            manifest_header, read_unet_config, sha256_file, write_manifest)
 from convert.safetensors_io import SourceFiles, find_source, read_tensors
 from models.build import unet_param_shapes
 
@@ -37,16 +35,22 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     dst: the checkpoint folder to create.
     variant: weights variant to read (`"fp16"`…); None prefers full precision.
     dtype: float dtype to store the params in (`"float32"`, `"bf16"`…); None keeps the source's.
-    overwrite: replace an existing dfjax checkpoint at `dst` (atomically).
+    overwrite: replace an existing dfjax checkpoint at `dst` (atomically; a symlink's target).
   Returns:
     `dst` as a Path.
   Raises:
     FileExistsError: `dst` exists and `overwrite` is False, or it is not a dfjax checkpoint.
+    FileNotFoundError: `dst` is a symlink to nothing.
     ValueError: `dst` is or holds `src`; unreadable source, weights that do not fit the config,
-      non-float or non-finite weights. Nothing is written in any of these cases.
+      non-float or non-finite weights.
+    OSError: the operating system refused a write (disk full…), in one line.
+    Nothing is written in any of these cases, nor when SIGINT/SIGTERM stop the write.
   """
   src, dst = Path(src), Path(dst)
-  _check_destination(src, dst, overwrite)
+  src_abs, dst_abs = src.resolve(), dst.resolve()
+  if dst_abs == src_abs or dst_abs in src_abs.parents:
+    raise ValueError(f"destination {dst} is (or holds) the source {src}; choose another folder")
+  target = prepare_destination(dst, overwrite)
   store_dtype = None if dtype is None else as_float_dtype(dtype)
   source = find_source(src, variant)
   config = read_unet_config(source.config)
@@ -57,27 +61,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     params = {path: array.astype(store_dtype) for path, array in params.items()}
     check_weights({keymap.path_str(p): a for p, a in params.items()}, f"weights cast to {dtype}")
   manifest = _manifest(source, params)
-  write_atomically(dst, lambda tmp: _write_checkpoint(tmp, source, params, manifest))
+  write_atomically(target, lambda tmp: _write_checkpoint(tmp, source, params, manifest),
+                   size_bytes=sum(a.nbytes for a in params.values()))
   log.info("converted %s (%d params, %s) into %s", src, len(params), manifest["dtype"], dst)
   return dst
-
-
-# ---------------------------------------------------------------------------------- checks
-
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-  """Refuses a destination that would lose data: an existing folder without `overwrite`, a
-  folder that is not a dfjax checkpoint, or one holding the source."""
-  src_abs, dst_abs = src.resolve(), dst.resolve()
-  if dst_abs == src_abs or dst_abs in src_abs.parents:
-    raise ValueError(f"destination {dst} is (or holds) the source {src}; choose another folder")
-  if not dst.exists() and not dst.is_symlink():
-    return
-  if not overwrite:
-    raise FileExistsError(f"{dst} already exists; pass overwrite=True (CLI: --overwrite) to "
-                          "replace it")
-  if not is_checkpoint(dst) and not (dst.is_dir() and not any(dst.iterdir())):
-    raise FileExistsError(f"{dst} exists and is not a dfjax checkpoint (no {MANIFEST} of format "
-                          f"{FORMAT!r}); refusing to replace it, remove it yourself if meant")
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -94,12 +81,7 @@ def _manifest(source: SourceFiles, params: Mapping[keymap.Path, np.ndarray]) -> 
 
 
 def _file_record(path: Path, root: Path) -> dict:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 24):
-      digest.update(chunk)
-  return {"path": os.path.relpath(path, root), "bytes": path.stat().st_size,
-          "sha256": digest.hexdigest()}
+  return {"path": os.path.relpath(path, root), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_checkpoint(folder: Path, source: SourceFiles,
@@ -114,4 +96,4 @@ def _write_checkpoint(folder: Path, source: SourceFiles,
   shutil.copyfile(source.config, folder / CONFIG)
   if source.scheduler_config is not None:
     shutil.copyfile(source.scheduler_config, folder / SCHEDULER_CONFIG)
-  (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+  write_manifest(folder, manifest, hashed=(PARAMS_DIR, CONFIG, SCHEDULER_CONFIG))

@@ -5,23 +5,24 @@ A dfjax checkpoint is a folder:
   params/                 the NNX params (orbax), nested like `nnx.state(model, nnx.Param)`
   config.json             the diffusers UNet config, unchanged
   scheduler_config.json   the pipeline's scheduler config, when the source had one
-  manifest.json           format marker, what it was made from, dtype, dfjax version
+  manifest.json           format marker, what it was made from, dtype, dfjax version, and under
+                          "files" the size and sha256 of every file it holds (`write_manifest`)
 
 Every writer (`convert_checkpoint`, `dfjax train`'s export) writes it into a hidden temporary
-sibling of the destination and renames it into place at the end (`write_atomically`), so an
+sibling of the destination and renames it into place at the end (`convert.atomic`), so an
 interrupted or failed write leaves no half checkpoint behind; every reader checks it with
-`is_checkpoint`. One definition of the format, shared by both sides.
+`read_manifest` and the file hashes with `changed_files`. One definition of the format, shared by
+both sides.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +73,34 @@ def is_checkpoint(path: Path) -> bool:
     return False
 
 
+def read_manifest(folder: Path) -> dict | None:
+  """The manifest of the dfjax checkpoint `folder`; None when it has no manifest of the format.
+
+  Raises:
+    ValueError: a manifest.json that is there but is not valid JSON (a damaged checkpoint).
+  """
+  file = Path(folder) / MANIFEST
+  if not file.is_file():
+    return None
+  try:
+    manifest = read_json(file)
+  except ValueError as e:
+    raise ValueError(f"{file} is not valid JSON, the checkpoint is damaged ({e.__cause__ or e}); re-run "
+                     "dfjax convert (or dfjax train --export) to write it again") from e
+  return manifest if manifest.get("format") == FORMAT else None
+
+
 # ---------------------------------------------------------------------------------- what it holds
 
-def as_float_dtype(dtype: str | np.dtype) -> np.dtype:
-  """`"bf16"`, `"float16"`, `jnp.float32`… → a numpy float dtype, or a ValueError."""
-  name = _DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+def as_float_dtype(dtype: str | np.dtype, name: str = "dtype") -> np.dtype:
+  """`"bf16"`, `"float16"`, `jnp.float32`… → a numpy float dtype, or a ValueError naming `name`."""
+  choices = "use float32, float16 or bfloat16 (or fp32, fp16, half, bf16)"
   try:
-    result = jnp.dtype(name)
+    result = jnp.dtype(_DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
   except TypeError as e:
-    raise ValueError(f"dtype {dtype!r} is not a dtype; use float32, float16 or bfloat16") from e
+    raise ValueError(f"{name} {dtype!r} is not a dtype; {choices}") from e
   if not jnp.issubdtype(result, jnp.floating):
-    raise ValueError(f"dtype {dtype!r} is not a float dtype; use float32, float16 or bfloat16")
+    raise ValueError(f"{name} {dtype!r} is not a float dtype; {choices}")
   return result
 
 
@@ -125,31 +143,47 @@ def _dfjax_version() -> str:
     return "unknown"
 
 
-# ---------------------------------------------------------------------------------- writing
+# ---------------------------------------------------------------------------------- integrity
 
-def write_atomically(dst: Path, write: Callable[[Path], None]) -> None:
-  """Runs `write(tmp)` on a fresh temporary sibling of `dst`, then renames it to `dst`.
+def sha256_file(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      digest.update(chunk)
+  return digest.hexdigest()
 
-  An existing `dst` is first renamed aside and only deleted once the new folder is in place; if
-  the swap fails it is renamed back. On any error the temporary folder is removed.
-  """
-  dst = dst.absolute()
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tag = uuid.uuid4().hex[:8]
-  tmp = dst.with_name(f".{dst.name}.tmp-{tag}")
-  old = dst.with_name(f".{dst.name}.old-{tag}")
-  tmp.mkdir()
-  try:
-    write(tmp)
-    if dst.exists():
-      os.replace(dst, old)
-      try:
-        os.replace(tmp, dst)
-      except BaseException:
-        os.replace(old, dst)
-        raise
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, dst)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any], hashed: Iterable[str]) -> None:
+  """Writes `manifest` into the checkpoint `folder` with "files": path → {bytes, sha256} of every
+  file under the `hashed` entries (files or folders, relative to `folder`) that exist."""
+  files = {}
+  for entry in hashed:
+    top = folder / entry
+    for file in sorted(top.rglob("*")) if top.is_dir() else [top] if top.is_file() else []:
+      if file.is_file():
+        files[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size,
+                                                      "sha256": sha256_file(file)}
+  (folder / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
+
+
+def changed_files(folder: Path, manifest: Mapping[str, Any], entries: Iterable[str]) -> list[str] | None:
+  """The recorded files under `entries` that are missing or differ from what was written, each as
+  "path: why"; None when the manifest records no hashes (written before dfjax recorded them)."""
+  files = manifest.get("files")
+  if files is None:
+    return None
+  if not isinstance(files, dict):
+    raise ValueError(f"{folder / MANIFEST}: \"files\" is not a mapping; the manifest is damaged, "
+                     "re-run dfjax convert")
+  problems = []
+  for name, record in sorted(files.items()):
+    if not any(name == e or name.startswith(f"{e}/") for e in entries):
+      continue
+    file, record = folder / name, record if isinstance(record, dict) else {}
+    if not file.is_file():
+      problems.append(f"{name}: missing")
+    elif file.stat().st_size != record.get("bytes"):
+      problems.append(f"{name}: {file.stat().st_size} bytes, {record.get('bytes')} were written")
+    elif sha256_file(file) != record.get("sha256"):
+      problems.append(f"{name}: contents changed (sha256 differs)")
+  return problems

@@ -6,14 +6,16 @@ The folder is an ordinary dfjax checkpoint (the layout of `convert/format.py`, s
   params/                 the UNet's NNX params (orbax)
   config.json             the UNet's diffusers config
   scheduler_config.json   the training noise schedule (diffusers DDIMScheduler config)
-  manifest.json           format marker; "source" describes the training run
+  manifest.json           format marker; "source" describes the training run; "files" the sha256
+                          of params/, config.json, scheduler_config.json and the class tokens
   class_tokens/           the ClassTokens params (orbax)
   class_tokens.json       num_classes, num_tokens, dim and the class names
   training.json           the run: command, config, wall time, machine, the loss curve
   loss.csv                step, loss (mean over each logging interval), learning rate
   MODEL_CARD.md           data, model, run, loss curve and machine, written from the above
 
-It is written into a temporary sibling and renamed into place, as conversion does.
+It is written into a temporary sibling and renamed into place, as conversion does
+(`convert.atomic`: interrupted or failed writes leave nothing behind).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, check_weights, is_checkpoint,
-                            manifest_header, read_json, write_atomically)
+from convert.atomic import prepare_destination, write_atomically
+from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype, check_weights,
+                            manifest_header, read_json, write_manifest)
 from convert.keymap import path_str
-from dfjax.loading import load_model, load_scheduler_config
+from dfjax.loading import load_model, load_scheduler_config, restore_params, verify_files
 from dfjax.training.card import write_model_card
 from models.class_tokens import ClassTokens
 
@@ -57,7 +60,8 @@ def write_model(folder: str | os.PathLike, unet: nnx.Module, class_tokens: Class
   """Writes the trained pair as a dfjax checkpoint folder (atomically).
 
   Args:
-    folder: destination; an existing dfjax checkpoint there is replaced when `overwrite`.
+    folder: destination; an existing dfjax checkpoint there is replaced when `overwrite` (a
+      symlink's target).
     unet, class_tokens: the modules whose `nnx.Param`s are stored (as they are: float32).
     unet_config: the UNet's diffusers config dict (config.json).
     scheduler_config: the diffusers scheduler config the model was trained with.
@@ -69,11 +73,10 @@ def write_model(folder: str | os.PathLike, unet: nnx.Module, class_tokens: Class
   Raises:
     FileExistsError: `folder` exists and is not a dfjax checkpoint, or `overwrite` is False.
     ValueError: a param holds NaN or inf.
+    OSError: the operating system refused a write (disk full…), in one line; nothing is written.
   """
   folder = Path(folder)
-  if folder.exists() and (not overwrite or not _is_checkpoint_or_empty(folder)):
-    raise FileExistsError(f"{folder} exists and {'is not a dfjax checkpoint' if overwrite else 'overwrite is False'}"
-                          "; refusing to replace it")
+  target = prepare_destination(folder, overwrite)
   unet_params = _pure(unet)
   token_params = _pure(class_tokens)
   flat = {path_str(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(unet, nnx.Param))}
@@ -98,36 +101,41 @@ def write_model(folder: str | os.PathLike, unet: nnx.Module, class_tokens: Class
       writer = csv.writer(f)
       writer.writerow(["step", "loss", "learning_rate"])
       writer.writerows([int(s), f"{l:.6f}", f"{r:.3e}"] for s, l, r in loss_rows)
-    _write_json(tmp / MANIFEST, manifest)
+    write_manifest(tmp, manifest, hashed=(PARAMS_DIR, CONFIG, SCHEDULER_CONFIG, TOKENS_DIR, TOKENS_CONFIG))
     write_model_card(tmp)
 
-  write_atomically(folder, write)
+  write_atomically(target, write,
+                   size_bytes=sum(a.nbytes for a in jax.tree.leaves((unet_params, token_params))))
   return folder
 
 
 def load_trained(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
-                 sharding: jax.sharding.Sharding | None = None) -> TrainedModel:
+                 sharding: jax.sharding.Sharding | None = None, verify: bool = True) -> TrainedModel:
   """Loads a folder written by `write_model` (e.g. `dfjax train`'s model/).
 
   Args:
     folder: the model folder.
-    dtype, param_dtype, sharding: as in `dfjax.load_model`, for both modules.
+    dtype, param_dtype, sharding, verify: as in `dfjax.load_model`, for both modules (verify also
+      checks the class tokens and the noise schedule against the manifest).
   Returns:
     TrainedModel(unet, class_tokens, scheduler_config).
   Raises:
     ValueError: not a trained dfjax model (e.g. a converted text-to-image UNet: no class tokens),
-      or class tokens that do not fit the UNet.
+      class tokens that do not fit the UNet, or damaged files (as in `dfjax.load_model`).
   """
   folder = Path(folder)
-  unet = load_model(folder, dtype=dtype, param_dtype=param_dtype, sharding=sharding)
+  unet = load_model(folder, dtype=dtype, param_dtype=param_dtype, sharding=sharding, verify=verify)
   if not (folder / TOKENS_CONFIG).is_file() or not (folder / TOKENS_DIR).is_dir():
     raise ValueError(f"{folder} is a dfjax checkpoint without class tokens ({TOKENS_CONFIG}, "
                      f"{TOKENS_DIR}/): not a class-conditional model written by `dfjax train`")
+  manifest = read_json(folder / MANIFEST)
+  if verify and "files" in manifest:  # (load_model warned already when it records no hashes)
+    verify_files(folder, manifest, (TOKENS_DIR, TOKENS_CONFIG, SCHEDULER_CONFIG))
   meta = read_json(folder / TOKENS_CONFIG)
   if meta["dim"] != unet.config.encoder_dim:
     raise ValueError(f"{folder / TOKENS_CONFIG}: tokens of width {meta['dim']} do not fit the UNet's "
                      f"cross_attention_dim {unet.config.encoder_dim}")
-  kw = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+  kw = {k: as_float_dtype(v, k) for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
   tokens = nnx.eval_shape(lambda: ClassTokens(meta["num_classes"], meta["num_tokens"], meta["dim"],
                                               rngs=nnx.Rngs(0), **kw))
   graphdef, abstract = nnx.split(tokens)
@@ -135,9 +143,7 @@ def load_trained(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: A
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         nnx.to_pure_dict(abstract))
 
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore((folder / TOKENS_DIR).absolute(), target)
+  restored = restore_params(folder / TOKENS_DIR, target, check_finite=verify)
   nnx.replace_by_pure_dict(abstract, restored)
   scheduler_config = load_scheduler_config(folder)
   if scheduler_config is None:
@@ -148,10 +154,6 @@ def load_trained(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: A
 def _pure(module: nnx.Module) -> dict:
   """The module's params as a nested dict of host arrays, as `nnx.state(m, nnx.Param)` nests."""
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module, nnx.Param)))
-
-
-def _is_checkpoint_or_empty(folder: Path) -> bool:
-  return is_checkpoint(folder) or (folder.is_dir() and not any(folder.iterdir()))
 
 
 def _write_json(path: Path, value: Any) -> None:

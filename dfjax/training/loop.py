@@ -10,7 +10,9 @@ an uninterrupted one.
 
 Output folder:
   train_config.json   the run's settings; resuming checks the command still matches
-  checkpoints/        orbax CheckpointManager: {state, history} every `save_every` steps
+  checkpoints/        orbax CheckpointManager: {state, history} every `save_every` steps; Ctrl-C
+                      or SIGTERM lets the checkpoint being written finish first, and what a
+                      `kill -9` cut short is removed by the next run
   model/              the final model (EMA params when `ema_decay` > 0), `export.write_model`
 
 Shape letters: B batch, H rows, W columns, C channels.
@@ -18,13 +20,16 @@ Shape letters: B batch, H rows, W columns, C channels.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from convert.atomic import signals_deferred
 from dfjax import data
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import export
@@ -217,8 +223,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
   init = _init_state_fast_compile if spec.fast_compile else _init_state
   schedule = make_optimizer(cfg)[1]
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1, create=True)
-  with ocp.CheckpointManager(out / CHECKPOINTS, options=options) as manager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1, create=True,
+                                         cleanup_tmp_directories=True)
+  with _sigterm_unwinds(), ocp.CheckpointManager(out / CHECKPOINTS, options=options) as manager:
     start = manager.latest_step() or 0
     if start:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -252,8 +259,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
         losses = _floats(losses)
         saved = {**history, "pending": losses,
                  "seconds": seconds_before + time.perf_counter() - began}
-        manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   history=ocp.args.JsonSave(saved)))
+        with signals_deferred(f"finishing the checkpoint of step {done}, then stopping (continue "
+                              "with --resume)"):
+          manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     history=ocp.args.JsonSave(saved)))
         history["seconds"] = saved["seconds"]
     bar.close()
     manager.wait_until_finished()
@@ -291,6 +300,25 @@ def machine_description() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"cpu": cpu, "cpu_cores": os.cpu_count(), "platform": device.platform,
           "device_kind": device.device_kind, "jax": jax.__version__, "python": platform.python_version()}
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+  """SIGTERM raises SystemExit(143) instead of ending the process at once, so the checkpoint
+  manager's `with` waits for its background writes as it does on Ctrl-C (a handler someone else
+  installed is kept)."""
+  if threading.current_thread() is not threading.main_thread() or \
+     signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    yield
+    return
+
+  def unwind(signum, frame):
+    raise SystemExit(128 + signum)
+  signal.signal(signal.SIGTERM, unwind)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _floats(losses: list) -> list[float]:
