@@ -28,7 +28,9 @@ Shape letters: B batch, H rows, W columns, C channels, T tokens, D token width.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -211,11 +213,18 @@ def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, on_compiled=None,
                  **kwargs) -> tuple[np.ndarray, float, float]:
   """Compiles, then runs `dfjax.sample`: (output on the host, compile seconds, sample seconds).
 
-  `on_compiled()`, if given, is called between the two (e.g. to advance a progress bar).
+  The run is checked (`check_finite`): what it returns is written, so non-finite inputs or latents
+  raise ValueError or FloatingPointError naming the strategy and the first bad step, never NaN
+  images. `on_compiled()`, if given, is called between compiling and running.
   """
-  program = prepare_sample(unet, noise, cond, uncond=uncond, mesh=mesh, strategy=strategy, **kwargs)
+  program = prepare_sample(unet, noise, cond, uncond=uncond, mesh=mesh, strategy=strategy, check_finite=True,
+                           **kwargs)
   timed = compile_and_time(program.lowered, program.inputs, on_compiled=on_compiled)
-  return np.asarray(timed.output[0]), timed.compile_s, timed.run_s
+  try:
+    latents = program.latents(timed.output)
+  except FloatingPointError as error:
+    raise FloatingPointError(f"{strategy.summary()} on {describe(mesh)}: {error}") from None
+  return np.asarray(latents), timed.compile_s, timed.run_s
 
 
 def generate(config: GenerateConfig, *, progress: bool = True) -> GenerateResult:
@@ -224,8 +233,11 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> GenerateResult
   Raises:
     ValueError: an unknown strategy or GroupNorm mode, a patch count that does not fit the
       image, or a mesh larger than the devices — before anything is compiled.
+    OSError: `config.out` cannot be written (see `check_output_path`) — before the model loads.
+    FloatingPointError: a strategy's latents became NaN or infinite (nothing is written).
   """
   strategies = [config.strategy(name) for name in config.strategies]  # bad names fail here
+  check_output_path(Path(config.out), folder=True)
   with tqdm(total=1 + 2 * len(strategies) + 1, desc="load model", unit="stage", disable=not progress) as bar:
     return _generate(config, strategies, bar)
 
@@ -312,8 +324,42 @@ def write_outputs(out: Path, runs: list[StrategyRun], captions: list[str]) -> li
   np.savez_compressed(out / "samples.npz", **{run.name: run.pictures for run in runs})
   files.append(out / "samples.npz")
   summary = {run.name: {"mesh": run.mesh, "compile_s": run.compile_s, "sample_s": run.sample_s,
-                        "psnr_db": None if run.psnr_db is None else run.psnr_db.tolist(),
-                        "ssim": None if run.ssim is None else run.ssim.tolist()} for run in runs}
-  (out / "metrics.json").write_text(json.dumps({"captions": captions, "runs": summary}, indent=2) + "\n")
+                        **_metrics_json(run)} for run in runs}
+  (out / "metrics.json").write_text(
+      json.dumps({"captions": captions, "runs": summary}, indent=2, allow_nan=False) + "\n")
   files.append(out / "metrics.json")
   return files
+
+
+def _metrics_json(run: StrategyRun) -> dict:
+  """PSNR (null for an image identical to single's, flagged in `identical`) and SSIM, as valid JSON."""
+  if run.psnr_db is None:
+    return {"psnr_db": None, "identical": None, "ssim": None}
+  return {"psnr_db": metrics.json_values(run.psnr_db), "identical": metrics.identical(run.psnr_db),
+          "ssim": metrics.json_values(run.ssim)}
+
+
+def check_output_path(path: Path, *, folder: bool) -> None:
+  """Raises the OSError that writing `path` (a folder to write into, or a file) would raise, before any work.
+
+  Nothing is created: `path`, if it exists, must be of the right kind and writable, else the
+  nearest existing folder above it must be a writable folder.
+  """
+  if path.exists():
+    if path.is_dir() != folder:
+      raise (NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(path)) if folder else
+             IsADirectoryError(errno.EISDIR, "the output file is a folder", str(path)))
+    if not folder:
+      _check_writable(path, path, os.W_OK)
+      return
+  nearest = next(p for p in (path, *path.parents) if p.exists())
+  if not nearest.is_dir():
+    raise NotADirectoryError(errno.ENOTDIR, f"{path} cannot be written: a file is on its way", str(nearest))
+  _check_writable(path, nearest, os.W_OK | os.X_OK)
+
+
+def _check_writable(path: Path, nearest: Path, mode: int) -> None:
+  if os.statvfs(nearest).f_flag & os.ST_RDONLY:
+    raise OSError(errno.EROFS, f"{path} cannot be written (read-only file system)", str(nearest))
+  if not os.access(nearest, mode):
+    raise PermissionError(errno.EACCES, f"{path} cannot be written (permission denied)", str(nearest))

@@ -39,7 +39,8 @@ def psnr(x: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0) -> np
 
   PSNR = 10·log10(data_range² / MSE), the MSE over all of an image's pixels and channels.
   Identical images have MSE 0 and PSNR `inf` (no cap): callers averaging over images should
-  expect it (`numpy.mean` of a batch that contains one is inf).
+  expect it (`numpy.mean` of a batch that contains one is inf), and JSON has no `inf`
+  (`json_values`, `identical`).
 
   Args:
     x, reference: (B, H, W, C) float arrays on the same scale.
@@ -104,3 +105,13 @@ def ssim(x: np.ndarray, reference: np.ndarray, *, data_range: float = 1.0,
 def to_unit_range(images: np.ndarray) -> np.ndarray:
   """Model-space images in [-1, 1] → float images in [0, 1] (clipped), the metrics' scale."""
   return np.clip((np.asarray(images, np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def json_values(values: np.ndarray) -> list[float | None]:
+  """`values` as JSON numbers; JSON has no NaN or ∞, so a non-finite one (identical images' PSNR) is None."""
+  return [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64).ravel()]
+
+
+def identical(psnr_db: np.ndarray) -> list[bool]:
+  """Which images of a PSNR batch equal their reference exactly (PSNR ∞: MSE 0)."""
+  return [bool(v) for v in np.isposinf(np.asarray(psnr_db, np.float64)).ravel()]

@@ -12,6 +12,7 @@ C channels, T text tokens, D text width.
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,22 @@ from sharding.partitioning import param_specs
 from sharding.strategies import Guidance, Phase, Strategy
 
 
+# Each conditioning field's allowed ranks and shape (B batch, T text tokens, D widths).
+_FIELD_SHAPES = {"encoder_hidden_states": ((3,), "(B, T, D)"), "text_embeds": ((2,), "(B, D_pool)"),
+                 "time_ids": ((2,), "(B, 6)"), "class_labels": ((1, 2), "(B,) ids or (B, D) inputs"),
+                 "encoder_attention_mask": ((2,), "(B, T) keep-mask"), "resolution": ((2,), "(B, 2)"),
+                 "aspect_ratio": ((1, 2), "(B, 1)")}
+
+
+def _check_array(value, what: str, shape: str, ranks: tuple[int, ...]) -> None:
+  """Raises ValueError unless `value` is a numpy or JAX array of one of `ranks` (`shape` names its axes)."""
+  if not isinstance(value, (np.ndarray, jax.Array)):
+    raise ValueError(f"{what} must be an array of shape {shape} (numpy or JAX), got {type(value).__name__}: "
+                     "convert it with np.asarray.")
+  if value.ndim not in ranks:
+    raise ValueError(f"{what} has shape {tuple(value.shape)}, but it must be {shape}.")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Conditioning:
@@ -40,17 +57,26 @@ class Conditioning:
     encoder_hidden_states: (B, T, D) text (or class-token) embeddings.
     text_embeds: (B, D_pool) pooled text embedding (SDXL micro-conditioning).
     time_ids: (B, 6) SDXL size/crop conditioning.
-    class_labels: (B,) class ids of class-conditional UNets.
+    class_labels: (B,) class ids of class-conditional UNets and DiTs.
+    encoder_attention_mask: (B, T) 1 keeps a text token, 0 drops it (PixArt; None keeps all).
+    resolution: (B, 2) image height and width in pixels (PixArt-α's additional conditions).
+    aspect_ratio: (B, 1) image height / width (PixArt-α's additional conditions).
   """
 
-  encoder_hidden_states: jax.Array
+  encoder_hidden_states: jax.Array | None = None
   text_embeds: jax.Array | None = None
   time_ids: jax.Array | None = None
   class_labels: jax.Array | None = None
+  encoder_attention_mask: jax.Array | None = None
+  resolution: jax.Array | None = None
+  aspect_ratio: jax.Array | None = None
 
   @classmethod
   def of(cls, value: "Conditioning | Mapping[str, Any]", needed: tuple[str, ...], what: str = "cond") -> "Conditioning":
-    """`value` (a Conditioning or a mapping of field names) checked against the fields a model needs."""
+    """`value` (a Conditioning or a mapping of field names) checked against the fields a model needs.
+
+    Every set field must be an array of its field's rank, with at least one text token, all of one batch.
+    """
     fields = tuple(f.name for f in dataclasses.fields(cls))
     if isinstance(value, Mapping):
       unknown = sorted(set(value) - set(fields))
@@ -61,10 +87,23 @@ class Conditioning:
     if not isinstance(value, cls):
       raise ValueError(f"{what} must be a dfjax.Conditioning or a mapping of conditioning names "
                        f"({', '.join(needed)}), got {type(value).__name__}.")
-    missing = [name for name in needed if getattr(value, name) is None]
+    missing = [f"{name!r} ({_FIELD_SHAPES[name][1]})" for name in needed if getattr(value, name) is None]
     if missing:
-      raise ValueError(f"{what} lacks {', '.join(map(repr, missing))}, which this model needs: it takes "
+      raise ValueError(f"{what} lacks {', '.join(missing)}, which this model needs: it takes "
                        f"{', '.join(needed)}.")
+    arrays = value.as_kwargs()
+    for name, array in arrays.items():
+      ranks, shape = _FIELD_SHAPES[name]
+      _check_array(array, f"{what}.{name}", shape, ranks)
+    text = value.encoder_hidden_states
+    if text is not None and text.shape[1] == 0:
+      raise ValueError(f"{what}.encoder_hidden_states has shape {tuple(text.shape)}: it needs at least one "
+                       "text token (T ≥ 1 in (B, T, D)).")
+    first = next(iter(arrays), None)
+    for name, array in arrays.items():
+      if array.shape[0] != arrays[first].shape[0]:
+        raise ValueError(f"{what}.{name} has batch {array.shape[0]} but {what}.{first} has batch "
+                         f"{arrays[first].shape[0]}: every field holds one entry per image.")
     return value
 
   def as_kwargs(self) -> dict[str, jax.Array]:
@@ -109,7 +148,9 @@ def sample(
   """Denoises `noise` into latents with one jitted program.
 
   Args:
-    model: a UNet (`models.unet.UNet2DConditionModel`) or any NNX module with its call signature.
+    model: a UNet, DiT or PixArt (models/) or any NNX module with their call signature and a `config`
+      stating `conditioning_fields` and `noise_prediction` (the output channels the scheduler steps
+      with: DiT's and PixArt's learned variance is dropped, as in diffusers' pipelines).
     noise: (B, H, W, C) unit Gaussian latents, NHWC.
     cond: the conditioning: a `Conditioning` or a mapping of the model's conditioning names
       ({"encoder_hidden_states": …, "time_ids": …}); `uncond` the unconditional one for
@@ -119,17 +160,15 @@ def sample(
     mesh: a `dfjax.make_mesh` mesh; None runs on one device.
     strategy: how one image is spread over the mesh (`Strategy.exact()`, `Strategy.displaced(…)`, …);
       None means `exact` when the mesh splits rows (patch > 1), else `single`.
-    check_finite: track the first step whose latents hold NaN or inf (inside the program, no
-      host round-trip) and raise FloatingPointError naming it.
+    check_finite: refuse non-finite noise or conditioning (ValueError, before any compute), then
+      track the first step whose latents hold NaN or inf (inside the program, no host
+      round-trip) and raise FloatingPointError naming it.
 
   Returns:
     (B, H, W, C) latents, laid out as the strategy's `latent_spec` (rows over `patch`, batch over `data`).
   """
   graphdef, inputs, plan = _prepare(**locals())  # at this point locals() are the arguments
-  latents, first_bad_step = _sample_jit(graphdef, *inputs, plan=plan)
-  if check_finite:
-    _raise_if_not_finite(np.asarray(first_bad_step), plan)
-  return latents
+  return _checked_latents(_sample_jit(graphdef, *inputs, plan=plan), plan)
 
 
 def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps, guidance_scale, mesh,
@@ -144,9 +183,15 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
   if not isinstance(scheduler_config, schedulers.SchedulerConfig):
     scheduler_config = schedulers.SchedulerConfig.from_diffusers_config(scheduler_config or {})
   schedulers.make_scheduler(scheduler, scheduler_config, num_steps)  # bad names/steps fail here
+  if not math.isfinite(guidance_scale):
+    raise ValueError(f"guidance_scale={guidance_scale} must be a finite number (e.g. 5.0; 1.0 samples "
+                     "without guidance).")
   guidance = Guidance.for_mesh(guidance_scale != 1.0, sizes)
-  pair = _guidance_pair(model, cond, uncond, guidance)
-  _check_latents(model, noise, pair, strategy, sizes)
+  cond, uncond = _conditionings(model, cond, uncond, guidance)
+  _check_latents(model, noise, cond, strategy, sizes)
+  if check_finite:
+    _check_finite_inputs(noise, cond, uncond)
+  pair = _guidance_pair(cond, uncond)
 
   plan = _Plan(mesh, strategy, guidance, scheduler, scheduler_config, num_steps, check_finite)
   graphdef, params = nnx.split(model)
@@ -167,17 +212,23 @@ def _prepare_like_sample(args, kwargs):
 class SampleProgram:
   """`sample`'s program lowered, and the placed inputs its compiled form runs on.
 
-  `lowered.compile()(*inputs)` returns (latents, first non-finite step of each device or −1).
+  `lowered.compile()(*inputs)` returns (latents, first non-finite step of each device or −1);
+  `latents(output)` turns that into what `sample` returns, raising as `sample` does.
   """
 
   lowered: jax.stages.Lowered
   inputs: tuple
+  plan: _Plan
+
+  def latents(self, output: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The latents of a run's `output`; with check_finite, FloatingPointError naming the first bad step."""
+    return _checked_latents(output, self.plan)
 
 
 def prepare_sample(*args, **kwargs) -> SampleProgram:
   """`sample`'s program and inputs (same arguments), to compile and run apart, e.g. to time them."""
   graphdef, inputs, plan = _prepare_like_sample(args, kwargs)
-  return SampleProgram(_sample_jit.lower(graphdef, *inputs, plan=plan), inputs)
+  return SampleProgram(_sample_jit.lower(graphdef, *inputs, plan=plan), inputs, plan)
 
 
 def lower_sample(*args, **kwargs) -> jax.stages.Lowered:
@@ -208,32 +259,60 @@ def stale_buffer_shapes(*args, **kwargs) -> dict[str, Any]:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes)
 
 
-def _guidance_pair(model, cond, uncond, guidance: Guidance) -> Conditioning:
-  """Stacks (uncond, cond) on a leading pair axis; a pair of one when unguided."""
+def _conditionings(model, cond, uncond, guidance: Guidance) -> tuple[Conditioning, Conditioning | None]:
+  """`cond` and, when guided, `uncond` as Conditionings the model can take, of equal shapes; else None."""
   needed = model.config.conditioning_fields
   cond = Conditioning.of(cond, needed)
   if not guidance.guided:
-    return jax.tree.map(lambda c: jnp.asarray(c)[None], cond)
+    return cond, None
   if uncond is None:
     raise ValueError("classifier-free guidance (guidance_scale ≠ 1) needs `uncond`, the "
                      "unconditional Conditioning; pass it, or guidance_scale=1.0 to sample without.")
   uncond = Conditioning.of(uncond, needed, "uncond")
   if jax.tree.structure(uncond) != jax.tree.structure(cond):
     raise ValueError("`uncond` and `cond` must set the same fields (e.g. both time_ids for SDXL).")
+  for name, u in uncond.as_kwargs().items():
+    c = getattr(cond, name)
+    if u.shape != c.shape:
+      pad = " (pad both prompts to one token count)" if name == "encoder_hidden_states" else ""
+      raise ValueError(f"uncond.{name} has shape {tuple(u.shape)} but cond.{name} has {tuple(c.shape)}: the "
+                       f"guidance pair is stacked, so both need one shape{pad}.")
+  return cond, uncond
+
+
+def _guidance_pair(cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
+  """Stacks (uncond, cond) on a leading pair axis; a pair of one when unguided (`uncond` None)."""
+  if uncond is None:
+    return jax.tree.map(lambda c: jnp.asarray(c)[None], cond)
   return jax.tree.map(lambda u, c: jnp.stack([jnp.asarray(u), jnp.asarray(c)]), uncond, cond)
 
 
-def _check_latents(model, noise, pair: Conditioning, strategy: Strategy, sizes: dict[str, int]) -> None:
-  if noise.ndim != 4:
-    raise ValueError(f"noise must be NHWC (B, H, W, C); got shape {tuple(noise.shape)}.")
+def _check_latents(model, noise, cond: Conditioning, strategy: Strategy, sizes: dict[str, int]) -> None:
+  _check_array(noise, "noise", "NHWC (B, H, W, C)", (4,))
   batch, height, width, _ = noise.shape
-  cond_batch = pair.encoder_hidden_states.shape[1]
-  if cond_batch != batch:
-    raise ValueError(f"noise has batch {batch} but the conditioning has batch {cond_batch}.")
+  if min(batch, height, width) < 1:
+    raise ValueError(f"noise has shape {tuple(noise.shape)}: its batch, rows and columns (B, H, W) must each "
+                     "be at least 1.")
+  name, first = next(iter(cond.as_kwargs().items()))
+  if first.shape[0] != batch:
+    raise ValueError(f"noise has batch {batch} but cond.{name} has batch {first.shape[0]}: "
+                     "give one conditioning per image.")
   if batch % sizes[DATA]:
     raise ValueError(f"batch {batch} does not split over data={sizes[DATA]} devices: use a "
                      f"batch that is a multiple of {sizes[DATA]} or a smaller data axis.")
   strategy.validate(model.config, height, width, sizes)
+
+
+def _check_finite_inputs(noise, cond: Conditioning, uncond: Conditioning | None) -> None:
+  """Raises ValueError naming the first input that holds NaN or inf: a run from it is NaN from the start."""
+  named = {"noise": noise}
+  for what, conditioning in (("cond", cond), ("uncond", uncond)):
+    if conditioning is not None:
+      named.update({f"{what}.{name}": value for name, value in conditioning.as_kwargs().items()})
+  for name, array in named.items():
+    if jnp.issubdtype(array.dtype, jnp.inexact) and not bool(jnp.isfinite(array).all()):
+      raise ValueError(f"{name} holds NaN or infinite values: the run's inputs are not finite, so nothing "
+                       "was sampled; check how they were made.")
 
 
 def _param_specs(plan: _Plan, params) -> nnx.State:
@@ -256,6 +335,14 @@ def _sample_jit(graphdef, params, noise, pair, guidance_scale, *, plan: _Plan):
   out_specs = (plan.strategy.latent_spec(), P(tuple(plan.mesh.axis_names)))
   return jax.shard_map(on_device, mesh=plan.mesh, in_specs=_in_specs(plan, params), out_specs=out_specs)(
       params, noise, pair, guidance_scale)
+
+
+def _checked_latents(output: tuple[jax.Array, jax.Array], plan: _Plan) -> jax.Array:
+  """The latents of the program's output, after the finite check when the plan asks for it."""
+  latents, first_bad_steps = output
+  if plan.check_finite:
+    _raise_if_not_finite(np.asarray(first_bad_steps), plan)
+  return latents
 
 
 def _raise_if_not_finite(first_bad_steps: np.ndarray, plan: _Plan) -> None:
@@ -287,12 +374,12 @@ class _DeviceRun:
 
   def _predict_noise(self, x, t, ctx):
     """The (guided) model prediction for this device's rows, and what the model call sent."""
-    share, batch = self.pair.encoder_hidden_states.shape[:2]  # this device's part of the pair
+    share, batch = next(iter(self.pair.as_kwargs().values())).shape[:2]  # this device's part of the pair
     flat = jax.tree.map(lambda a: a.reshape(share * batch, *a.shape[2:]), self.pair)
     x_in = jnp.broadcast_to(x, (share, *x.shape)).reshape(share * batch, *x.shape[1:])  # P·B, h, W, C
     model = nnx.merge(self.graphdef, self.params)  # in this step's trace: the call records onto its layers
-    eps, sent = call_recording(model, x_in, t, ctx=ctx, **flat.as_kwargs())
-    eps = eps.reshape(share, batch, *eps.shape[1:])  # P, B, h, W, C
+    out, sent = call_recording(model, x_in, t, ctx=ctx, **flat.as_kwargs())
+    eps = model.config.noise_prediction(out).reshape(share, batch, *x.shape[1:])  # P, B, h, W, C (no variance)
     return self.plan.guidance.combine(eps, self.guidance_scale), sent  # B, h, W, C
 
   def run(self, noise):

@@ -24,7 +24,7 @@ def check_unet_config(config: Mapping, origin: str) -> None:
   """Raises a ValueError naming `origin` when `config` is not a UNet2DConditionModel config dfjax builds."""
   name = config.get("_class_name", "UNet2DConditionModel")
   if name != "UNet2DConditionModel":
-    raise ValueError(f"{origin} describes a {name}; dfjax converts UNet2DConditionModel only")
+    raise ValueError(f"{origin} describes a {name}, not a UNet: dfjax builds UNet2DConditionModel only")
   try:
     UNetConfig.from_diffusers_config(dict(config))
   except (ValueError, TypeError) as e:

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Backend optimisation level 0 halves XLA:CPU compile times; the tiny test programs run fast anyway.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
@@ -12,3 +14,19 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def returned(monkeypatch):
+  """returned(module, "run") → a list each later call of module.run appends its return value to: the rows a
+  command printed its table from, for tests to read as data."""
+  def spy(module, name: str) -> list:
+    values, original = [], getattr(module, name)
+
+    def recording(*args, **kwargs):
+      values.append(original(*args, **kwargs))
+      return values[-1]
+
+    monkeypatch.setattr(module, name, recording)
+    return values
+  return spy

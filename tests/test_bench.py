@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from dfjax import commands
-from dfjax.bench import simulate
+from dfjax.bench import simulate, table, unet
 from dfjax.bench.flops import analytic_unet_flops, flops_by_kind
+from dfjax.bench.timing import device_name
 from dfjax.bench.unet import compiled_flops, random_unet, unet_inputs
 from dfjax.sampling import Conditioning, stale_buffer_shapes
 from models.config import UNetConfig
@@ -165,15 +166,20 @@ def test_projection_adds_comm_for_exact_and_overlaps_it_for_displaced():
 
 # ---------------------------------------------------------------------------------- the commands
 
-def _table(out: str, first: set[str]) -> dict[str, list[str]]:
-  """Rows of a printed table keyed by their first cell(s)."""
-  rows = {}
-  for line in out.splitlines():
-    cells = line.split()
-    for width in (1, 2, 3):
-      if " ".join(cells[:width]) in first:
-        rows[" ".join(cells[:width])] = cells
-  return rows
+def test_a_table_is_rendered_from_its_rows():
+  rows = [simulate.SimRun(512, 1, "single", 3.25, 0.4),
+          simulate.SimRun(512, 2, "exact", 5.0, 0.25, hlo_bytes=3 * 2**20)]
+  columns = (table.Column("N", "patch", width=2), table.Column("strategy", "strategy", width=9, align="<"),
+             table.Column("ms", "step_s", ".1f", 6, 1e3, group="step"),
+             table.Column("MiB", "hlo_bytes", ".1f", 4, 2**-20, group="step"),
+             table.Column("x", lambda run: f"{0.4 / run.step_s:.2f}×"))
+  assert table.render(columns, rows, indent="  ").splitlines() == [
+      "               ─── step ──",  # the group title centred over its columns' 11 characters
+      "   N strategy      ms  MiB x",
+      "   1 single     400.0    — 1.00×",
+      "   2 exact      250.0  3.0 1.60×",
+  ]
+
 
 
 @pytest.fixture
@@ -183,41 +189,42 @@ def config_file(tmp_path):
   return str(path)
 
 
-def test_bench_unet_prints_jax_and_diffusers_rows(config_file, capsys):
+def test_bench_unet_times_jax_and_diffusers(config_file, capsys, returned):
+  timings = returned(unet, "run")
   code = commands.main(["bench", "unet", "--config", config_file, "--resolution", "64", "--iters", "1"])
   out = capsys.readouterr().out
   assert code == 0, out
-  assert "matmul rate" in out and "TFLOP/s" in out and "of mm" in out and "peak GiB" in out and "XLA/anl" in out and "×eager" in out and " thread" in out
-  rows = {line.split("  ")[0].strip(): line.split() for line in out.splitlines()
-          if line.startswith(("dfjax (jax)", "diffusers eager"))}
-  assert set(rows) == {"dfjax (jax)", "diffusers eager"}
-  jax_row = rows["dfjax (jax)"]
-  assert jax_row[2] == "64" and jax_row[5] == "n/a"  # resolution; no peak memory on a CPU
-  assert 0.9 < float(jax_row[8]) < 1.2  # XLA's FLOPs vs the analytic count
-  assert rows["diffusers eager"][-2] == "1.00×"
+  assert "×eager" in out and "XLA/anl" in out and f"on {device_name()}" in out and " thread" in out
+  by_impl = {t.impl: t for t in timings[0]}
+  assert set(by_impl) == {"dfjax (jax)", "diffusers eager"}
+  jax_timing = by_impl["dfjax (jax)"]
+  assert jax_timing.resolution == 64 and jax_timing.peak_bytes is None  # no peak memory on a CPU
+  assert jax_timing.compile_s > 0 and by_impl["diffusers eager"].compile_s is None  # eager compiles nothing
+  assert 0.9 < jax_timing.xla_flops / jax_timing.flops < 1.2  # XLA's FLOPs vs the analytic count
+  assert jax_timing.flops == by_impl["diffusers eager"].flops  # one analytic count for every row
 
 
-def test_bench_simulate_prints_measured_and_projected_columns(config_file, capsys):
+def test_bench_simulate_measures_and_projects(config_file, capsys, returned):
+  runs = returned(simulate, "run")
   code = commands.main(["bench", "simulate", "--config", config_file, "--resolution", "128", "--patch", "2",
-                   "--strategy", "displaced", "--iters", "1", "--hlo-comm"])
+                        "--strategies", "displaced", "--iters", "1", "--hlo-comm"])
   out = capsys.readouterr().out
   assert code == 0, out
-  assert "PROJECTIONS" in out and "A100 NVLink3" in out and "H100 NVLink4" in out and "300 GB/s" in out
-  rows = {(c[1], c[2]): c for c in (line.split() for line in out.splitlines()) if len(c) > 3 and c[0] == "128"}
-  assert set(rows) == {("1", "single"), ("2", "displaced")}
-  cells = rows[("2", "displaced")]
-  assert cells[6] == cells[7] and float(cells[6]) > 0  # analytic comm MiB == the compiled N-device program's
-  assert float(cells[4]) > 0 and float(cells[5]) > 0  # compute ms, vs 1/N
-  single_ms = float(rows[("1", "single")][4])
-  for projected_ms, speedup in ((cells[10], cells[11]), (cells[14], cells[15])):  # A100, H100
-    assert float(speedup) == pytest.approx(single_ms / float(projected_ms), rel=0.02)
+  assert "PROJECTIONS" in out and "A100 NVLink3" in out and "300 GB/s" in out and f"on {device_name()}" in out
+  by_key = {(run.patch, run.strategy): run for run in runs[0]}
+  assert set(by_key) == {(1, "single"), (2, "displaced")}
+  displaced = by_key[(2, "displaced")]
+  assert displaced.resolution == 128 and displaced.step_s > 0
+  assert displaced.sync_bytes + displaced.async_bytes == displaced.hlo_bytes > 0  # analytic == compiled
+  assert by_key[(1, "single")].hlo_bytes is None and by_key[(1, "single")].collectives == 0
 
 
 def test_simulate_offers_the_row_strategies_not_the_reference(capsys):
   with pytest.raises(SystemExit) as exit_info:  # single is the reference row, not a choice
     commands.main(["bench", "simulate", "--strategy", "single"])
   assert exit_info.value.code == 2
-  assert "invalid choice: 'single' (choose from 'exact', 'displaced', 'naive')" in capsys.readouterr().err
+  choices = ", ".join(repr(name) for name in simulate.simulated_strategies())
+  assert f"invalid choice: 'single' (choose from {choices})" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -7,39 +7,36 @@ import pytest
 from PIL import Image
 
 from dfjax import commands, generation, images
+from dfjax.commands import generate as generate_command
 from dfjax.inputs import initial_noise
 from sharding.strategies import strategy_names
 
 
-def _table(stdout: str) -> dict[str, list[str]]:
-  return {line.split()[0]: line.split() for line in stdout.splitlines()
-          if line.split() and line.split()[0] in ("single", "exact", "displaced", "naive")}
-
-
-def test_embedded_model_end_to_end(tmp_path, capsys):
+def test_embedded_model_end_to_end(tmp_path, capsys, returned):
   """The shipped model: PNGs written, PSNR printed, displaced much closer to single than naive."""
   out = tmp_path / "out"
-  code = commands.main(["generate", "--steps", "8", "--warmup-steps", "1", "--images", "2", "--cfg",
+  results = returned(generate_command, "run")
+  code = commands.main(["generate", "--num-steps", "8", "--warmup-steps", "1", "--images", "2", "--cfg",
                         "2", "--patch", "4", "--out", str(out)])
   assert code == 0
   stdout = capsys.readouterr().out
-  rows = _table(stdout)
-  assert set(rows) == {"single", "displaced", "naive"}
-  assert rows["single"][1] == "cfg=2×patch=1" and rows["naive"][1] == "cfg=2×patch=4"
-  assert "embedded model" in stdout and "cpu × 8" in stdout
+  runs = {run.name: run for run in results[0].runs}
+  assert list(runs) == ["single", "displaced", "naive"]
+  assert runs["single"].mesh == "cfg=2×patch=1" and runs["naive"].mesh == "cfg=2×patch=4"
+  assert "embedded model" in stdout and "machine: cpu × 8" in stdout and "PSNR dB" in stdout  # the table
   for name in ("single", "displaced", "naive", "comparison"):
     assert Image.open(out / f"{name}.png").size[0] > 64
   summary = json.loads((out / "metrics.json").read_text())["runs"]
   displaced, naive = np.mean(summary["displaced"]["psnr_db"]), np.mean(summary["naive"]["psnr_db"])
   assert displaced > naive + 5, (displaced, naive)
-  assert float(rows["displaced"][-2]) == pytest.approx(displaced, abs=0.01)
+  np.testing.assert_allclose(runs["displaced"].psnr_db, summary["displaced"]["psnr_db"], rtol=1e-6)
   assert np.load(out / "samples.npz")["single"].shape == (2, 64, 64, 3)
   sheet = Image.open(out / "comparison.png")  # 3 strategies + 2 differences, 2× enlarged
   labels = images.CHAR_WIDTH * len("circle") + 4  # rows labelled with their class: circle, ring
   assert sheet.size == (labels + 5 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
 
 
-def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys):
+def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys, returned):
   """A converted diffusers SDXL-like UNet: stand-in prompt embeddings, latents drawn as pictures."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
@@ -53,12 +50,13 @@ def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys):
   unet.save_pretrained(tmp_path / "diffusers")
   assert commands.main(["convert", str(tmp_path / "diffusers"), str(tmp_path / "ckpt")]) == 0
   out = tmp_path / "out"
+  results = returned(generate_command, "run")
   code = commands.main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--strategy", "single",
                         "exact", "--patch", "2", "--steps", "2", "--images", "2", "--out", str(out)])
   assert code == 0
   stdout = capsys.readouterr().out
   assert "text-free" in stdout
-  assert float(_table(stdout)["exact"][-2]) > 40
+  assert results[0].runs[1].name == "exact" and np.mean(results[0].runs[1].psnr_db) > 40
   assert np.load(out / "samples.npz")["single"].shape == (2, 16, 16, 3)
 
 

@@ -29,6 +29,17 @@ def test_psnr_of_identical_images_is_inf_and_is_symmetric():
   np.testing.assert_allclose(metrics.psnr(x, y), 10 * np.log10(6), atol=0.5)
 
 
+def test_json_values_have_no_nan_or_infinity():
+  x = _images(0)
+  y = x.copy()
+  y[1, 0, 0, 0] = 1 - y[1, 0, 0, 0]
+  psnr_b = metrics.psnr(y, x)  # image 0 identical: ∞ dB
+  assert metrics.json_values(psnr_b)[0] is None and metrics.identical(psnr_b) == [True, False]
+  assert metrics.json_values(psnr_b)[1] == pytest.approx(psnr_b[1]) and np.isfinite(psnr_b[1])
+  assert metrics.json_values(np.array([np.nan, -np.inf, 2.5])) == [None, None, 2.5]
+  assert metrics.identical(np.array([np.nan, -np.inf, 2.5])) == [False, False, False]
+
+
 def _ssim_direct(x, y, data_range, window=11, sigma=1.5):
   """SSIM written out: the 2-D Gaussian window placed at every valid position, one by one."""
   offsets = np.arange(window) - (window - 1) / 2

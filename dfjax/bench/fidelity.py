@@ -25,6 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dfjax import metrics
+from dfjax.bench import table
+from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
 from dfjax.generation import (DEFAULT_GUIDANCE, Source, checkpoint_source, embedded_source, resolve_patch,
                               timed_sample)
@@ -160,29 +162,28 @@ def format_tables(rows: list[Row], config: FidelityConfig) -> str:
   """The main table (PSNR and SSIM by method × patch count) and the warm-up ablation."""
   main = [r for r in rows if r.table == "main"]
   patches = sorted({r.patch for r in main})
+  by_patch = (Column("method", lambda line: line[0], width=10, align="<"),
+              Column("groupnorm", lambda line: line[1], width=16, align="<"),
+              *(Column(f"patch={p}", lambda line, p=p: line[2].get(p), width=15) for p in patches))
+  methods = list(dict.fromkeys((r.strategy, r.groupnorm) for r in main))
   lines = []
   for metric, digits, unit in (("psnr_db", 2, "PSNR dB"), ("ssim", 3, "SSIM")):
     lines.append(f"{unit} vs single (mean ± std over {config.seeds} seeds), {config.steps}-step DDIM, "
                  f"displaced warm-up {config.warmup_steps}:")
-    lines.append(f"  {'method':<10} {'groupnorm':<16}" + "".join(f" {'patch=' + str(p):>15}" for p in patches))
-    keys = list(dict.fromkeys((r.strategy, r.groupnorm) for r in main))
-    for strategy, groupnorm in keys:
-      cells = {r.patch: _cell(getattr(r, metric), digits) for r in main
-               if (r.strategy, r.groupnorm) == (strategy, groupnorm)}
-      lines.append(f"  {strategy:<10} {groupnorm or '—':<16}" + "".join(f" {cells.get(p, '—'):>15}" for p in patches))
+    cells = [(strategy, groupnorm, {r.patch: _cell(getattr(r, metric), digits) for r in main
+                                    if (r.strategy, r.groupnorm) == (strategy, groupnorm)})
+             for strategy, groupnorm in methods]
     if metric == "psnr_db":
-      lines.append(f"  {'paper':<10} {'SDXL displaced':<16}"
-                   + "".join(f" {PAPER_PSNR['displaced'].get(p, '—'):>15}" for p in patches))
-      lines.append(f"  {'paper':<10} {'SDXL naive':<16}"
-                   + "".join(f" {PAPER_PSNR['naive'].get(p, '—'):>15}" for p in patches))
-    lines.append("")
+      cells += [("paper", f"SDXL {name}", {p: str(v) for p, v in PAPER_PSNR[name].items()})
+                for name in ("displaced", "naive")]
+    lines += [table.render(by_patch, cells, indent="  "), ""]
   warmup = [r for r in rows if r.table == "warmup"]
   if warmup:
     lines.append(f"Warm-up ablation: {ABLATION_STEPS}-step DPM-Solver++(2M), displaced corrected_async, "
                  f"patch={warmup[0].patch}, vs single with the same sampler:")
-    lines.append(f"  {'warm-up':>7} {'PSNR dB':>15} {'SSIM':>15}")
-    for r in warmup:
-      lines.append(f"  {r.warmup_steps:>7} {_cell(r.psnr_db, 2):>15} {_cell(r.ssim, 3):>15}")
+    lines.append(table.render((Column("warm-up", "warmup_steps", width=7),
+                               Column("PSNR dB", lambda r: _cell(r.psnr_db, 2), width=15),
+                               Column("SSIM", lambda r: _cell(r.ssim, 3), width=15)), warmup, indent="  "))
   return "\n".join(lines).rstrip()
 
 

@@ -17,7 +17,7 @@ These are projections, not measurements: bandwidth-bound transfers at the link's
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
@@ -25,6 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dfjax.bench import table
+from dfjax.bench.table import Column
 from dfjax.bench.timing import compile_and_time, device_name
 from dfjax.bench.unet import DTYPES, latent_size, load_config, parameter_count, random_unet, unet_inputs
 from dfjax.inputs import standin_conditioning
@@ -183,29 +185,26 @@ def hlo_comm_bytes(model, side: int, num_patches: int, strategy: Strategy) -> in
 
 # ---------------------------------------------------------------------------------- the table
 
-def _cell(value, spec: str, width: int) -> str:
-  return f"{'-' if value is None else format(value, spec):>{width}}"
+def columns(single_s: Mapping[int, float], latency_s: float) -> tuple[Column, ...]:
+  """The printed table's columns; `single_s` maps a resolution to its single-device step time (the
+  reference of "vs 1/N" and "×"), filled in as the references are measured."""
+  paper = lambda run: PAPER_SPEEDUPS.get(run.strategy, {}).get(run.resolution, {}).get(run.patch)
+  return (Column("res", "resolution", width=5), Column("N", "patch", width=2),
+          Column("strategy", "strategy", width=9, align="<"), Column("compile s", "compile_s", ".1f", 9),
+          Column("compute ms", "step_s", ".2f", 10, 1e3),
+          Column("vs 1/N", lambda run: run.step_s / (single_s[run.resolution] / run.patch), ".2f", 6),
+          Column("comm MiB", lambda run: run.sync_bytes + run.async_bytes, ".1f", 8, 1 / MIB),
+          Column("HLO MiB", "hlo_bytes", ".1f", 8, 1 / MIB),
+          *(column for link in LINKS for column in _link_columns(link, single_s, latency_s)),
+          Column("paper ×", paper, ".1f", 7))
 
 
-HEADER = (f"{'res':>5} {'N':>2} {'strategy':<9} {'compile s':>9} {'compute ms':>10} {'vs 1/N':>6} "
-          f"{'comm MiB':>8} {'HLO MiB':>8} " + " ".join(f"| {link.name:<21}" for link in LINKS) + " | paper")
-SUBHEADER = " " * HEADER.index("|") + " ".join(f"| {'comm ms':>7} {'step ms':>7} {'×':>5}" for _ in LINKS) + " | 8×A100"
-
-
-def _row(run: SimRun, single_s: float, latency_s: float) -> str:
-  cells = [f"{run.resolution:>5} {run.patch:>2} {run.strategy:<9} {run.compile_s:9.1f} {run.step_s * 1e3:10.2f}",
-           _cell(run.step_s / (single_s / run.patch) if run.patch > 1 else None, ".2f", 6),
-           _cell((run.sync_bytes + run.async_bytes) / MIB if run.patch > 1 else None, ".1f", 8),
-           _cell(run.hlo_bytes and run.hlo_bytes / MIB, ".1f", 8)]
-  for link in LINKS:
-    if run.patch == 1:
-      cells.append(f"| {'-':>7} {run.step_s * 1e3:7.2f} {'1.00':>5}")
-      continue
-    projected = run.projected_s(link, latency_s)
-    cells.append(f"| {sum(run.comm_s(link, latency_s)) * 1e3:7.2f} {projected * 1e3:7.2f} {single_s / projected:5.2f}")
-  paper = PAPER_SPEEDUPS.get(run.strategy, {}).get(run.resolution, {}).get(run.patch)
-  cells.append(f"| {_cell(paper, '.1f', 5)}")
-  return " ".join(cells)
+def _link_columns(link: Link, single_s: Mapping[int, float], latency_s: float) -> list[Column]:
+  """The projection over `link`: communication and step time, speedup over the single-device step."""
+  projected = lambda run: run.projected_s(link, latency_s)
+  return [Column("comm ms", lambda run: sum(run.comm_s(link, latency_s)), ".2f", 7, 1e3, group=link.name),
+          Column("step ms", projected, ".2f", 7, 1e3, group=link.name),
+          Column("×", lambda run: single_s[run.resolution] / projected(run), ".2f", 5, group=link.name)]
 
 
 def run(config: str, resolutions: list[int], patches: list[int], dtype: str, iters: int,
@@ -245,8 +244,9 @@ def run(config: str, resolutions: list[int], patches: list[int], dtype: str, ite
   print(f"  PROJECTIONS: step = max(compute, overlapped comm) + synchronous comm ({overlaps}); comm = bytes "
         f"received per step / link bandwidth + {latency_us:g} µs per collective; × = speedup over the "
         "single-device step on this machine; paper = DistriFusion's measured SDXL speedups on A100s")
-  print(HEADER)
-  print(SUBHEADER)
+  single_s = {}
+  printed = columns(single_s, latency_s)
+  print(table.header(printed))
   runs = []
   activation_bytes = np.dtype(jdtype).itemsize
   for resolution in resolutions:
@@ -254,7 +254,8 @@ def run(config: str, resolutions: list[int], patches: list[int], dtype: str, ite
     single = _measure(model, resolution, side, 1, reference, iters)
     if single is None:
       continue
-    print(_row(single, single.step_s, latency_s), flush=True)
+    single_s[resolution] = single.step_s
+    print(table.line(printed, single), flush=True)
     runs.append(single)
     for num_patches in patches:
       for strategy in chosen:
@@ -265,7 +266,7 @@ def run(config: str, resolutions: list[int], patches: list[int], dtype: str, ite
         hlo = hlo_comm_bytes(model, side, num_patches, strategy) if hlo_comm else None
         runs.append(dataclasses.replace(measured, sync_bytes=sync, async_bytes=overlapped,
                                         collectives=collectives, hlo_bytes=hlo))
-        print(_row(runs[-1], single.step_s, latency_s), flush=True)
+        print(table.line(printed, runs[-1]), flush=True)
   print("compute: the per-device program alone on one device; vs 1/N: compute over (single step / N); comm MiB: "
         "bytes one interior device receives per step (analytic); HLO MiB: the same read from the compiled "
         "N-device program's steady phase (--hlo-comm, needs N devices).")
@@ -285,7 +286,7 @@ def _measure(model, resolution: int, side: int, num_patches: int, strategy: Stra
     if not is_out_of_memory(error):
       raise
     first_line = str(error).strip().splitlines()[0][:160]
-    print(f"{resolution:>5} {num_patches:>2} {strategy.name:<9} skipped: does not fit in device memory "
+    print(f"{resolution} N={num_patches} {strategy.name} skipped: does not fit in device memory "
           f"({first_line})", flush=True)
     return None
   return SimRun(resolution, num_patches, strategy.name, timed.compile_s, timed.run_s)

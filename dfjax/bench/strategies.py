@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dfjax.bench import table
+from dfjax.bench.table import Column
 from dfjax.bench.timing import compile_and_time, device_name
 from dfjax.bench.unet import DTYPES, latent_size, load_config
 from dfjax.inputs import standin_conditioning
@@ -39,14 +41,15 @@ class StrategyRun:
   analytic_stale_bytes: int
 
 
-HEADER = (f"{'strategy':<10} {'patch':>5} {'compile s':>9} {'ms/step':>9} {'vs single':>9} "
-          f"{'comm MiB/step':>13} {'analytic':>9} {'stale MiB':>9} {'analytic':>9}")
-
-
-def _row(run: StrategyRun, single_s: float) -> str:
-  return (f"{run.strategy:<10} {run.patch:>5} {run.compile_s:9.2f} {run.step_s * 1e3:9.1f} "
-          f"{single_s / run.step_s:8.2f}× {run.comm_bytes / MIB:13.3f} {run.analytic_bytes / MIB:9.3f} "
-          f"{run.stale_bytes / MIB:9.3f} {run.analytic_stale_bytes / MIB:9.3f}")
+def columns(single_s: float) -> tuple[Column, ...]:
+  """The printed table's columns; `single_s` (single's step time) is the reference of "vs single"."""
+  return (Column("strategy", "strategy", width=10, align="<"), Column("patch", "patch", width=5),
+          Column("compile s", "compile_s", ".2f", 9), Column("ms/step", "step_s", ".1f", 9, 1e3),
+          Column("vs single", lambda run: f"{single_s / run.step_s:.2f}×", width=9),
+          Column("comm MiB/step", "comm_bytes", ".3f", 13, 1 / MIB),
+          Column("analytic", "analytic_bytes", ".3f", 9, 1 / MIB),
+          Column("stale MiB", "stale_bytes", ".3f", 9, 1 / MIB),
+          Column("analytic", "analytic_stale_bytes", ".3f", 9, 1 / MIB))
 
 
 def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes) -> StrategyRun:
@@ -80,9 +83,10 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
   dtype_bytes = np.dtype(jdtype).itemsize
   print(f"strategies, UNet {config} at {resolution}² ({side}² latent), {steps} DDIM steps with CFG, "
         f"{dtype}, displaced warm-up {warmup_steps}, on {device_name()}")
-  print(HEADER)
   single = _measure(model, noise, cond, uncond, make_mesh(1, cfg, 1), Strategy.single(), steps, iters, dtype_bytes)
-  print(_row(single, single.step_s))
+  printed = columns(single.step_s)
+  print(table.header(printed))
+  print(table.line(printed, single))
   runs = [single]
   row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
                     for name in strategy_names() if PATCH in strategy_class(name).axes]
@@ -90,7 +94,7 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
     mesh = make_mesh(1, cfg, patch)
     for strategy in row_strategies:
       runs.append(_measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes))
-      print(_row(runs[-1], single.step_s))
+      print(table.line(printed, runs[-1]))
   print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "
         "phase), read from the compiled HLO; stale: the displaced carry per device.")
   return runs

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfjax.bench import table
 from dfjax.bench.flops import analytic_unet_flops
+from dfjax.bench.table import Column
 from dfjax.bench.timing import compile_and_time, device_name, median_seconds
 from dfjax.inputs import standin_conditioning
 from models.config import UNetConfig
@@ -47,23 +49,25 @@ class UNetTiming:
   flops: int              # analytic, one forward of the whole batch
   xla_flops: float | None = None
 
-  def row(self, eager_s: float | None, compiled_s: float | None, matmul_rate: float) -> str:
-    """The table row; `eager_s`/`compiled_s` are diffusers' step times, `matmul_rate` the device's FLOP/s."""
-    ratio = lambda ref: "-" if ref is None else f"{ref / self.step_s:.2f}×"
-    xla = "-" if self.xla_flops is None else f"{self.xla_flops / self.flops:.3f}"
-    compile_s = "-" if self.compile_s is None else f"{self.compile_s:.1f}"  # eager: nothing to compile
-    rate = self.flops / self.step_s
-    return (f"{self.impl:<18} {self.resolution:>5} {compile_s:>9} {self.step_s * 1e3:10.1f} "
-            f"{_opt(self.peak_bytes and self.peak_bytes / GIB, '.2f'):>8} {rate / 1e12:8.2f} "
-            f"{100 * rate / matmul_rate:5.0f}% {xla:>8} {ratio(eager_s):>8} {ratio(compiled_s):>8}")
 
+def columns(timings: list[UNetTiming], matmul_rate: float) -> tuple[Column, ...]:
+  """The printed table's columns: diffusers' step time at the row's resolution is the reference of
+  ×eager and ×compile, `matmul_rate` (the device's FLOP/s) that of "of mm"."""
+  step_s = {(t.impl, t.resolution): t.step_s for t in timings}
 
-HEADER = (f"{'impl':<18} {'res':>5} {'compile s':>9} {'step ms':>10} {'peak GiB':>8} {'TFLOP/s':>8} "
-          f"{'of mm':>6} {'XLA/anl':>8} {'×eager':>8} {'×compile':>8}")
+  def speedup(impl: str):
+    reference = lambda t: step_s.get((impl, t.resolution))
+    return lambda t: reference(t) and f"{reference(t) / t.step_s:.2f}×"
 
-
-def _opt(value, spec: str) -> str:
-  return "n/a" if value is None else format(value, spec)
+  rate = lambda t: t.flops / t.step_s
+  return (Column("impl", "impl", width=18, align="<"), Column("res", "resolution", width=5),
+          Column("compile s", "compile_s", ".1f", 9), Column("step ms", "step_s", ".1f", 10, 1e3),
+          Column("peak GiB", "peak_bytes", ".2f", 8, 1 / GIB, missing="n/a"),
+          Column("TFLOP/s", rate, ".2f", 8, 1e-12),
+          Column("of mm", lambda t: f"{100 * rate(t) / matmul_rate:.0f}%", width=6),
+          Column("XLA/anl", lambda t: t.xla_flops and t.xla_flops / t.flops, ".3f", 8),
+          Column("×eager", speedup("diffusers eager"), width=8),
+          Column("×compile", speedup("diffusers compile"), width=8))
 
 
 def load_config(name_or_path: str) -> dict:
@@ -282,12 +286,8 @@ def run(config: str, resolutions: list[int], batch: int, dtype: str, iters: int,
     print(f"diffusers: PyTorch {_torch_version()} on {_torch_device()}"
           + ("" if _torch_device() != "cpu" else f", {torch_threads(threads)}"))
     torch_timings = time_torch(config_dict, resolutions, batch, dtype, iters, torch_compile)
-  print(HEADER)
-  for resolution in resolutions:
-    rows = [t for t in jax_timings + torch_timings if t.resolution == resolution]
-    by_impl = {t.impl: t.step_s for t in rows}
-    for timing in rows:
-      print(timing.row(by_impl.get("diffusers eager"), by_impl.get("diffusers compile"), peak_rate))
+  by_resolution = sorted(jax_timings + torch_timings, key=lambda t: resolutions.index(t.resolution))
+  print(table.render(columns(by_resolution, peak_rate), by_resolution))
   print("TFLOP/s: analytic FLOPs of the forward (convs, linears, attention matmuls) / step time; of mm: that over "
         "the measured matmul rate; XLA/anl: XLA's "
         "cost-analysis FLOPs over the analytic count; ×eager/×compile: diffusers' step time over this row's; peak: "

@@ -7,6 +7,7 @@ parser, one module of this package per command family adding its subcommand.
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 
@@ -15,7 +16,18 @@ import jax
 from dfjax.commands import bench, convert, generate, train
 from sharding.distributed import ProcessGroup, initialize
 
-_BAD_INPUT = (ValueError, FileExistsError, FileNotFoundError, ConnectionError, FloatingPointError)
+# What the user can fix: bad values, and every OSError (missing, existing or unwritable paths, a file
+# where a folder is expected, a full disk, an unreachable coordinator). Anything else is a bug and keeps
+# its traceback.
+_BAD_INPUT = (ValueError, OSError, FloatingPointError)
+_OS_FIXES = {
+    errno.EACCES: "choose a location you may write to (or read, for an input) or change its permissions",
+    errno.EPERM: "choose a location you may write to or change its permissions",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENOTDIR: "a file is where a folder is expected: move it away or choose another path",
+    errno.EISDIR: "a folder is where a file is expected: choose a file path",
+    errno.ENOSPC: "free some space or choose another disk",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     initialize(ProcessGroup.from_env(args.coordinator, args.num_processes, args.process_id))
     args.run(args)
   except _BAD_INPUT as error:  # bad input: what and how to fix
-    print(f"dfjax {args.command}: error: {error}", file=sys.stderr)
+    command = " ".join(filter(None, (args.command, getattr(args, "bench", None))))  # e.g. "bench fidelity"
+    print(f"dfjax {command}: error: {error_message(error)}", file=sys.stderr)
     return 2
   return 0
+
+
+def error_message(error: Exception) -> str:
+  """The error's own text; for an OSError from the system, its reason, its path(s) and the usual fix."""
+  if not isinstance(error, OSError) or error.strerror is None:
+    return str(error)
+  paths = " → ".join(repr(str(f)) for f in (error.filename, error.filename2) if f is not None)
+  fix = _OS_FIXES.get(error.errno)
+  return f"{error.strerror}{f': {paths}' if paths else ''}{f' ({fix})' if fix else ''}"
 
 
 def _use_cpu_devices(count: int) -> None:

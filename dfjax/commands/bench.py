@@ -6,7 +6,8 @@ The measurements themselves live in dfjax/bench/; this module only parses flags 
 from __future__ import annotations
 
 from dfjax.bench import fidelity, simulate, strategies, unet
-from dfjax.commands.options import add_groupnorm_argument, add_strategy_argument, strategies_over
+from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
+                                   strategies_over, strategy_flag)
 from models.presets import PRESETS
 from sharding.axes import PATCH
 
@@ -49,47 +50,34 @@ def _add_strategies(benches) -> None:
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts to compare")
   parser.add_argument("--cfg", type=int, choices=[1, 2], default=1,
                       help="split guidance over 2 device groups")
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--num-steps", "--steps", type=int, default=10, help="DDIM steps (default 10)")
   parser.add_argument("--warmup-steps", type=int, default=4)
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=3)
   parser.set_defaults(run=lambda args: strategies.run(args.config, args.resolution, args.patch, args.cfg,
-                                                      args.steps, args.warmup_steps, args.dtype, args.iters))
+                                                      args.num_steps, args.warmup_steps, args.dtype,
+                                                      args.iters))
 
 
 def _add_fidelity(benches) -> None:
-  d = fidelity.FidelityConfig()
   parser = benches.add_parser(
       "fidelity", help="PSNR/SSIM of displaced and naive vs single (DistriFusion Table 1's shape)",
       description="For each patch count and GroupNorm mode, PSNR and SSIM of displaced and naive "
       "images against single over --seeds seeds (one batched sample call per configuration), then "
       "a warm-up ablation with 10-step DPM-Solver++(2M). The default run takes tens of minutes on a "
       "2-core CPU.")
-  parser.add_argument("--seeds", type=int, default=d.seeds,
-                      help=f"images per configuration (default {d.seeds})")
-  parser.add_argument("--steps", type=int, default=d.steps,
-                      help=f"DDIM steps of the main table (default {d.steps})")
-  parser.add_argument("--patch", type=int, nargs="+", default=list(d.patch),
-                      help=f"patch counts (default {' '.join(map(str, d.patch))})")
-  add_groupnorm_argument(parser, d.groupnorm, several=True)
-  parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                      help=f"displaced warm-up of the main table (default {d.warmup_steps})")
-  parser.add_argument("--ablation-patch", type=int, default=None,
-                      help="patch count of the warm-up ablation (default: the largest --patch; 0 skips it)")
-  parser.add_argument("--guidance", type=float, default=d.guidance_scale,
-                      help=f"classifier-free guidance scale (default {d.guidance_scale:g})")
-  parser.add_argument("--checkpoint", metavar="DIR",
-                      help="a `dfjax train` model folder instead of the embedded model")
+  add_config_arguments(parser, fidelity.FidelityConfig, {
+      "seeds": Flag("images per configuration"),
+      "steps": Flag("DDIM steps of the main table", name="num_steps", aliases=("--steps",)),
+      "patch": Flag("patch counts"),
+      "groupnorm": groupnorm_flag(several=True),
+      "warmup_steps": Flag("displaced warm-up of the main table"),
+      "ablation_patch": Flag("patch count of the warm-up ablation (default: the largest --patch; 0: none)"),
+      "guidance_scale": Flag("classifier-free guidance scale", aliases=("--guidance",)),
+      "checkpoint": Flag("a `dfjax train` model folder instead of the embedded model", metavar="DIR")})
   parser.add_argument("--json", metavar="OUT", help="also write every per-seed value to this JSON file")
-  parser.set_defaults(run=_run_fidelity)
-
-
-def _run_fidelity(args) -> None:
-  config = fidelity.FidelityConfig(seeds=args.seeds, steps=args.steps, patch=tuple(args.patch),
-                                   groupnorm=tuple(args.groupnorm), warmup_steps=args.warmup_steps,
-                                   ablation_patch=args.ablation_patch, guidance_scale=args.guidance,
-                                   checkpoint=args.checkpoint)
-  fidelity.run(config, args.json, command=args.command_line)
+  parser.set_defaults(run=lambda args: fidelity.run(config_from_args(fidelity.FidelityConfig, args),
+                                                    args.json, command=args.command_line))
 
 
 def _add_simulate(benches) -> None:
@@ -107,8 +95,9 @@ def _add_simulate(benches) -> None:
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
-  add_strategy_argument(parser, ["exact", "displaced"], "strategies to simulate", simulate.simulated_strategies())
-  add_groupnorm_argument(parser, "corrected_async")
+  add_flag(parser, "strategies", tuple[str, ...],
+           strategy_flag("strategies to simulate", simulate.simulated_strategies()), ("exact", "displaced"))
+  add_flag(parser, "groupnorm", str, groupnorm_flag(), "corrected_async")
   parser.add_argument("--hlo-comm", action="store_true",
                       help="also compile the real N-device sampling program and read its per-step traffic "
                       "(needs N devices: on a CPU the virtual ones; for tiny configs)")
@@ -116,5 +105,5 @@ def _add_simulate(benches) -> None:
                       help="fixed cost per collective added to the communication time "
                       "(default 0: bandwidth only)")
   parser.set_defaults(run=lambda args: simulate.run(args.config, args.resolution, args.patch, args.dtype,
-                                                    args.iters, args.strategy, args.groupnorm, args.hlo_comm,
-                                                    args.latency_us))
+                                                    args.iters, args.strategies, args.groupnorm,
+                                                    args.hlo_comm, args.latency_us))

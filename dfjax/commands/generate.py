@@ -6,15 +6,17 @@ import time
 
 import numpy as np
 
+from dfjax.bench import table
+from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
-from dfjax.commands.options import (add_groupnorm_argument, add_strategy_argument, strategies_over,
-                                   strategies_taking)
+from dfjax.commands.options import (Flag, add_config_arguments, config_from_args, groupnorm_flag,
+                                   strategies_over, strategies_taking, strategy_flag)
 from dfjax.generation import REFERENCE, GenerateConfig, GenerateResult, StrategyRun, generate
 from sharding.axes import PATCH
 
 
 def register(commands) -> None:
-  """Adds `generate` to the `dfjax` parser's subcommands, its defaults from GenerateConfig."""
+  """Adds `generate` to the `dfjax` parser's subcommands, one flag per GenerateConfig field."""
   d = GenerateConfig()
   parser = commands.add_parser(
       "generate", help=f"sample with {'/'.join(d.strategies)}, write PNGs, print times and PSNR",
@@ -23,43 +25,28 @@ def register(commands) -> None:
       f"prints compile and sampling time and PSNR/SSIM against `{REFERENCE}`. With no checkpoint it runs "
       "the embedded model (class-conditional, 64×64 RGB, one image per class). On a CPU the devices "
       "are virtual and share the cores: times show cost, not speed-up.")
-  parser.add_argument("--checkpoint", metavar="DIR",
-                      help="a `dfjax train` model folder, or a `dfjax convert`ed diffusers UNet. dfjax has "
-                      "no text encoder or VAE yet: a text-to-image UNet runs text-free (seeded random "
-                      "prompt embeddings of its cross-attention width, zeros for the unconditional half), "
-                      "and its latents are drawn as pictures of their first 3 channels, not decoded")
+  add_config_arguments(parser, GenerateConfig, {
+      "checkpoint": Flag(
+          "a `dfjax train` model folder, or a `dfjax convert`ed diffusers UNet. dfjax has no text encoder "
+          "or VAE yet: a text-to-image UNet runs text-free (seeded random prompt embeddings of its "
+          "cross-attention width, zeros for the unconditional half), and its latents are drawn as pictures "
+          "of their first 3 channels, not decoded", metavar="DIR"),
+      "strategies": strategy_flag(f"strategies to run, in order ({REFERENCE} is the reference)"),
+      "patch": Flag(f"row patches of {strategies_over(PATCH)} (default: all devices the cfg axis leaves, at "
+                    "most 8 for 64 rows)"),
+      "cfg": Flag("2 runs the guidance halves on two device groups (mesh cfg × patch)"),
+      "steps": Flag("denoising steps", name="num_steps", aliases=("--steps",)),
+      "scheduler": Flag("ddim, euler or dpmpp_2m"),
+      "guidance_scale": Flag("classifier-free guidance scale", aliases=("--guidance",)),
+      "warmup_steps": Flag(f"{strategies_taking('warmup_steps')}: synchronous steps after the first"),
+      "groupnorm": groupnorm_flag(),
+      "seed": Flag("noise seed"),
+      "images": Flag("batch size (default: one image per class)"),
+      "size": Flag("sample side in rows (default: the model's sample_size)"),
+      "out": Flag("output folder")})
   parser.add_argument("--devices", type=int, default=None,
                       help="virtual CPU devices (same as the global --cpu-devices; ignored on accelerators)")
-  parser.add_argument("--patch", type=int, default=None,
-                      help=f"row patches of {strategies_over(PATCH)} (default: all devices the cfg axis "
-                      "leaves, at most 8 for 64 rows)")
-  parser.add_argument("--cfg", type=int, default=d.cfg,
-                      help="2 runs the guidance halves on two device groups (mesh cfg × patch)")
-  add_strategy_argument(parser, d.strategies, f"strategies to run, in order ({REFERENCE} is the reference)")
-  parser.add_argument("--steps", type=int, default=d.steps, help=f"denoising steps (default {d.steps})")
-  parser.add_argument("--scheduler", default=d.scheduler,
-                      help=f"ddim, euler or dpmpp_2m (default {d.scheduler})")
-  parser.add_argument("--guidance", type=float, default=d.guidance_scale,
-                      help=f"classifier-free guidance scale (default {d.guidance_scale:g})")
-  parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                      help=f"{strategies_taking('warmup_steps')}: synchronous steps after the first "
-                      f"(default {d.warmup_steps})")
-  add_groupnorm_argument(parser, d.groupnorm)
-  parser.add_argument("--seed", type=int, default=d.seed, help=f"noise seed (default {d.seed})")
-  parser.add_argument("--images", type=int, default=None, help="batch size (default: one image per class)")
-  parser.add_argument("--size", type=int, default=None,
-                      help="sample side in rows (default: the model's sample_size)")
-  parser.add_argument("--out", default=d.out, help=f"output folder (default ./{d.out})")
-  parser.set_defaults(run=_run_args)
-
-
-def _run_args(args) -> None:
-  run(GenerateConfig(
-      checkpoint=args.checkpoint, strategies=tuple(args.strategy), patch=args.patch, cfg=args.cfg,
-      steps=args.steps, scheduler=args.scheduler, guidance_scale=args.guidance,
-      warmup_steps=args.warmup_steps, groupnorm=args.groupnorm, seed=args.seed, images=args.images,
-      size=args.size, out=args.out),
-      command=args.command_line)
+  parser.set_defaults(run=lambda args: run(config_from_args(GenerateConfig, args), command=args.command_line))
 
 
 def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResult:
@@ -68,20 +55,20 @@ def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResu
   result = generate(config)
   print(f"model: {result.description}")
   print(f"machine: {device_name()}; command: {command}; wall time {time.perf_counter() - start:.0f} s")
-  print(format_table(result.runs))
+  print(table.render(COLUMNS, result.runs))
   print(f"wrote {', '.join(str(f) for f in result.files)}")
   return result
 
 
-def format_table(runs: list[StrategyRun]) -> str:
-  """Per strategy: mesh, compile and sampling seconds, mean PSNR / SSIM against the reference."""
-  rows = [f"{'strategy':<10} {'mesh':<42} {'compile s':>9} {'sample s':>9} {'PSNR dB':>8} {'SSIM':>6}"]
-  for run in runs:
-    if run.psnr_db is None:
-      psnr, ssim = "—", "—"
-    elif run.name == REFERENCE:
-      psnr, ssim = "ref", "ref"
-    else:
-      psnr, ssim = f"{np.mean(run.psnr_db):.2f}", f"{np.mean(run.ssim):.3f}"
-    rows.append(f"{run.name:<10} {run.mesh:<42} {run.compile_s:9.1f} {run.sample_s:9.1f} {psnr:>8} {ssim:>6}")
-  return "\n".join(rows)
+def _against_reference(metric: str):
+  """The column value of `metric` (psnr_db or ssim): its batch mean, "ref" for the reference itself."""
+  def value(run: StrategyRun):
+    values = getattr(run, metric)
+    return None if values is None else "ref" if run.name == REFERENCE else float(np.mean(values))
+  return value
+
+
+COLUMNS = (Column("strategy", "name", width=10, align="<"), Column("mesh", "mesh", width=42, align="<"),
+           Column("compile s", "compile_s", ".1f", 9), Column("sample s", "sample_s", ".1f", 9),
+           Column("PSNR dB", _against_reference("psnr_db"), ".2f", 8),
+           Column("SSIM", _against_reference("ssim"), ".3f", 6))
