@@ -1,14 +1,22 @@
-"""`dfjax generate` end to end through the CLI: files written, metrics printed, bad flags refused."""
+"""`dfjax generate` end to end through the CLI (files written, metrics printed, bad flags refused), and what
+it checks before and after the work: the output location first, no NaN images, metrics.json valid JSON."""
 
 import json
+import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from dfjax import commands, generation, images
+from dfjax import commands, generation, images, metrics
+from dfjax.bench import fidelity
+from dfjax.bench.unet import random_unet
 from dfjax.commands import generate as generate_command
+from dfjax.generation import GenerateConfig, StrategyRun
 from dfjax.inputs import initial_noise
+from dfjax.sampling import Conditioning
+from models.config import UNetConfig
 from sharding.strategies import strategy_names
 
 
@@ -107,3 +115,86 @@ def test_latent_pictures_share_the_reference_scale():
   assert pictures.shape == (2, 8, 8, 3) and pictures.min() >= -1 and pictures.max() <= 1
   np.testing.assert_array_equal(images.latents_to_images(latents, latents), pictures)
   assert not np.array_equal(images.latents_to_images(latents * 2, latents), pictures)
+
+
+def _strict_json(text: str):
+  """JSON as the standard defines it: no NaN, Infinity or -Infinity."""
+  return json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds a bare {name}"))
+
+
+def test_metrics_json_is_valid_json_when_images_are_identical(tmp_path):
+  pictures = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3))
+  other = pictures.copy()
+  other[1, 0, 0] = -pictures[1, 0, 0]  # image 0 identical, image 1 not
+  psnr_b = metrics.psnr(metrics.to_unit_range(other), metrics.to_unit_range(pictures))
+  ssim_b = metrics.ssim(metrics.to_unit_range(other), metrics.to_unit_range(pictures))
+  runs = [StrategyRun("single", "cfg=1×patch=1", 1.0, 2.0, pictures, None, None),
+          StrategyRun("exact", "cfg=1×patch=2", 1.0, 2.0, other, psnr_b, ssim_b)]
+  generation.write_outputs(tmp_path, runs, ["a", "b"])
+  summary = _strict_json((tmp_path / "metrics.json").read_text())["runs"]
+  assert summary["single"]["psnr_db"] is None and summary["single"]["identical"] is None
+  exact = summary["exact"]
+  assert exact["psnr_db"][0] is None and exact["identical"] == [True, False]
+  assert exact["psnr_db"][1] > 20 and exact["ssim"][0] == 1.0
+
+
+TINY_UNET = UNetConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                       num_attention_heads=2, cross_attention_dim=8, sample_size=8,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def _poisoned_source() -> generation.Source:
+  """A tiny latent-space UNet whose output is NaN (its last conv's bias is)."""
+  unet = random_unet(TINY_UNET, jnp.float32)
+  unet.conv_out.bias.set_value(jnp.full_like(unet.conv_out.bias.get_value(), jnp.nan))
+  text = np.random.default_rng(0).standard_normal((2, 3, 8), np.float32)
+  return generation.Source(unet, None, Conditioning(text), Conditioning(np.zeros_like(text)), ["a", "b"],
+                           pixel_space=False, description="tiny UNet")
+
+
+def test_generate_fails_at_the_first_bad_step_and_writes_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(generation, "embedded_source", lambda count: _poisoned_source())
+  out = tmp_path / "out"
+  config = GenerateConfig(strategies=("single", "exact"), patch=2, steps=2, out=str(out))  # fails in single
+  message = r"single on cfg=1×patch=1: the latents became NaN or infinite at step 0 of 2"
+  with pytest.raises(FloatingPointError, match=message):
+    generation.generate(config, progress=False)
+  assert not out.exists()
+
+
+def test_generate_checks_the_output_folder_before_loading_the_model(tmp_path, monkeypatch):
+  monkeypatch.setattr(generation, "embedded_source", lambda count: pytest.fail("the model was loaded"))
+  a_file = tmp_path / "taken"
+  a_file.write_text("the user's file")
+  with pytest.raises(NotADirectoryError, match="the output folder is a file") as error:
+    generation.generate(GenerateConfig(out=str(a_file)), progress=False)
+  assert error.value.filename == str(a_file) and a_file.read_text() == "the user's file"
+  with pytest.raises(NotADirectoryError, match="a file is on its way") as error:
+    generation.generate(GenerateConfig(out=str(a_file / "out")), progress=False)
+  assert error.value.filename == str(a_file)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_generate_refuses_a_read_only_folder_before_loading_the_model(tmp_path, monkeypatch):
+  monkeypatch.setattr(generation, "embedded_source", lambda count: pytest.fail("the model was loaded"))
+  tmp_path.chmod(0o555)
+  try:
+    with pytest.raises(PermissionError, match="permission denied"):
+      generation.generate(GenerateConfig(out=str(tmp_path / "out")), progress=False)
+  finally:
+    tmp_path.chmod(0o755)
+
+
+def test_bench_fidelity_checks_its_json_path_before_measuring(tmp_path, monkeypatch):
+  monkeypatch.setattr(fidelity, "measure", lambda *a, **k: pytest.fail("measured"))
+  with pytest.raises(IsADirectoryError, match="the output file is a folder"):
+    fidelity.run(fidelity.FidelityConfig(), json_out=str(tmp_path))
+
+
+def test_fidelity_rows_are_valid_json_when_images_are_identical():
+  psnr_db, ssim = np.array([np.inf, 30.0]), np.array([1.0, 0.9])  # seed 0 identical to single's
+  row = fidelity.Row("main", "displaced", "corrected_async", 2, 4, psnr_db, ssim, 1.0, 2.0)
+  as_json = _strict_json(json.dumps(row.to_json(), allow_nan=False))
+  assert as_json["psnr_db"] == [None, 30.0] and as_json["identical"] == [True, False]
+  assert as_json["psnr_mean"] is None and as_json["ssim_mean"] == pytest.approx(0.95)

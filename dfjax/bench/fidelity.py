@@ -28,8 +28,8 @@ from dfjax import metrics
 from dfjax.bench import table
 from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
-from dfjax.generation import (DEFAULT_GUIDANCE, Source, checkpoint_source, embedded_source, resolve_patch,
-                              timed_sample)
+from dfjax.generation import (DEFAULT_GUIDANCE, Source, check_output_path, checkpoint_source, embedded_source,
+                              resolve_patch, timed_sample)
 from dfjax.inputs import initial_noise
 from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import make_mesh
@@ -89,11 +89,15 @@ class Row:
   sample_s: float
 
   def to_json(self) -> dict:
+    """The row as valid JSON: a PSNR of ∞ (an image identical to single's) is null, flagged in `identical`."""
+    with np.errstate(invalid="ignore"):  # the std of values with an ∞ is NaN: null
+      (psnr_mean, psnr_std), (ssim_mean, ssim_std) = (metrics.json_values([np.mean(v), np.std(v)])
+                                                      for v in (self.psnr_db, self.ssim))
     return {**{k: getattr(self, k) for k in ("table", "strategy", "groupnorm", "patch", "warmup_steps",
                                              "compile_s", "sample_s")},
-            "psnr_db": self.psnr_db.tolist(), "ssim": self.ssim.tolist(),
-            "psnr_mean": float(np.mean(self.psnr_db)), "psnr_std": float(np.std(self.psnr_db)),
-            "ssim_mean": float(np.mean(self.ssim)), "ssim_std": float(np.std(self.ssim))}
+            "psnr_db": metrics.json_values(self.psnr_db), "identical": metrics.identical(self.psnr_db),
+            "ssim": metrics.json_values(self.ssim), "psnr_mean": psnr_mean, "psnr_std": psnr_std,
+            "ssim_mean": ssim_mean, "ssim_std": ssim_std}
 
 
 def _configurations(config: FidelityConfig, ablation_patch: int):
@@ -188,7 +192,13 @@ def format_tables(rows: list[Row], config: FidelityConfig) -> str:
 
 
 def run(config: FidelityConfig, json_out: str | None = None, command: str = "dfjax bench fidelity") -> list[Row]:
-  """`dfjax bench fidelity`: measures, prints the tables with machine and command, writes JSON."""
+  """`dfjax bench fidelity`: measures, prints the tables with machine and command, writes JSON.
+
+  An unwritable `json_out` raises its OSError before anything runs (`check_output_path`); a run
+  whose latents turn NaN or infinite raises FloatingPointError naming it, and nothing is written.
+  """
+  if json_out:
+    check_output_path(Path(json_out), folder=False)
   start = time.perf_counter()
   rows, source = measure(config)
   wall_s = time.perf_counter() - start
@@ -199,6 +209,7 @@ def run(config: FidelityConfig, json_out: str | None = None, command: str = "dfj
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).write_text(json.dumps(
         {"model": source.description, "machine": device_name(), "command": command, "wall_s": wall_s,
-         "config": dataclasses.asdict(config), "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+         "config": dataclasses.asdict(config), "rows": [r.to_json() for r in rows]}, indent=2, allow_nan=False)
+        + "\n")
     print(f"wrote {json_out}")
   return rows

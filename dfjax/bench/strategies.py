@@ -8,6 +8,7 @@ On a CPU the devices are virtual and share the cores: times are CPU numbers, not
 """
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -75,6 +76,11 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
         dtype: str, iters: int) -> list[StrategyRun]:
   unet_config = UNetConfig.from_diffusers_config(load_config(config))
   side = latent_size(unet_config, resolution)
+  row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
+                    for name in strategy_names() if PATCH in strategy_class(name).axes]
+  meshes = {patch: make_mesh(1, cfg, patch) for patch in patches}  # too few devices fail here
+  for strategy, mesh in itertools.product(row_strategies, meshes.values()):  # bad patch counts, before `single`
+    strategy.validate(unet_config, side, side, axis_sizes(mesh))
   jdtype = DTYPES[dtype]
   model = nnx.jit(lambda: UNet2DConditionModel(unet_config, rngs=nnx.Rngs(0), dtype=jdtype, param_dtype=jdtype))()
   rng = np.random.default_rng(0)
@@ -88,10 +94,7 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
   print(table.header(printed))
   print(table.line(printed, single))
   runs = [single]
-  row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
-                    for name in strategy_names() if PATCH in strategy_class(name).axes]
-  for patch in patches:
-    mesh = make_mesh(1, cfg, patch)
+  for mesh in meshes.values():
     for strategy in row_strategies:
       runs.append(_measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes))
       print(table.line(printed, runs[-1]))

@@ -13,16 +13,17 @@ fused attention, so there it falls short by the attention share).
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.format import read_unet_config
 from dfjax.bench import table
 from dfjax.bench.flops import analytic_unet_flops
 from dfjax.bench.table import Column
@@ -71,13 +72,12 @@ def columns(timings: list[UNetTiming], matmul_rate: float) -> tuple[Column, ...]
 
 
 def load_config(name_or_path: str) -> dict:
-  """A preset name (see models/presets.py) or a diffusers config.json path."""
+  """A preset name (see models/presets.py) or a diffusers UNet config.json path, checked to be a UNet's."""
   if name_or_path in PRESETS:
     return unet_preset(name_or_path)
   if not os.path.isfile(name_or_path):
     raise ValueError(f"--config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file.")
-  with open(name_or_path) as f:
-    return json.load(f)
+  return read_unet_config(Path(name_or_path))
 
 
 def latent_size(config: UNetConfig, resolution: int, patches: int = 1) -> int:
