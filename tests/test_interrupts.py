@@ -101,6 +101,8 @@ def test_sigint_while_orbax_writes(sources, old):
   before = _contents(old)
   result = _convert_interrupted(sources["big"], old, signal.SIGINT, "orbax writing")
   _check_interrupted(result, old, before, signal.SIGINT)
+  assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "dfjax convert: interrupted; no checkpoint was left half-written" in result.stderr
 
 
 @pytest.mark.slow

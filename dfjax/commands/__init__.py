@@ -56,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     initialize(ProcessGroup.from_env(args.coordinator, args.num_processes, args.process_id))
     args.run(args)
   except _BAD_INPUT as error:  # bad input: what and how to fix
-    command = " ".join(filter(None, (args.command, getattr(args, "bench", None))))  # e.g. "bench fidelity"
-    print(f"dfjax {command}: error: {error_message(error)}", file=sys.stderr)
+    print(f"dfjax {_command(args)}: error: {error_message(error)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # the writers have finished and cleaned up (convert/atomic.py) before it arrives
+    print(f"dfjax {_command(args)}: interrupted; no checkpoint was left half-written", file=sys.stderr)
+    return 130
   return 0
+
+
+def _command(args) -> str:
+  return " ".join(filter(None, (args.command, getattr(args, "bench", None))))  # e.g. "bench fidelity"
 
 
 def error_message(error: Exception) -> str:
