@@ -69,7 +69,8 @@ class Attention(nnx.Module):
     """Queries from `at.tokens` image tokens, keys from them (self) or from `at.text_tokens` (cross)."""
     t, s = at.tokens, at.tokens if self.is_self_attention else at.text_tokens
     inner = self.to_q.kernel.shape[1]
-    kv = (Exchange("kv", self.ctx_key, at.rows, at.cols, inner),) if self.is_self_attention else ()
+    kv = ((Exchange("kv", self.ctx_key, at.rows, at.cols, inner, heads=self.heads),)
+          if self.is_self_attention else ())
     attend = Cost({"attention": 2 * 2 * t * s * inner}, kv)  # Q·Kᵀ and P·V
     return self.to_q.cost(t) + self.to_k.cost(s) + self.to_v.cost(s) + attend + self.to_out.cost(t)
 

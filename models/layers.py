@@ -122,6 +122,7 @@ class Exchange:
   cols: int
   channels: int  # halo: the conv's input channels; kv: heads × head width; moments: groups
   halo_rows: int = 0  # halo: rows asked for above and below
+  heads: int = 0      # kv: attention heads (Ulysses splits them over devices)
 
 
 @dataclasses.dataclass(frozen=True)

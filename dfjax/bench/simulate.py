@@ -47,8 +47,6 @@ def simulated_strategies() -> tuple[str, ...]:
   so a strategy registered later is one too)."""
   return tuple(name for name in strategy_names() if PATCH in strategy_class(name).axes)
 
-COLLECTIVES_PER_SITE = {"halo": 2, "input_halo": 2, "kv": 1, "moments": 1}  # a halo comes from above and below
-
 
 @dataclasses.dataclass(frozen=True)
 class Link:
@@ -164,8 +162,7 @@ def comm_bytes(config: UNetConfig, side: int, num_patches: int, strategy: Strate
   """(synchronous bytes, overlappable bytes, collectives) one interior device receives per steady step."""
   volume = strategy.expected_traffic(config, side, side, simulated_sizes(num_patches), 2, activation_bytes)
   overlapped = strategy.overlapped_kinds()
-  sites = [site for site in analytic.exchange_sites(config) if site.kind in volume]
-  collectives = sum(COLLECTIVES_PER_SITE[site.kind] for site in sites)
+  collectives = analytic.collectives_per_step(config, volume, num_patches)
   return (sum(b for kind, b in volume.items() if kind not in overlapped),
           sum(b for kind, b in volume.items() if kind in overlapped), collectives)
 

@@ -1,35 +1,71 @@
-"""Analytic communication volume and stale-buffer size of patch parallelism for a UNet config.
+"""Analytic communication volume and stale-buffer size of patch and sequence parallelism for a model.
 
 Derived from the architecture alone: the model's own list of its requests to the parallel
 context (every k×k conv's halo, self-attention's K/V and GroupNorm's moments, each at its
-resolution; `models.unet.segment_costs`), so that the figures read from a compiled program
-(sharding/accounting/comm.py) can be checked against it. Per device and per step, for one patch
-of `num_patches` row patches, interior device (edge devices receive only one halo side):
+resolution: its segments' costs, `models.unet.segment_costs` for a UNet, a DiT's or PixArt's own),
+so that the figures read from a compiled program (sharding/accounting/comm.py) can be checked
+against it. Per device and per step, for one patch of `num_patches` row patches, interior device
+(edge devices receive only one halo side):
   halo     every k×k conv (k > 1) receives k//2 rows from each neighbour: 2·(k//2)·W·C values;
   input_halo  the same for the conv on the model's input (exchanged fresh in every step, never stale);
   kv       every self-attention receives the K and V of the other patches: 2·(n−1)·T_patch·C;
+  alltoall Ulysses instead: four all-to-alls per self-attention (q, k, v to head sharding, the
+           output back), each receiving (n−1)/n of the local T_patch·C tensor: 4·(n−1)·T_patch·C/n;
+  ring     ring attention instead: n−1 K/V block transfers per self-attention: 2·(n−1)·T_patch·C;
   moments  every GroupNorm receives the (E[x], E[x²]) of the other patches: (n−1)·G·2 fp32 values.
 The displaced strategy keeps one step's exchanges per device as its stale buffers: the halos,
 the full-image K/V (2·n·T_patch·C per layer) and the n devices' moments.
 """
 
+import functools
+
+from flax import nnx
+
 from models.config import UNetConfig
-from models.layers import Exchange, Workload, total
+from models.dit import DiTTransformer2DModel, PixArtTransformer2DModel
+from models.dit_config import PixArtConfig
+from models.layers import Cost, Exchange, Workload, total
 from models.unet import segment_costs
 
 MOMENT_BYTES = 4  # GroupNorm statistics stay fp32
 
 
-def exchange_sites(config: UNetConfig, height: int | None = None, width: int | None = None) -> list[Exchange]:
-  """Every request of the UNet to the parallel context in one forward of a `height` × `width` latent,
-  in call order. Which requests there are does not depend on the size (only their volumes do): by
-  default, the smallest latent the UNet takes."""
+def exchange_sites(config, height: int | None = None, width: int | None = None) -> list[Exchange]:
+  """Every request of the model (UNet, DiT or PixArt) to the parallel context in one forward of a
+  `height` × `width` latent, in call order. Which requests there are does not depend on the size
+  (only their volumes do): by default, the smallest latent the model takes."""
   height, width = height or config.row_granularity, width or config.row_granularity
-  costs = segment_costs(config, Workload(height, width, text_tokens=1))  # the text asks for nothing
+  costs = _segment_costs(config, Workload(height, width, text_tokens=1))  # the text asks for nothing
   return list(total(costs.values()).exchanges)
 
 
-def _values(site: Exchange, num_patches: int, stored: bool) -> int:
+def _segment_costs(config, latent: Workload) -> dict[str, Cost]:
+  if isinstance(config, UNetConfig):
+    return segment_costs(config, latent)
+  return {segment.name: segment.cost(latent) for segment in _abstract_transformer(config).segments()}
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_transformer(config):
+  """The DiT or PixArt model of `config` with abstract params: its layout, no weights. Read-only."""
+  model_class = PixArtTransformer2DModel if isinstance(config, PixArtConfig) else DiTTransformer2DModel
+  return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
+
+
+ATTENTION_KINDS = ("kv", "alltoall", "ring")  # self-attention's exchange: K/V gathered, Ulysses, ring
+# Collectives per site by traffic kind (a halo: from above and from below; ring: n−1, see below).
+COLLECTIVES = {"halo": 2, "input_halo": 2, "kv": 1, "moments": 1, "alltoall": 4}
+
+
+def collectives_per_step(config, kinds, num_patches: int) -> int:
+  """Collectives one device runs per step for the traffic `kinds` (keys of `bytes_per_step`)."""
+  per_site = COLLECTIVES | {"ring": num_patches - 1}  # the ring passes n−1 K/V blocks on
+  site_kind = {kind: "kv" for kind in ATTENTION_KINDS}
+  return sum(per_site[kind] for kind in kinds for site in exchange_sites(config)
+             if site.kind == site_kind.get(kind, kind))
+
+
+def _values(site: Exchange, num_patches: int, stored: bool, attention: str) -> int:
   """Values one device receives (stored=False) or keeps as stale (stored=True) for a site, per sample."""
   patch_tokens = site.rows // num_patches * site.cols
   match site.kind:
@@ -37,7 +73,9 @@ def _values(site: Exchange, num_patches: int, stored: bool) -> int:
       return 2 * site.halo_rows * site.cols * site.channels
     case "input_halo":  # exchanged in every step, so never kept as stale state
       return 0 if stored else 2 * site.halo_rows * site.cols * site.channels
-    case "kv":
+    case "kv" if attention == "alltoall":  # q, k, v and the output; 1/n of each stays on the device
+      return 4 * (num_patches - 1) * patch_tokens * site.channels // num_patches
+    case "kv":  # gathered, or rotated block by block (ring): the other patches' K and V either way
       return 2 * (num_patches if stored else num_patches - 1) * patch_tokens * site.channels
     case "moments":
       return (num_patches if stored else num_patches - 1) * site.channels * 2
@@ -45,13 +83,19 @@ def _values(site: Exchange, num_patches: int, stored: bool) -> int:
       raise ValueError(f"unknown site kind {site.kind!r}; valid: halo, input_halo, kv, moments")
 
 
-def bytes_per_step(config: UNetConfig, height: int, width: int, num_patches: int, batch: int,
-                   activation_bytes: int) -> dict[str, int]:
-  """Bytes one interior device receives per synchronous step, by kind, for a local batch."""
-  return _total(config, height, width, num_patches, batch, activation_bytes, stored=False)
+def bytes_per_step(config, height: int, width: int, num_patches: int, batch: int,
+                   activation_bytes: int, attention: str = "kv") -> dict[str, int]:
+  """Bytes one interior device receives per synchronous step, by kind, for a local batch.
+
+  `attention`: how self-attention exchanges (`ATTENTION_KINDS`), the kind its bytes are listed under.
+  """
+  if attention not in ATTENTION_KINDS:
+    raise ValueError(f"unknown attention exchange {attention!r}; valid: {', '.join(ATTENTION_KINDS)}")
+  return _total(config, height, width, num_patches, batch, activation_bytes, stored=False,
+                attention=attention)
 
 
-def stale_bytes(config: UNetConfig, height: int, width: int, num_patches: int, batch: int,
+def stale_bytes(config, height: int, width: int, num_patches: int, batch: int,
                 activation_bytes: int, stale_moments: bool = True) -> dict[str, int]:
   """Bytes of stale buffers one device keeps for the displaced strategy, by kind."""
   totals = _total(config, height, width, num_patches, batch, activation_bytes, stored=True)
@@ -61,9 +105,11 @@ def stale_bytes(config: UNetConfig, height: int, width: int, num_patches: int, b
   return totals
 
 
-def _total(config, height, width, num_patches, batch, activation_bytes, stored) -> dict[str, int]:
-  totals = {"halo": 0, "input_halo": 0, "kv": 0, "moments": 0}
+def _total(config, height, width, num_patches, batch, activation_bytes, stored,
+           attention="kv") -> dict[str, int]:
+  totals = {"halo": 0, "input_halo": 0, attention: 0, "moments": 0}
   for site in exchange_sites(config, height, width):
     width_bytes = MOMENT_BYTES if site.kind == "moments" else activation_bytes
-    totals[site.kind] += batch * width_bytes * _values(site, num_patches, stored)
+    kind = attention if site.kind == "kv" else site.kind
+    totals[kind] += batch * width_bytes * _values(site, num_patches, stored, attention)
   return totals

@@ -4,12 +4,13 @@ Read from the compiled program itself, so it counts what XLA really runs. Each t
 `while` loop is one phase's `lax.scan` (one iteration per step); the collectives in its body,
 and in what the body calls, are that phase's per-step traffic.
 
-Bytes are what one device receives per step: an all-gather brings (n−1)/n of its output, a
-collective-permute its whole output (interior devices of a patch ring; edge devices get less),
-an all-reduce moves its payload.
+Bytes are what one device receives per step: an all-gather and an all-to-all bring (n−1)/n of
+their output, a collective-permute its whole output (interior devices of a patch ring; edge
+devices get less), an all-reduce moves its payload.
 """
 
 import dataclasses
+import re
 
 from sharding.accounting import hlo
 
@@ -52,8 +53,21 @@ def _received_bytes(inst: hlo.Instruction, shapes: dict[str, str]) -> int:
       return out - operand
     case "reduce-scatter":
       return operand - out
+    case "all-to-all":  # the device keeps its own 1/n share
+      return out - out // _group_size(inst)
     case _:
       return out
+
+
+def _group_size(inst: hlo.Instruction) -> int:
+  """Devices in each replica group of a collective: `{{0,1,2,3},…}`, or `[groups,n]<=[…]` (iota form)."""
+  listed = re.search(r"replica_groups=\{\{([\d,]*)\}", inst.attributes)
+  if listed:
+    return len(listed.group(1).split(","))
+  iota = re.search(r"replica_groups=\[[\d,]*?(\d+)\]<=", inst.attributes)
+  if iota:
+    return int(iota.group(1))
+  raise ValueError(f"no replica groups in {inst.name}'s attributes: {inst.attributes[:200]}")
 
 
 def _collectives(module: hlo.Module, computation: str):

@@ -6,9 +6,11 @@ Importing this package imports every strategy module, so the registry is complet
 
 from sharding.strategies import single  # isort: skip  (first: the reference of the others)
 from sharding.strategies import patch  # isort: skip
+from sharding.strategies import ulysses  # isort: skip  (after the row-patch strategies)
+from sharding.strategies import ring  # isort: skip
 from sharding.strategies.base import (Phase, Strategy, option_names, strategy_class, strategy_names,
                                       with_shared_options)
 from sharding.strategies.cfg import Guidance
 
-__all__ = ["Guidance", "Phase", "Strategy", "option_names", "patch", "single", "strategy_class", "strategy_names",
-           "with_shared_options"]
+__all__ = ["Guidance", "Phase", "Strategy", "option_names", "patch", "ring", "single", "strategy_class",
+           "strategy_names", "ulysses", "with_shared_options"]
