@@ -140,6 +140,7 @@ def test_a_coordinator_port_answered_by_another_program_is_named(reply):
     peer.close()
 
 
+@pytest.mark.slow  # 9 s: waits out JAX's own abort
 def test_jax_abort_after_check_in_is_explained_first():
   """Process 1 checks in (here, in this test process) and then never starts JAX: JAX aborts process 0."""
   coordinator = f"127.0.0.1:{_free_port()}"

@@ -84,7 +84,8 @@ def test_displaced_with_warmup_over_every_step_equals_single(model, single):
   assert _relative_error(got, single) <= 1e-5
 
 
-@pytest.mark.parametrize("groupnorm", ["corrected_async", "stale", "sync", "separate"])
+@pytest.mark.parametrize("groupnorm", ["corrected_async", "sync", *(pytest.param(m, marks=pytest.mark.slow)
+                                                                     for m in ("stale", "separate"))])
 def test_displaced_uses_stale_values_but_stays_close(model, single, naive, groupnorm):
   strategy = Strategy.displaced(warmup_steps=1, groupnorm=groupnorm)
   error = _relative_error(_run(model, mesh=make_mesh(1, 1, 4), strategy=strategy), single)
