@@ -9,7 +9,7 @@ the layer's dotted diffusers path, e.g. "down_blocks.0.resnets.1.conv1" or
 
 The forward is a fold over named segments ("embed", "down_blocks.i", "mid_block", "up_blocks.i",
 "out") that hand each other an explicit `UNetCarry`: pipeline methods cut the model there. Every
-block also says what it costs (`cost`, models/layers.py): `segment_costs` reads a config's FLOPs
+block also says what it costs (`cost`, models/layers.py): `models.build.segment_costs` reads a config's FLOPs
 and context requests off the model itself, the one description of the UNet's layout.
 """
 
@@ -30,7 +30,7 @@ from models.layers import (Conv2d, Cost, Downsample2D, Dtype, Embed, GroupNorm, 
                            total)
 from models.parallel import SINGLE_DEVICE, ParallelContext
 
-__all__ = ["UNetConfig", "UNet2DConditionModel", "UNetCarry", "Segment", "segment_costs", "DownBlock2D",
+__all__ = ["UNetConfig", "UNet2DConditionModel", "UNetCarry", "Segment", "DownBlock2D",
            "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"]
 
 
@@ -249,20 +249,6 @@ def _run_up(block: UpBlock2D, carry: UNetCarry, ctx: ParallelContext) -> UNetCar
   n = len(block.resnets)  # each resnet concatenates one skip, the newest first
   h_bhwd = block(carry.h_bhwc, carry.skips[-n:], carry.temb_be, carry.context_bsf, ctx=ctx)  # B, H/2^l, W/2^l
   return dataclasses.replace(carry, h_bhwc=h_bhwd, skips=carry.skips[:-n])
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_unet(config: UNetConfig) -> UNet2DConditionModel:
-  """The model of `config` with abstract params (`nnx.eval_shape`): its layout, no weights. Read-only."""
-  return nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
-
-
-def segment_costs(config: UNetConfig, latent: Workload) -> dict[str, Cost]:
-  """{segment name: its cost per sample}, in call order, for an input of `latent.rows` × `latent.cols`.
-
-  Read off the model `config` builds (abstractly, once per config), so the counts follow its layout.
-  """
-  return {segment.name: segment.cost(latent) for segment in _abstract_unet(config).segments()}
 
 
 # ---------------------------------------------------------------------------------- the UNet

@@ -16,7 +16,8 @@ from dfjax.bench.flops import analytic_unet_flops, segment_flops
 from models.config import UNetConfig
 from models.layers import Workload
 from models.parallel import ParallelContext
-from models.unet import UNet2DConditionModel, UNetCarry, segment_costs
+from models.build import segment_costs
+from models.unet import UNet2DConditionModel, UNetCarry
 from sharding.axes import PATCH
 from sharding.contexts.patch import PatchContext
 from sharding.mesh import make_mesh

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of one UNet forward, read off the model's own layout (models/unet.segment_costs).
+"""Analytic FLOPs of one UNet forward, read off the model's own layout (models/build.segment_costs).
 
 Counts the matrix work, 2 FLOPs per multiply-add: every convolution (1×1 ones included, e.g.
 SD1.x's transformer projections), every linear layer (projections, feed-forwards, time and SDXL
@@ -14,7 +14,7 @@ Convolutions count every kernel tap, zero padding included, as the published fig
 
 from models.config import UNetConfig
 from models.layers import Cost, Workload, total
-from models.unet import segment_costs
+from models.build import segment_costs
 
 TEXT_TOKENS = 77  # CLIP's context length: what the Stable Diffusion pipelines pass
 

@@ -30,6 +30,7 @@ from dfjax.bench.table import Column
 from dfjax.bench.timing import compile_and_time, device_name, median_seconds
 from dfjax.inputs import standin_conditioning
 from models.config import UNetConfig
+from models.build import abstract_model
 from models.presets import PRESETS, unet_preset
 from models.unet import UNet2DConditionModel
 
@@ -118,7 +119,7 @@ def random_unet(config: UNetConfig, dtype, seed: int = 0) -> UNet2DConditionMode
   one pool of 2^20 Gaussian values (at a per-weight offset, scaled by 1/√fan_in like the model's
   initialiser), norm scales are ones and biases zeros. Step times do not depend on the values.
   """
-  abstract = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=dtype))
+  abstract = abstract_model(config, dtype=dtype, param_dtype=dtype)
   graphdef, state = nnx.split(abstract)
   pool = np.random.default_rng(seed).standard_normal(_POOL, dtype=np.float32)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)

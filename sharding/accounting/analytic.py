@@ -2,7 +2,7 @@
 
 Derived from the architecture alone: the model's own list of its requests to the parallel
 context (every k×k conv's halo, self-attention's K/V and GroupNorm's moments, each at its
-resolution: its segments' costs, `models.unet.segment_costs` for a UNet, a DiT's or PixArt's own),
+resolution: its segments' costs, `models.build.segment_costs`),
 so that the figures read from a compiled program (sharding/accounting/comm.py) can be checked
 against it. Per device and per step, for one patch of `num_patches` row patches, interior device
 (edge devices receive only one halo side):
@@ -17,15 +17,8 @@ The displaced strategy keeps one step's exchanges per device as its stale buffer
 the full-image K/V (2·n·T_patch·C per layer) and the n devices' moments.
 """
 
-import functools
-
-from flax import nnx
-
-from models.config import UNetConfig
-from models.dit import DiTTransformer2DModel, PixArtTransformer2DModel
-from models.dit_config import PixArtConfig
-from models.layers import Cost, Exchange, Workload, total
-from models.unet import segment_costs
+from models.build import segment_costs
+from models.layers import Exchange, Workload, total
 
 MOMENT_BYTES = 4  # GroupNorm statistics stay fp32
 
@@ -35,21 +28,8 @@ def exchange_sites(config, height: int | None = None, width: int | None = None) 
   `height` × `width` latent, in call order. Which requests there are does not depend on the size
   (only their volumes do): by default, the smallest latent the model takes."""
   height, width = height or config.row_granularity, width or config.row_granularity
-  costs = _segment_costs(config, Workload(height, width, text_tokens=1))  # the text asks for nothing
+  costs = segment_costs(config, Workload(height, width, text_tokens=1))  # the text asks for nothing
   return list(total(costs.values()).exchanges)
-
-
-def _segment_costs(config, latent: Workload) -> dict[str, Cost]:
-  if isinstance(config, UNetConfig):
-    return segment_costs(config, latent)
-  return {segment.name: segment.cost(latent) for segment in _abstract_transformer(config).segments()}
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_transformer(config):
-  """The DiT or PixArt model of `config` with abstract params: its layout, no weights. Read-only."""
-  model_class = PixArtTransformer2DModel if isinstance(config, PixArtConfig) else DiTTransformer2DModel
-  return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
 
 
 ATTENTION_KINDS = ("kv", "alltoall", "ring")  # self-attention's exchange: K/V gathered, Ulysses, ring
@@ -88,9 +68,12 @@ def bytes_per_step(config, height: int, width: int, num_patches: int, batch: int
   """Bytes one interior device receives per synchronous step, by kind, for a local batch.
 
   `attention`: how self-attention exchanges (`ATTENTION_KINDS`), the kind its bytes are listed under.
+  Empty for one patch: a lone device has no neighbour to receive from.
   """
   if attention not in ATTENTION_KINDS:
     raise ValueError(f"unknown attention exchange {attention!r}; valid: {', '.join(ATTENTION_KINDS)}")
+  if num_patches == 1:
+    return {}
   return _total(config, height, width, num_patches, batch, activation_bytes, stored=False,
                 attention=attention)
 

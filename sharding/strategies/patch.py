@@ -50,8 +50,6 @@ class Exact(RowPatches):
     return [Phase(0, num_steps, _patch_context(sizes, simulated))]
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    if sizes[PATCH] == 1:
-      return {}
     return analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes)
 
 
@@ -85,11 +83,9 @@ class Displaced(RowPatches):
     ]
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    if sizes[PATCH] == 1:
-      return {}
     volume = analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes)
     if self.groupnorm is GroupNormMode.SEPARATE:
-      volume.pop("moments")
+      volume.pop("moments", None)
     return volume
 
   def overlapped_kinds(self):

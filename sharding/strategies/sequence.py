@@ -29,7 +29,5 @@ class SequenceParallel(RowPatches):
     return [Phase(0, num_steps, lambda stale: context)]
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    if sizes[PATCH] == 1:
-      return {}
     return analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes,
                                    attention=self.attention)
