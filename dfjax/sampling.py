@@ -29,6 +29,8 @@ from models.parallel import call_recording
 from sharding.axes import DATA, PATCH
 from sharding.mesh import axis_sizes, single_device_mesh
 from sharding.partitioning import param_specs
+from sharding.stage_params import StagedParams, params_by_segment
+from sharding.varying import varying_like
 from sharding.strategies import Guidance, Phase, Strategy
 
 
@@ -118,6 +120,8 @@ class _Plan:
   mesh: Mesh
   strategy: Strategy
   guidance: Guidance
+  model_config: Any  # the model's (hashable) config: what the denoiser needs, whatever holds its params
+  staged: StagedParams | None  # pipeline strategies' per-stage param layout; None: by the rule table
   scheduler: str
   scheduler_config: schedulers.SchedulerConfig
   num_steps: int
@@ -193,12 +197,25 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
     _check_finite_inputs(noise, cond, uncond)
   pair = _guidance_pair(cond, uncond)
 
-  plan = _Plan(mesh, strategy, guidance, scheduler, scheduler_config, num_steps, check_finite)
   graphdef, params = nnx.split(model)
+  staged = _staged_params(model, params, noise, cond, strategy, sizes)
+  plan = _Plan(mesh, strategy, guidance, model.config, staged, scheduler, scheduler_config, num_steps,
+               check_finite)
+  placed = params if staged is None else staged.pack(params)
   place = lambda tree, specs: jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
-  return graphdef, (place(params, _param_specs(plan, params)), place(noise, strategy.latent_spec()),
+  return graphdef, (place(placed, _param_specs(plan, placed)), place(noise, strategy.latent_spec()),
                     place(pair, guidance.pair_spec()),
                     jnp.float32(guidance_scale)), plan
+
+
+def _staged_params(model, params, noise, cond: Conditioning, strategy: Strategy, sizes) -> StagedParams | None:
+  """The per-stage param layout of a pipeline strategy (None for the others), traced on this run's shapes."""
+  _, height, width, _ = noise.shape
+  stages = strategy.stage_of_segment(model.config, height, width, sizes)
+  if stages is None:
+    return None
+  read = params_by_segment(model, noise[:1], jnp.float32(0), **jax.tree.map(lambda a: a[:1], cond).as_kwargs())
+  return StagedParams.plan(params, read, stages)
 
 
 def _prepare_like_sample(args, kwargs):
@@ -315,8 +332,11 @@ def _check_finite_inputs(noise, cond: Conditioning, uncond: Conditioning | None)
                        "was sampled; check how they were made.")
 
 
-def _param_specs(plan: _Plan, params) -> nnx.State:
-  """Each param's spec under the strategy's rule table (all `P()` under the default, replicated one)."""
+def _param_specs(plan: _Plan, params) -> nnx.State | dict:
+  """Each placed param's spec: the staged layout's, else the strategy's rule table (all `P()` under
+  the default, replicated one)."""
+  if plan.staged is not None:
+    return plan.staged.specs()
   return param_specs(params, plan.strategy.param_rules(), plan.sizes)
 
 
@@ -357,7 +377,11 @@ def _raise_if_not_finite(first_bad_steps: np.ndarray, plan: _Plan) -> None:
 
 
 class _DeviceRun:
-  """One device's whole run: its rows of its batch share, through every phase."""
+  """One device's whole run: its rows of its batch share, through every phase.
+
+  Besides the loop, what a phase's own step program (sharding/strategies/base.py `StepProgram`) uses:
+  `sched`, `model`, `model_inputs` and `guided`.
+  """
 
   def __init__(self, graphdef, params, pair: Conditioning, guidance_scale, plan: _Plan):
     self.graphdef, self.params = graphdef, params
@@ -366,32 +390,52 @@ class _DeviceRun:
 
   def denoise(self, x, sched_state, stale, i, phase: Phase):
     """Step i: returns the next latents, scheduler state and what this step sent for the next one."""
-    ctx = phase.context(stale if phase.uses_stale else None)
-    x_in = self.sched.scale_model_input(x, i)
-    eps, sent = self._predict_noise(x_in, self.sched.model_timestep(i), ctx)
-    x, sched_state = self.sched.step(sched_state, eps, i, x)
+    stale = stale if phase.uses_stale else None
+    if phase.step is not None:
+      return phase.step(self, x, sched_state, stale, i)
+    x_in, cond = self.model_inputs(self.sched.scale_model_input(x, i))
+    # merged in this step's trace: the call records onto its layers
+    out, sent = call_recording(self.model(), x_in, self.sched.model_timestep(i), ctx=phase.context(stale), **cond)
+    x, sched_state = self.sched.step(sched_state, self.guided(out, x), i, x)
     return x, sched_state, sent
 
-  def _predict_noise(self, x, t, ctx):
-    """The (guided) model prediction for this device's rows, and what the model call sent."""
-    share, batch = next(iter(self.pair.as_kwargs().values())).shape[:2]  # this device's part of the pair
+  def model(self, stage: int | None = None) -> nnx.Module:
+    """The model merged from this device's params; under a staged layout, stage `stage`'s (the other
+    stages' params are zeros: call only that stage's segments)."""
+    if self.plan.staged is None:
+      return nnx.merge(self.graphdef, self.params)
+    if stage is None:
+      raise ValueError("this run's params are placed by stage: ask for the model of one stage.")
+    return nnx.merge(self.graphdef, self.plan.staged.unpack(self.params, stage))
+
+  def model_inputs(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The model's batch for latents `x` (B, h, W, C): x repeated for each half of this device's part of
+    the guidance pair (P·B, h, W, C), and the pair's conditioning, flattened alike."""
+    share, batch = self._pair_shape()
     flat = jax.tree.map(lambda a: a.reshape(share * batch, *a.shape[2:]), self.pair)
     x_in = jnp.broadcast_to(x, (share, *x.shape)).reshape(share * batch, *x.shape[1:])  # P·B, h, W, C
-    model = nnx.merge(self.graphdef, self.params)  # in this step's trace: the call records onto its layers
-    out, sent = call_recording(model, x_in, t, ctx=ctx, **flat.as_kwargs())
-    eps = model.config.noise_prediction(out).reshape(share, batch, *x.shape[1:])  # P, B, h, W, C (no variance)
-    return self.plan.guidance.combine(eps, self.guidance_scale), sent  # B, h, W, C
+    return x_in, flat.as_kwargs()
+
+  def guided(self, out, x) -> jax.Array:
+    """The guided noise prediction (B, h, W, C) from a model output for `model_inputs(x)`."""
+    share, batch = self._pair_shape()
+    eps = self.plan.model_config.noise_prediction(out).reshape(share, batch, *x.shape[1:])  # P, B, h, W, C
+    return self.plan.guidance.combine(eps, self.guidance_scale)  # B, h, W, C
+
+  def _pair_shape(self) -> tuple[int, int]:
+    """(this device's part of the guidance pair, its batch)."""
+    return next(iter(self.pair.as_kwargs().values())).shape[:2]
 
   def run(self, noise):
     """Returns the final latents and the first step whose latents were not finite (−1: none)."""
     x = noise * self.sched.init_noise_sigma  # B, h, W, C
     sched_state = self.sched.init_state(x)
-    first_bad_step = _varying_like(jnp.int32(-1), x)
+    first_bad_step = varying_like(jnp.int32(-1), x)
     stale = None
     for phase in self.plan.phases():
       if phase.records and not phase.uses_stale:  # the carry needs a value of the record's shape
         shapes = jax.eval_shape(lambda: self.denoise(x, sched_state, None, phase.start, phase)[2])
-        stale = jax.tree.map(lambda s: _varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
+        stale = jax.tree.map(lambda s: varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
 
       def body(carry, i, phase=phase):
         x, sched_state, stale, first_bad_step = carry
@@ -404,13 +448,3 @@ class _DeviceRun:
       steps = jnp.arange(phase.start, phase.stop, dtype=jnp.int32)
       (x, sched_state, stale, first_bad_step), _ = lax.scan(body, (x, sched_state, stale, first_bad_step), steps)
     return x, first_bad_step
-
-
-def _varying_like(value: jax.Array, like) -> jax.Array:
-  """`value` marked as varying over the mesh axes `like` (an array or ShapeDtypeStruct) varies over.
-
-  Scan carries must keep their shard_map variance; fresh zeros or constants start invariant.
-  """
-  manual = like.manual_axis_type if isinstance(like, jax.ShapeDtypeStruct) else jax.typeof(like).manual_axis_type
-  varying = tuple(manual.varying) if manual else ()
-  return lax.pcast(value, varying, to="varying") if varying else value

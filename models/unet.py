@@ -222,6 +222,11 @@ class UNetCarry:
   context_bsf: jax.Array
   embedding_inputs: dict[str, jax.Array]
 
+  @property
+  def h(self) -> jax.Array:
+    """The hidden state, by the name every model's carry gives it (models/dit.py's `DiTCarry.h`)."""
+    return self.h_bhwc
+
 
 @dataclasses.dataclass(frozen=True)
 class Segment:

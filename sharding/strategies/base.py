@@ -5,7 +5,10 @@ this package with one subclass of `Strategy`, which owns everything about the me
   * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg);
   * `validate`: whether a model, latent size and mesh fit it, with the valid choices named;
   * `phases`: consecutive steps that share one parallel context and so one `lax.scan` body
-    (the same phases with simulated collectives for `bench simulate`);
+    (the same phases with simulated collectives for `bench simulate`); a phase that is not one
+    model call under one context (a pipeline over `stage`) brings its own `step` program;
+  * `stage_of_segment`: pipeline methods place each model segment's params on one stage
+    (sharding/stage_params.py) instead of by the rule table of `param_rules`;
   * `expected_traffic` and `stale_bytes`: its analytic bytes per step and stale state per device;
   * `summary`: one line naming it with its options, for reports.
 Subclassing registers the class under its `name` (`Strategy.from_name`, the CLI's choices), and
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from jax.sharding import PartitionSpec as P
 
@@ -31,21 +34,42 @@ from sharding.partitioning import AxisRules
 Stale = Mapping[str, Any]  # {layer key: what it sent the previous step}
 
 
+class StepProgram(Protocol):
+  """A phase's own denoising step, for methods that are not one model call under one context.
+
+  `step(run, x, sched_state, stale, i)` → (next latents, next scheduler state, what to carry to the
+  next step). `run` is the device's run (dfjax/sampling.py): `run.sched` the scheduler,
+  `run.model(stage)` the model merged from this device's params (its stage's, under a staged
+  layout), `run.model_inputs(x)` the guidance pair's batch and conditioning, `run.guided(out, x)`
+  the guided noise prediction of a model output for latents `x`.
+  """
+
+  def __call__(self, run, x, sched_state, stale: Stale | None, i) -> tuple[Any, Any, Stale]:
+    ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
-  """Steps [start, stop) and the context they run with.
+  """Steps [start, stop) and how each of them runs.
 
   Attributes:
-    context: stale state (None unless `uses_stale`) → the step's parallel context.
+    context: stale state (None unless `uses_stale`) → the step's parallel context, under which the
+      model is called once per step and the scheduler steps with its guided prediction.
     uses_stale: the steps consume the previous step's exchanges (the scan carry).
     records: the steps send exchanges for the next step.
+    step: instead of that model call under `context`, the phase's own step program (pipelines).
   """
 
   start: int
   stop: int
-  context: Callable[[Stale | None], ParallelContext]
+  context: Callable[[Stale | None], ParallelContext] | None = None
   uses_stale: bool = False
   records: bool = False
+  step: StepProgram | None = None
+
+  def __post_init__(self):
+    if (self.context is None) == (self.step is None):
+      raise ValueError("a Phase runs either its model call under `context` or its own `step`: give one.")
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -139,6 +163,12 @@ class Strategy:
   def param_rules(self) -> AxisRules:
     """Which mesh axis splits each logical param axis (sharding/partitioning.py); default: replicated."""
     return AxisRules.replicated()
+
+  def stage_of_segment(self, config, height: int, width: int, sizes: Mapping[str, int]) -> tuple[int, ...] | None:
+    """Pipeline methods: the `stage` index running each of the model's segments, whose params are
+    placed there alone (sharding/stage_params.py); every phase then brings its `step`. None (the
+    default): params placed by `param_rules`."""
+    return None
 
   def summary(self) -> str:
     options = self.options()

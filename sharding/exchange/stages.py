@@ -1,0 +1,29 @@
+"""Transfers along the `stage` axis: a carry handed to the next stage, a value broadcast from one stage.
+
+Pipeline methods run different model segments on different stages; what crosses a cut is a
+pytree of activations (the UNet's hidden state and skips, a DiT's tokens), sent point to point.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sharding.axes import STAGE
+
+
+def to_next_stage(tree, stages: int, *, wrap: bool = False):
+  """Every stage's `tree` sent to the stage after it; the first stage receives zeros (or, `wrap`,
+  the last stage's: a ring)."""
+  pairs = [(s, s + 1) for s in range(stages - 1)] + ([(stages - 1, 0)] if wrap else [])
+  return jax.tree.map(lambda a: lax.ppermute(a, STAGE, pairs), tree)
+
+
+def send(tree, source: int, destination: int):
+  """`tree` of stage `source` delivered to stage `destination` (every other stage receives zeros)."""
+  return jax.tree.map(lambda a: lax.ppermute(a, STAGE, [(source, destination)]), tree)
+
+
+def broadcast_from_stage(tree, source: int):
+  """Stage `source`'s `tree` on every stage (an all-reduce of it masked to that stage)."""
+  mine = lax.axis_index(STAGE) == source
+  return jax.tree.map(lambda a: lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), STAGE), tree)

@@ -1,0 +1,112 @@
+"""What the pipeline strategies share: model segments cut into consecutive stages on the `stage` axis.
+
+AsyncDiff, PipeFusion (and DiffusionPipe's training) cut a model at its segments (models/unet.py,
+models/dit.py); stage s runs a consecutive range of them and holds only their params
+(sharding/stage_params.py). This module holds the pieces they share: the cut, checked and
+balanced by a cost model, and the synchronous pipeline step — every stage in order, the carry sent
+to the next stage at each cut — which is the exact computation their warm-up steps run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from models.build import segment_costs
+from models.layers import Workload
+from sharding.axes import STAGE
+from sharding.exchange.stages import broadcast_from_stage, to_next_stage
+from sharding.strategies.base import Strategy
+from sharding.varying import varying_like
+
+
+def segment_flops(config, height: int, width: int) -> tuple[float, ...]:
+  """Each segment's FLOPs per sample for an `height` × `width` latent, in call order (the cost model)."""
+  return tuple(cost.flops for cost in segment_costs(config, Workload(rows=height, cols=width)).values())
+
+
+def balanced_cuts(costs: Sequence[float], stages: int) -> tuple[int, ...]:
+  """The `stages − 1` cut indices splitting `costs` into consecutive non-empty parts with the
+  smallest largest part (a cut at i starts a part at segment i). Exact, by dynamic programming."""
+  n = len(costs)
+  if not 1 <= stages <= n:
+    raise ValueError(f"cannot cut {n} segments into {stages} stages: use 1 to {n} stages.")
+  prefix = [0.0]
+  for c in costs:
+    prefix.append(prefix[-1] + c)
+
+  @functools.cache
+  def best(first: int, parts: int) -> tuple[float, tuple[int, ...]]:
+    """(largest part, cuts) of segments[first:] in `parts` parts."""
+    if parts == 1:
+      return prefix[n] - prefix[first], ()
+    options = []
+    for cut in range(first + 1, n - parts + 2):
+      rest, cuts = best(cut, parts - 1)
+      options.append((max(prefix[cut] - prefix[first], rest), (cut, *cuts)))
+    return min(options)
+
+  return best(0, stages)[1]
+
+
+def stages_of(cuts: Sequence[int], segments: int) -> tuple[int, ...]:
+  """The stage of each of `segments` segments for cut indices `cuts`."""
+  return tuple(sum(i >= c for c in cuts) for i in range(segments))
+
+
+def check_cuts(cuts: Sequence[int], segment_names: Sequence[str], stages: int) -> None:
+  """Raises ValueError, naming the valid choices, unless `cuts` are `stages − 1` increasing segment indices."""
+  n = len(segment_names)
+  if (len(cuts) != stages - 1 or any(not isinstance(c, int) or isinstance(c, bool) for c in cuts)
+      or list(cuts) != sorted(set(cuts)) or (cuts and (cuts[0] < 1 or cuts[-1] > n - 1))):
+    named = ", ".join(f"{i} {name}" for i, name in enumerate(segment_names))
+    raise ValueError(f"cuts={tuple(cuts)!r} must be {stages - 1} strictly increasing segment indices in 1..{n - 1} "
+                     f"for {stages} stages (a cut at i starts a stage at segment i); the model's segments: {named}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Staged(Strategy):
+  """The pipeline family's base: its `stage` axis; subclasses say where the cuts fall (`cuts_for`)."""
+
+  axes = frozenset({STAGE})
+
+  def cuts_for(self, config, height: int, width: int, stages: int) -> tuple[int, ...]:
+    """The cut indices for `stages` stages of this model at this latent size."""
+    raise NotImplementedError
+
+  def stage_of_segment(self, config, height, width, sizes):
+    segments = len(segment_costs(config, Workload(rows=height, cols=width)))
+    return stages_of(self.cuts_for(config, height, width, sizes[STAGE]), segments)
+
+
+def run_stage(model, carry, stage_of_segment: Sequence[int], stage: int, ctx):
+  """Stage `stage`'s segments of `model`, in order, on `carry`."""
+  for segment, owner in zip(model.segments(), stage_of_segment):
+    if owner == stage:
+      carry = segment(carry, ctx=ctx)
+  return carry
+
+
+def synchronous_forward(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx):
+  """The model's output for `x_in` with every stage in order: stage s runs its segments on the carry
+  stage s − 1 sent, and sends its own on; the last stage's output is broadcast to every stage.
+
+  Exact (the same maths as one device), and every stage but one waits at each cut: the warm-up of
+  the asynchronous methods. Each device runs only its own stage's branch (`lax.cond` on its index).
+  """
+  stages = max(stage_of_segment) + 1
+  here = lax.axis_index(STAGE)
+  carry = run.model(0).first_carry(x_in, t, **cond)  # no params: any stage's model builds it
+  for stage in range(stages):
+    compute = lambda c, stage=stage: run_stage(run.model(stage), c, stage_of_segment, stage, ctx)
+    shapes = jax.eval_shape(compute, carry)
+    idle = lambda c, shapes=shapes: jax.tree.map(lambda s: varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
+    carry = lax.cond(here == stage, compute, idle, carry)
+    if stage < stages - 1:
+      carry = to_next_stage(carry, stages)
+  return broadcast_from_stage(carry.h, stages - 1)
