@@ -1,37 +1,62 @@
-"""diffusers UNet folder → dfjax checkpoint folder (the layout of `convert/format.py`).
+"""diffusers model or pipeline folder → dfjax checkpoint folder (the layout of `convert/format.py`).
 
-The source's tensors are mapped onto the param tree of the UNet its config describes
-(`models.build`), checked, optionally cast, and written atomically (`convert.atomic`) with a
-manifest recording the sha256 and size of every source file and of every file written.
+Each component the source holds (now: its denoiser, a UNet, DiT or PixArt) is converted by its
+family's table entry (`convert.families`): its config is read and completed from the weights, its
+tensors are mapped onto the param tree of the model that config describes, checked, optionally
+cast. Everything is written atomically (`convert.atomic`) with one manifest recording the sha256
+and size of every source file and of every file written, and what conversion decided per component.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from convert import keymap
 from convert.atomic import prepare_destination, write_atomically
+from convert.families import Family, family_of
 from convert.format import (CONFIG, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype, check_weights,
-                            manifest_header, read_unet_config, sha256_file, write_manifest)
-from convert.safetensors_io import SourceFiles, find_source, read_tensors
-from models.build import unet_param_shapes
+                            manifest_header, read_json, sha256_file, write_manifest)
+from convert.safetensors_io import ModelFiles, read_tensors
+from convert.source import SourceFiles, find_source
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One converted model of the checkpoint.
+
+  Attributes:
+    name: its pipeline component name ("unet", "transformer").
+    folder: where it is written, relative to the checkpoint ("" for the denoiser: the root).
+    family: the family that converted it.
+    config: its diffusers config as written (the source's, plus what the weights decided).
+    params: param path → array in dfjax layout.
+    notes: what conversion decided or merged, for the manifest.
+  """
+
+  name: str
+  folder: str
+  family: Family
+  config: dict
+  params: dict[keymap.Path, np.ndarray]
+  notes: list[str]
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                        variant: str | None = None, dtype: str | np.dtype | None = None,
                        overwrite: bool = False) -> Path:
-  """Converts a diffusers UNet (pipeline or UNet folder, safetensors) into a dfjax checkpoint.
+  """Converts a diffusers UNet, DiT or PixArt (pipeline or model folder, safetensors) into a dfjax checkpoint.
 
   Args:
-    src: diffusers pipeline folder (`model_index.json` + `unet/`) or UNet folder.
+    src: diffusers pipeline folder (`model_index.json` + `unet/` or `transformer/`) or model folder.
     dst: the checkpoint folder to create.
     variant: weights variant to read (`"fp16"`…); None prefers full precision.
     dtype: float dtype to store the params in (`"float32"`, `"bf16"`…); None keeps the source's.
@@ -41,8 +66,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
   Raises:
     FileExistsError: `dst` exists and `overwrite` is False, or it is not a dfjax checkpoint.
     FileNotFoundError: `dst` is a symlink to nothing.
-    ValueError: `dst` is or holds `src`; unreadable source, weights that do not fit the config,
-      non-float or non-finite weights.
+    ValueError: `dst` is or holds `src`; unreadable source, a model class dfjax does not build,
+      weights that do not fit the config (all unknown, missing and mis-shaped tensors listed),
+      DiT per-block embedders that differ, non-float or non-finite weights.
     OSError: the operating system refused a write (disk full…), in one line.
     Nothing is written in any of these cases, nor when SIGINT/SIGTERM stop the write.
   """
@@ -53,25 +79,46 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
   target = prepare_destination(dst, overwrite)
   store_dtype = None if dtype is None else as_float_dtype(dtype)
   source = find_source(src, variant)
-  config = read_unet_config(source.config)
-  tensors = read_tensors(source)
-  check_weights(tensors, f"source weights in {source.unet_dir}")
-  params = keymap.convert_state_dict(tensors, unet_param_shapes(config))
+  components = [convert_component(files, store_dtype, folder="") for files in source.components]
+  manifest = _manifest(source, components)
+  write_atomically(target, lambda tmp: _write_checkpoint(tmp, source, components, manifest),
+                   size_bytes=sum(a.nbytes for c in components for a in c.params.values()))
+  log.info("converted %s (%s, %d params, %s) into %s", src, manifest["model"], manifest["num_params"],
+           manifest["dtype"], dst)
+  return dst
+
+
+def convert_component(files: ModelFiles, store_dtype: np.dtype | None, *, folder: str) -> Component:
+  """One diffusers model folder → its converted Component (to be written under `folder`).
+
+  Raises:
+    ValueError: as `convert_checkpoint`, naming the model's files.
+  """
+  config = read_json(files.config)
+  family, notes = family_of(config, str(files.config))
+  tensors = read_tensors(files)
+  check_weights(tensors, f"source weights in {files.folder}")
+  config, decided = family.resolve_config(config, tensors.keys())
+  model_config = family.model_config(config, str(files.config))
+  params, merged = family.convert_state_dict(tensors, family.param_shapes(model_config))
   if store_dtype is not None:
     params = {path: array.astype(store_dtype) for path, array in params.items()}
-    check_weights({keymap.path_str(p): a for p, a in params.items()}, f"weights cast to {dtype}")
-  manifest = _manifest(source, params)
-  write_atomically(target, lambda tmp: _write_checkpoint(tmp, source, params, manifest),
-                   size_bytes=sum(a.nbytes for a in params.values()))
-  log.info("converted %s (%d params, %s) into %s", src, len(params), manifest["dtype"], dst)
-  return dst
+    check_weights({keymap.path_str(p): a for p, a in params.items()}, f"weights cast to {store_dtype}")
+  for note in (*notes, *decided, *merged):
+    log.info("%s: %s", files.folder, note)
+  return Component(family.component, folder, family, config, params, [*notes, *decided, *merged])
 
 
 # ---------------------------------------------------------------------------------- writing
 
-def _manifest(source: SourceFiles, params: Mapping[keymap.Path, np.ndarray]) -> dict:
+def _manifest(source: SourceFiles, components: list[Component]) -> dict:
+  """The denoiser's header fields (what `load_model` builds), every component's record, the source."""
+  denoiser = components[0]
   return {
-      **manifest_header(params),
+      **manifest_header(denoiser.params, model=denoiser.family.model_class),
+      "components": {c.name: {"model": c.family.model_class, "folder": c.folder or ".",
+                              "num_params": int(sum(a.size for a in c.params.values())), "notes": c.notes}
+                     for c in components},
       "source": {
           "path": str(source.root.resolve()),
           "variant": source.variant,
@@ -84,16 +131,21 @@ def _file_record(path: Path, root: Path) -> dict:
   return {"path": os.path.relpath(path, root), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _write_checkpoint(folder: Path, source: SourceFiles,
-                      params: Mapping[keymap.Path, np.ndarray], manifest: dict) -> None:
-  """Writes every file of the checkpoint into `folder` (which exists and is empty)."""
+def _write_checkpoint(folder: Path, source: SourceFiles, components: list[Component], manifest: dict) -> None:
+  """Writes every file of the checkpoint into `folder` (which exists and is empty): each component's
+  params/ and config.json in its folder, the scheduler config, the manifest hashing all of them."""
   import orbax.checkpoint as ocp
   from flax.traverse_util import unflatten_dict
 
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(folder / PARAMS_DIR, unflatten_dict(dict(params)))
-    checkpointer.wait_until_finished()
-  shutil.copyfile(source.config, folder / CONFIG)
+  hashed = [SCHEDULER_CONFIG]
+  for component in components:
+    home = folder / component.folder
+    home.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(home / PARAMS_DIR, unflatten_dict(dict(component.params)))
+      checkpointer.wait_until_finished()
+    (home / CONFIG).write_text(json.dumps(component.config, indent=2) + "\n")
+    hashed += [os.path.join(component.folder, PARAMS_DIR), os.path.join(component.folder, CONFIG)]
   if source.scheduler_config is not None:
     shutil.copyfile(source.scheduler_config, folder / SCHEDULER_CONFIG)
-  write_manifest(folder, manifest, hashed=(PARAMS_DIR, CONFIG, SCHEDULER_CONFIG))
+  write_manifest(folder, manifest, hashed=hashed)

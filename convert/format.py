@@ -2,11 +2,18 @@
 
 A dfjax checkpoint is a folder:
 
-  params/                 the NNX params (orbax), nested like `nnx.state(model, nnx.Param)`
-  config.json             the diffusers UNet config, unchanged
+  params/                 the denoiser's NNX params (orbax), nested like `nnx.state(model, nnx.Param)`
+  config.json             its diffusers config (UNet, DiT or PixArt): the source's, with what conversion
+                          decided from the weights filled in (PixArt's use_additional_conditions)
   scheduler_config.json   the pipeline's scheduler config, when the source had one
-  manifest.json           format marker, what it was made from, dtype, dfjax version, and under
-                          "files" the size and sha256 of every file it holds (`write_manifest`)
+  manifest.json           format marker, the denoiser's class ("model"), what it was made from, dtype,
+                          dfjax version; under "components" each converted model's class, folder and
+                          conversion notes (DiT's merged per-block embedders…); under "files" the size
+                          and sha256 of every file it holds (`write_manifest`)
+
+The denoiser sits at the root, so `dfjax.load_model(folder)` reads every checkpoint alike. A whole
+pipeline's other models (VAE, text encoders) go in subfolders named as the diffusers components
+(`vae/params/`, `vae/config.json`, …), each a "components" entry of the one manifest.
 
 Every writer (`convert_checkpoint`, `dfjax train`'s export) writes it into a hidden temporary
 sibling of the destination and renames it into place at the end (`convert.atomic`), so an
@@ -121,13 +128,14 @@ def check_weights(tensors: Mapping[str, np.ndarray], what: str) -> None:
                      + ", ".join(sorted(bad)))
 
 
-def manifest_header(params: Mapping[Any, np.ndarray]) -> dict:
-  """The manifest fields every dfjax checkpoint has, whatever wrote it."""
+def manifest_header(params: Mapping[Any, np.ndarray], model: str = "UNet2DConditionModel") -> dict:
+  """The manifest fields every dfjax checkpoint has, whatever wrote it; `model` is the diffusers class
+  of the model at its root (the one `dfjax.load_model` builds)."""
   dtypes = sorted({str(a.dtype) for a in params.values()})
   return {
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
-      "model": "UNet2DConditionModel",
+      "model": model,
       "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
       "num_params": int(sum(a.size for a in params.values())),
       "num_tensors": len(params),

@@ -1,7 +1,7 @@
-"""Reading a diffusers UNet from disk: which files hold it, and their tensors as numpy arrays.
+"""Reading one diffusers model folder from disk: which files hold it, and their tensors as numpy arrays.
 
-A source is either a pipeline folder (`model_index.json`, `unet/`, maybe `scheduler/`) or a single
-UNet folder (`config.json` + weights). Weights are safetensors only:
+A model folder (a pipeline's `unet/`, `transformer/`…, or one saved alone) holds `config.json` and
+weights, safetensors only:
 
   diffusion_pytorch_model[.VARIANT].safetensors               one file
   diffusion_pytorch_model.safetensors.index[.VARIANT].json     shards named by the index
@@ -31,76 +31,58 @@ _INDEX_RES = (
 )
 SAFETENSORS_HINT = (
     "dfjax reads safetensors only. Re-save the model with diffusers: "
-    "`UNet2DConditionModel.from_pretrained(SRC).save_pretrained(DST, safe_serialization=True)` "
+    "`ModelClass.from_pretrained(SRC).save_pretrained(DST, safe_serialization=True)` (UNet2DConditionModel, "
+    "DiTTransformer2DModel…) "
     "(or `pipe.save_pretrained(DST, safe_serialization=True)` for a whole pipeline)."
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceFiles:
-  """The files of one diffusers UNet checkpoint.
+class ModelFiles:
+  """The files of one diffusers model folder (a UNet, a DiT/PixArt transformer, later a VAE…).
 
   Attributes:
-    root: the folder the user named (pipeline or UNet folder).
-    unet_dir: the folder holding the UNet's `config.json` and weights.
+    folder: the folder holding the model's `config.json` and weights.
     config: that `config.json`.
     weights: the safetensors files, in reading order (one file, or the shards of the index).
     index: the shard index when the weights are sharded.
     variant: the weights' variant (`"fp16"`…), None for the full-precision files.
-    scheduler_config: `scheduler/scheduler_config.json` of a pipeline folder, when present.
   """
 
-  root: Path
-  unet_dir: Path
+  folder: Path
   config: Path
   weights: tuple[Path, ...]
   index: Path | None = None
   variant: str | None = None
-  scheduler_config: Path | None = None
 
   @property
   def all_files(self) -> tuple[Path, ...]:
-    """Every file the checkpoint is read from, for the manifest."""
-    extra = (self.index, self.scheduler_config)
-    return (self.config, *(p for p in extra if p is not None), *self.weights)
+    """Every file the model is read from, for the manifest."""
+    return (self.config, *(() if self.index is None else (self.index,)), *self.weights)
 
 
-def find_source(src: str | Path, variant: str | None = None) -> SourceFiles:
-  """Finds the UNet config and weight files under `src` (a pipeline or a UNet folder).
+def find_weights(folder: Path, variant: str | None = None) -> ModelFiles:
+  """The config and safetensors weights of the diffusers model folder `folder`.
 
   Args:
-    src: a diffusers pipeline folder (with `model_index.json`) or a UNet folder (`config.json`).
+    folder: holds `config.json` and `diffusion_pytorch_model*.safetensors`.
     variant: the weights variant to read (`"fp16"`…); None prefers full precision, falling back
       to the one variant present.
   Raises:
-    ValueError: the folder is not a diffusers UNet, or holds no usable safetensors weights.
+    ValueError: no config.json, or no usable safetensors weights (naming the folder).
   """
-  src = Path(src)
-  if not src.is_dir():
-    raise ValueError(f"{src}: not a folder; expected a diffusers pipeline or UNet folder")
-  unet_dir, pipeline = src, None
-  if (src / "model_index.json").is_file():
-    unet_dir, pipeline = src / "unet", src
-    if not (unet_dir / "config.json").is_file():
-      raise ValueError(f"{src} is a diffusers pipeline folder without a `unet/config.json`")
-  elif (src.parent / "model_index.json").is_file():  # the unet/ folder of a pipeline
-    pipeline = src.parent
-  scheduler_config = None
-  if pipeline is not None and (pipeline / "scheduler" / "scheduler_config.json").is_file():
-    scheduler_config = pipeline / "scheduler" / "scheduler_config.json"
-  config = unet_dir / "config.json"
+  config = folder / "config.json"
   if not config.is_file():
-    raise ValueError(
-        f"{src}: no `config.json` or `model_index.json`; expected a diffusers pipeline folder "
-        f"(model_index.json + unet/) or a UNet folder (config.json + {WEIGHTS_STEM}.safetensors)")
-  chosen_variant, weights, index = _choose_weights(unet_dir, variant)
-  return SourceFiles(src, unet_dir, config, weights, index, chosen_variant, scheduler_config)
+    raise ValueError(f"{folder}: no `config.json`; expected a diffusers model folder (config.json + "
+                     f"{WEIGHTS_STEM}.safetensors)")
+  chosen_variant, weights, index = _choose_weights(folder, variant)
+  return ModelFiles(folder, config, weights, index, chosen_variant)
 
 
-def _weight_sets(unet_dir: Path) -> dict[str | None, dict[str, Path]]:
+def _weight_sets(folder: Path) -> dict[str | None, dict[str, Path]]:
   """Variant → {"single": file, "index": file} for the safetensors weights in the folder."""
   sets: dict[str | None, dict[str, Path]] = {}
-  for path in sorted(unet_dir.iterdir()):
+  for path in sorted(folder.iterdir()):
     if match := _SINGLE_RE.match(path.name):
       sets.setdefault(match["variant"], {})["single"] = path
     for index_re in _INDEX_RES:
@@ -109,30 +91,30 @@ def _weight_sets(unet_dir: Path) -> dict[str | None, dict[str, Path]]:
   return sets
 
 
-def _choose_weights(unet_dir: Path, variant: str | None
+def _choose_weights(folder: Path, variant: str | None
                     ) -> tuple[str | None, tuple[Path, ...], Path | None]:
   """Picks the variant and returns (variant, weight files, index or None)."""
-  sets = _weight_sets(unet_dir)
+  sets = _weight_sets(folder)
   if not sets:
-    bins = sorted(p.name for p in unet_dir.glob("*.bin"))
+    bins = sorted(p.name for p in folder.glob("*.bin"))
     if bins:
-      raise ValueError(f"{unet_dir} holds only PyTorch pickle weights ({', '.join(bins)}). "
+      raise ValueError(f"{folder} holds only PyTorch pickle weights ({', '.join(bins)}). "
                        + SAFETENSORS_HINT)
-    listing = ", ".join(sorted(p.name for p in unet_dir.iterdir())) or "nothing"
-    raise ValueError(f"{unet_dir}: no {WEIGHTS_STEM}*.safetensors weights (the folder holds "
+    listing = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    raise ValueError(f"{folder}: no {WEIGHTS_STEM}*.safetensors weights (the folder holds "
                      f"{listing})")
   available = ", ".join(_variant_name(v) for v in sorted(sets, key=lambda v: (v is not None, v or "")))
   if variant is None and None not in sets:
     if len(sets) > 1:
-      raise ValueError(f"{unet_dir}: no full-precision weights and several variants ({available});"
+      raise ValueError(f"{folder}: no full-precision weights and several variants ({available});"
                        " choose one with variant=")
     (variant,) = sets
   if variant not in sets:
-    raise ValueError(f"{unet_dir}: no weights of variant {_variant_name(variant)}; "
+    raise ValueError(f"{folder}: no weights of variant {_variant_name(variant)}; "
                      f"available: {available}")
   files = sets[variant]
   if len(files) == 2:
-    raise ValueError(f"{unet_dir}: both {files['single'].name} and {files['index'].name} exist for "
+    raise ValueError(f"{folder}: both {files['single'].name} and {files['index'].name} exist for "
                      f"variant {_variant_name(variant)}; remove the stale one")
   if "single" in files:
     return variant, (files["single"],), None
@@ -164,8 +146,8 @@ def _shards_of(index: Path) -> tuple[Path, ...]:
   return tuple(index.parent / n for n in names)
 
 
-def read_tensors(source: SourceFiles) -> dict[str, np.ndarray]:
-  """All tensors of the source's weight files, by diffusers key.
+def read_tensors(source: ModelFiles) -> dict[str, np.ndarray]:
+  """All tensors of one model's weight files, by diffusers key.
 
   Raises:
     ValueError: a file is not valid safetensors (named), a key is in two files, or the shards do

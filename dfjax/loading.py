@@ -1,4 +1,4 @@
-"""A converted dfjax checkpoint → a ready-to-run NNX UNet.
+"""A converted dfjax checkpoint → a ready-to-run NNX model: UNet, DiT or PixArt, as its config says.
 
 The model is built abstractly (`nnx.eval_shape`, no random init), its params are restored by
 orbax straight into arrays of the asked dtype and sharding, and the stored config is checked
@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from convert.families import read_model_config
 from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_float_dtype, changed_files,
-                            read_json, read_manifest, read_unet_config)
+                            read_json, read_manifest)
 from convert.keymap import path_str
-from models.build import ParamPath, Shape, abstract_unet
+from convert.source import DENOISERS, MODEL_INDEX
+from models.build import ParamPath, Shape
 
 log = logging.getLogger(__name__)
 _RECONVERT = "re-run dfjax convert (or dfjax train --export) to write it again"
@@ -31,7 +33,11 @@ _RECONVERT = "re-run dfjax convert (or dfjax train --export) to write it again"
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                sharding: jax.sharding.Sharding | None = None, verify: bool = True):
-  """Loads a dfjax checkpoint as a `models.unet.UNet2DConditionModel` (with `model.config`).
+  """Loads a dfjax checkpoint as the model its config.json describes (with `model.config`).
+
+  A UNet2DConditionModel config gives a `models.unet.UNet2DConditionModel`, a DiTTransformer2DModel
+  one a `models.dit.DiTTransformer2DModel`, a PixArtTransformer2DModel one a
+  `models.dit.PixArtTransformer2DModel` (hub `Transformer2DModel` configs by their norm_type).
 
   Args:
     path: a folder written by `dfjax convert` / `convert.convert_checkpoint`.
@@ -44,21 +50,21 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any =
       NaN/inf (a checkpoint written before dfjax recorded hashes loads with a warning).
   Raises:
     ValueError: `path` is not a dfjax checkpoint (e.g. a diffusers folder), a file of it is
-      missing, unreadable, damaged or edited, a param is not finite, its config.json does not
-      describe its stored weights, or a dtype is not a float dtype.
+      missing, unreadable, damaged or edited, a param is not finite, its config.json is not one of a
+      model dfjax builds or does not describe its stored weights, or a dtype is not a float dtype.
   """
   path = Path(path)
   manifest = _checked_manifest(path)
   dtype = None if dtype is None else as_float_dtype(dtype, "dtype")
   param_dtype = None if param_dtype is None else as_float_dtype(param_dtype, "param_dtype")
   changed = verify_files(path, manifest, (PARAMS_DIR, CONFIG)) if verify else []
-  config = read_unet_config(path / CONFIG)
+  family, config = read_model_config(path / CONFIG)
   stored = _stored_params(path / PARAMS_DIR)
   param_dtype = _param_dtype(param_dtype, stored)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   targets = {p: jax.ShapeDtypeStruct(shape, param_dtype, sharding=_checked(sharding, p, shape))
              for p, (shape, _) in stored.items()}
-  model = abstract_unet(config, dtype=dtype, param_dtype=param_dtype)
+  model = family.abstract_model(config, dtype=dtype, param_dtype=param_dtype)
   graphdef, abstract_params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise NotImplementedError(f"the model holds non-Param state, which checkpoints do not store: "
@@ -139,7 +145,7 @@ def _checked_manifest(path: Path) -> dict:
                      f"{PARAMS_DIR if not (path / PARAMS_DIR).is_dir() else CONFIG}; {_RECONVERT}")
   if not path.exists():
     raise ValueError(f"{path} does not exist")
-  diffusers_marks = ("model_index.json", "unet", "diffusion_pytorch_model.safetensors",
+  diffusers_marks = (MODEL_INDEX, *DENOISERS, "diffusion_pytorch_model.safetensors",
                      "diffusion_pytorch_model.safetensors.index.json")
   if any((path / m).exists() for m in diffusers_marks) or any(path.glob("*.safetensors")):
     raise ValueError(f"{path} is a diffusers folder, not a dfjax checkpoint; convert it first: "

@@ -205,7 +205,7 @@ def test_failure_while_writing_leaves_old_checkpoint_and_no_temp(converted, save
 
   def disk_full(*args, **kwargs):
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(convert_module.shutil, "copyfile", disk_full)  # after params are written
+  monkeypatch.setattr(convert_module, "write_manifest", disk_full)  # after params and config are written
   with pytest.raises(OSError, match="No space"):
     convert_checkpoint(saved["sharded"], converted, overwrite=True)
   with pytest.raises(OSError, match="No space"):
@@ -233,7 +233,7 @@ def _folder_with(saved, tmp_path, edit) -> Path:
   folder = tmp_path / "src"
   folder.mkdir()
   shutil.copy(saved["sd"] / "config.json", folder)
-  save_file(edit(read_tensors(find_source(saved["sd"]))), folder / WEIGHTS)
+  save_file(edit(read_tensors(find_source(saved["sd"]).denoiser)), folder / WEIGHTS)
   return folder
 
 

@@ -1,4 +1,4 @@
-"""`dfjax convert SRC DST`: a diffusers UNet or pipeline folder → a dfjax checkpoint."""
+"""`dfjax convert SRC DST`: a diffusers UNet, DiT or PixArt folder, or a pipeline folder → a dfjax checkpoint."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from convert import convert_checkpoint
 
 def register(commands) -> None:
   """Adds `convert` to the `dfjax` parser's subcommands."""
-  parser = commands.add_parser("convert", help="diffusers UNet or pipeline folder → dfjax checkpoint")
-  parser.add_argument("src", help="diffusers pipeline folder (model_index.json + unet/) or UNet folder")
+  parser = commands.add_parser("convert", help="diffusers UNet, DiT, PixArt or pipeline folder → dfjax checkpoint")
+  parser.add_argument("src", help="diffusers pipeline folder (model_index.json + unet/ or transformer/) or a "
+                      "UNet, DiT or PixArt folder (config.json + safetensors)")
   parser.add_argument("dst", help="output folder (written atomically)")
   parser.add_argument("--variant", default=None, help="weights variant to read, e.g. fp16")
   parser.add_argument("--dtype", default=None, help="store weights in this float dtype (default: as read)")
