@@ -1,6 +1,7 @@
 """`dfjax.sample` with DiT and PixArt: against reference loops written with diffusers' models and
-DDIMScheduler as diffusers' DiTPipeline and PixArtAlphaPipeline run them (null class 1000, learned
-variance dropped, guidance on the noise), and the row-patch strategies against one device."""
+schedulers (DDIM, Euler, DPM-Solver++ 2M) as diffusers' DiTPipeline and PixArtAlphaPipeline run them
+(null class 1000, learned variance dropped, guidance on the noise), and the row-patch strategies
+against one device."""
 
 import diffusers
 import jax
@@ -14,6 +15,8 @@ from test_dit import make_dit, make_pixart, nchw
 
 SCHEDULER = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": False,
              "set_alpha_to_one": False, "steps_offset": 1}
+DIFFUSERS_SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
+                        "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}
 BATCH, SIZE, STEPS, GUIDANCE = 2, 8, 10, 4.0
 NULL_CLASS = 1000  # diffusers' DiTPipeline: class_null = [1000] * batch
 
@@ -47,11 +50,12 @@ def pixart_conditioning():
   return cond, uncond
 
 
-def reference_loop(predict, noise):
+def reference_loop(predict, noise, scheduler="ddim", config=SCHEDULER):
   """The pipelines' loop: both halves in one batch (cond first, as DiTPipeline), guidance on the first
-  in_channels output channels, the learned variance dropped, DDIM steps on the latents. `predict(x, t)`
-  → the model's (2B, 2C, H, W) output."""
-  scheduler = diffusers.DDIMScheduler.from_config(SCHEDULER)
+  in_channels output channels, the learned variance dropped, `scheduler` steps on the latents (each
+  diffusers class from `config` with its own defaults). `predict(x, t)` → the model's (2B, 2C, H, W)
+  output."""
+  scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(config)
   scheduler.set_timesteps(STEPS)
   x = nchw(noise) * scheduler.init_noise_sigma
   channels = x.shape[1]
@@ -69,31 +73,44 @@ def both(cond, uncond, name):
 
 
 def run(model, noise, cond, uncond, **kwargs):
-  return np.asarray(sample(model, noise, cond, uncond=uncond, scheduler="ddim", scheduler_config=SCHEDULER,
-                           **{"num_steps": STEPS, "guidance_scale": GUIDANCE, **kwargs}))
+  defaults = {"scheduler": "ddim", "scheduler_config": SCHEDULER, "num_steps": STEPS, "guidance_scale": GUIDANCE}
+  return np.asarray(sample(model, noise, cond, uncond=uncond, **{**defaults, **kwargs}))
 
 
 def relative_error(got, expected) -> float:
   return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
-def test_dit_ten_steps_equal_the_dit_pipeline_loop(dit, noise):
-  torch_dit, model = dit
-  cond, uncond = dit_conditioning()
+def dit_predict(torch_dit, cond, uncond):
+  """DiTPipeline's model call on the (cond, uncond) batch."""
   labels = both(cond, uncond, "class_labels").long()
-  expected = reference_loop(lambda x, t: torch_dit(x, timestep=t, class_labels=labels).sample, noise)
-  assert model.config.predicts_variance
-  assert relative_error(run(model, noise, cond, uncond), expected) <= 1e-4
+  return lambda x, t: torch_dit(x, timestep=t, class_labels=labels).sample
 
 
-def test_pixart_ten_steps_equal_the_pixart_pipeline_loop(noise):
-  torch_pixart, model = make_pixart("alpha")
-  cond, uncond = pixart_conditioning()
+def pixart_predict(torch_pixart, cond, uncond):
+  """PixArtAlphaPipeline's model call on the (cond, uncond) batch: masked text, size conditions."""
   text, mask = both(cond, uncond, "encoder_hidden_states"), both(cond, uncond, "encoder_attention_mask")
   added = {"resolution": both(cond, uncond, "resolution"), "aspect_ratio": both(cond, uncond, "aspect_ratio")}
-  expected = reference_loop(lambda x, t: torch_pixart(x, encoder_hidden_states=text, encoder_attention_mask=mask,
-                                                      timestep=t, added_cond_kwargs=added).sample, noise)
-  assert relative_error(run(model, noise, cond, uncond), expected) <= 1e-4
+  return lambda x, t: torch_pixart(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                                   added_cond_kwargs=added).sample
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+def test_dit_ten_steps_equal_the_dit_pipeline_loop(dit, noise, scheduler):
+  torch_dit, model = dit
+  cond, uncond = dit_conditioning()
+  expected = reference_loop(dit_predict(torch_dit, cond, uncond), noise, scheduler)
+  assert model.config.predicts_variance
+  assert relative_error(run(model, noise, cond, uncond, scheduler=scheduler), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", pytest.param("euler", marks=pytest.mark.slow),
+                                       pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
+def test_pixart_ten_steps_equal_the_pixart_pipeline_loop(noise, scheduler):
+  torch_pixart, model = make_pixart("alpha")
+  cond, uncond = pixart_conditioning()
+  expected = reference_loop(pixart_predict(torch_pixart, cond, uncond), noise, scheduler)
+  assert relative_error(run(model, noise, cond, uncond, scheduler=scheduler), expected) <= 1e-4
 
 
 @pytest.mark.parametrize("family", ["dit", "pixart"])
