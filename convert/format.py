@@ -28,7 +28,6 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
