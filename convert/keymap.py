@@ -118,13 +118,14 @@ def source_key_for(path: Path) -> str:
 
 # ---------------------------------------------------------------------------------- the map
 
-def convert_state_dict(source: Mapping[str, np.ndarray], target_shapes: Mapping[Path, Shape]
-                       ) -> dict[Path, np.ndarray]:
-  """Maps a diffusers UNet state dict onto the target model's param paths, with layout fixes.
+def convert_state_dict(source: Mapping[str, np.ndarray], target_shapes: Mapping[Path, Shape], *,
+                       what: str = "diffusers checkpoint") -> dict[Path, np.ndarray]:
+  """Maps a diffusers (or transformers) state dict onto the target model's param paths, with layout fixes.
 
   Args:
     source: diffusers key → array (PyTorch layouts).
     target_shapes: the target model's param path → shape (from `nnx.eval_shape`).
+    what: names the source in the error message.
   Returns:
     target path → array in dfjax layout, one entry per target param.
   Raises:
@@ -159,10 +160,10 @@ def convert_state_dict(source: Mapping[str, np.ndarray], target_shapes: Mapping[
       continue
     out[path] = converted
     fixes[fix.__name__] += 1
-  missing = [f"{path_str(p)} {tuple(s)} (from diffusers key {source_key_for(p)})"
+  missing = [f"{path_str(p)} {tuple(s)} (from checkpoint key {source_key_for(p)})"
              for p, s in sorted(target_shapes.items(), key=lambda kv: path_str(kv[0]))
              if p not in used_by]
-  _raise_if_problems(unknown_source_keys=unknown, missing_params=missing,
+  _raise_if_problems(what, unknown_source_keys=unknown, missing_params=missing,
                      shape_mismatches=mismatched, duplicates=duplicates)
   for name, count in sorted(fixes.items()):
     log.info("keymap: %s on %d tensors", name, count)
@@ -177,7 +178,7 @@ def _candidates(key: str, ndim: int) -> list[tuple[Path, LayoutFix]]:
           for target_leaf, fix in LEAF_RULES.get((leaf, ndim), ())]
 
 
-def _raise_if_problems(**problems: list[str]) -> None:
+def _raise_if_problems(what: str, **problems: list[str]) -> None:
   """One ValueError listing every problem of every kind, or nothing."""
   if not any(problems.values()):
     return
@@ -186,4 +187,4 @@ def _raise_if_problems(**problems: list[str]) -> None:
     if items:
       lines.append(f"{len(items)} {kind.replace('_', ' ')}:")
       lines += [f"  {item}" for item in items]
-  raise ValueError("diffusers checkpoint does not fit the dfjax model:\n" + "\n".join(lines))
+  raise ValueError(f"{what} does not fit the dfjax model:\n" + "\n".join(lines))
