@@ -62,6 +62,9 @@ class CLIPTextConfig:
       raise ValueError(f"CLIP text config: hidden_size={self.hidden_size} does not split into "
                        f"num_attention_heads={self.num_attention_heads} heads")
     activation(self.hidden_act, "CLIP text config hidden_act")
+    if not isinstance(self.eos_token_id, int) or not 0 <= self.eos_token_id < self.vocab_size:
+      raise ValueError(f"CLIP text config: eos_token_id={self.eos_token_id!r} must be a token id below "
+                       f"vocab_size={self.vocab_size} (the pooled output is read at it)")
 
   @property
   def pools_at_argmax(self) -> bool:

@@ -27,7 +27,7 @@ from models.text_encoder import GENERIC_CONFIG_KEYS, JittedEncoder
 VOCAB = 99
 EOT = VOCAB - 1  # the end-of-text token: the largest id, as CLIP's <|endoftext|> (49407) is
 TINY_CLIP = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=VOCAB - 2)
+                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=VOCAB - 2, eos_token_id=EOT)
 CLIPS = {
     # SD1.x's encoder: quick_gelu, pooled at the first end-of-text id, padded with that same id
     "quick_gelu": (transformers.CLIPTextModel, dict(hidden_act="quick_gelu", eos_token_id=EOT, pad_token_id=EOT)),
@@ -68,7 +68,7 @@ def saved(kind: str, name: str, tmp_root: str):
   """(torch model, its folder written by save_pretrained) for CLIPS[name] or T5S[name]."""
   if kind == "clip":
     torch_class, extra = CLIPS[name]
-    torch_model = perturbed(torch_class(transformers.CLIPTextConfig(**TINY_CLIP, **extra)))
+    torch_model = perturbed(torch_class(transformers.CLIPTextConfig(**{**TINY_CLIP, **extra})))
   else:
     torch_model = perturbed(transformers.T5EncoderModel(transformers.T5Config(**TINY_T5, **T5S[name])))
   folder = f"{tmp_root}/{kind}-{name}"
@@ -278,6 +278,8 @@ def test_configs_refuse_what_dfjax_does_not_build():
     CLIPTextConfig.from_transformers_config({**TINY_CLIP, "model_type": "clip_vision_model"})
   with pytest.raises(ValueError, match="hidden_size=32 does not split into num_attention_heads=5"):
     CLIPTextConfig.from_transformers_config({**TINY_CLIP, "num_attention_heads": 5})
+  with pytest.raises(ValueError, match="eos_token_id=None must be a token id below vocab_size=99"):
+    CLIPTextConfig.from_transformers_config({**TINY_CLIP, "eos_token_id": None})
   with pytest.raises(ValueError, match="is_decoder=true"):
     T5Config.from_transformers_config({**TINY_T5, "is_decoder": True})
   with pytest.raises(ValueError, match="dense_act_fn='relu' .*means 'gelu_new'"):
