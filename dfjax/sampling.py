@@ -380,7 +380,7 @@ class _DeviceRun:
   """One device's whole run: its rows of its batch share, through every phase.
 
   Besides the loop, what a phase's own step program (sharding/strategies/base.py `StepProgram`) uses:
-  `sched`, `model`, `model_inputs` and `guided`.
+  `sched`, `config`, `model`, `model_inputs` and `guided`.
   """
 
   def __init__(self, graphdef, params, pair: Conditioning, guidance_scale, plan: _Plan):
@@ -398,6 +398,11 @@ class _DeviceRun:
     out, sent = call_recording(self.model(), x_in, self.sched.model_timestep(i), ctx=phase.context(stale), **cond)
     x, sched_state = self.sched.step(sched_state, self.guided(out, x), i, x)
     return x, sched_state, sent
+
+  @property
+  def config(self):
+    """The model's config."""
+    return self.plan.model_config
 
   def model(self, stage: int | None = None) -> nnx.Module:
     """The model merged from this device's params; under a staged layout, stage `stage`'s (the other

@@ -67,6 +67,11 @@ def segment_costs(config, latent: Workload) -> dict[str, Cost]:
   return {segment.name: segment.cost(latent) for segment in _layout(config).segments()}
 
 
+def segment_names(config) -> tuple[str, ...]:
+  """The model's segment names, in call order (where pipeline methods may cut it)."""
+  return tuple(segment.name for segment in _layout(config).segments())
+
+
 def unet_param_shapes(config: Mapping) -> dict[ParamPath, Shape]:
   """Param path → shape of the UNet a diffusers config describes."""
   params = nnx.state(abstract_unet(config), nnx.Param)

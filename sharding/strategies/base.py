@@ -38,7 +38,7 @@ class StepProgram(Protocol):
   """A phase's own denoising step, for methods that are not one model call under one context.
 
   `step(run, x, sched_state, stale, i)` → (next latents, next scheduler state, what to carry to the
-  next step). `run` is the device's run (dfjax/sampling.py): `run.sched` the scheduler,
+  next step). `run` is the device's run (dfjax/sampling.py): `run.sched` the scheduler, `run.config`,
   `run.model(stage)` the model merged from this device's params (its stage's, under a staged
   layout), `run.model_inputs(x)` the guidance pair's batch and conditioning, `run.guided(out, x)`
   the guided noise prediction of a model output for latents `x`.

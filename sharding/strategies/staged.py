@@ -17,17 +17,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.build import segment_costs
+from models.build import segment_costs, segment_names
 from models.layers import Workload
+from models.parallel import call_recording
 from sharding.axes import STAGE
 from sharding.exchange.stages import broadcast_from_stage, to_next_stage
 from sharding.strategies.base import Strategy
 from sharding.varying import varying_like
 
 
-def segment_flops(config, height: int, width: int) -> tuple[float, ...]:
-  """Each segment's FLOPs per sample for an `height` × `width` latent, in call order (the cost model)."""
-  return tuple(cost.flops for cost in segment_costs(config, Workload(rows=height, cols=width)).values())
+def segment_flops(config, height: int, width: int, text_tokens: int = 77) -> tuple[float, ...]:
+  """Each segment's FLOPs per sample for an `height` × `width` latent and `text_tokens` text tokens, in
+  call order (the cost model)."""
+  latent = Workload(rows=height, cols=width, text_tokens=text_tokens)
+  return tuple(cost.flops for cost in segment_costs(config, latent).values())
 
 
 def balanced_cuts(costs: Sequence[float], stages: int) -> tuple[int, ...]:
@@ -80,8 +83,7 @@ class Staged(Strategy):
     raise NotImplementedError
 
   def stage_of_segment(self, config, height, width, sizes):
-    segments = len(segment_costs(config, Workload(rows=height, cols=width)))
-    return stages_of(self.cuts_for(config, height, width, sizes[STAGE]), segments)
+    return stages_of(self.cuts_for(config, height, width, sizes[STAGE]), len(segment_names(config)))
 
 
 def run_stage(model, carry, stage_of_segment: Sequence[int], stage: int, ctx):
@@ -92,21 +94,34 @@ def run_stage(model, carry, stage_of_segment: Sequence[int], stage: int, ctx):
   return carry
 
 
-def synchronous_forward(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx):
+def synchronous_forward(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx, *, record=None):
   """The model's output for `x_in` with every stage in order: stage s runs its segments on the carry
   stage s − 1 sent, and sends its own on; the last stage's output is broadcast to every stage.
 
   Exact (the same maths as one device), and every stage but one waits at each cut: the warm-up of
   the asynchronous methods. Each device runs only its own stage's branch (`lax.cond` on its index).
+
+  Args:
+    record: optional `record(stage, sent)` turning what stage `stage`'s layers sent (their context
+      requests' `sent`, models/parallel.py) into one pytree shape shared by every stage; then the
+      result is (output, this device's own stage's record).
   """
   stages = max(stage_of_segment) + 1
   here = lax.axis_index(STAGE)
   carry = run.model(0).first_carry(x_in, t, **cond)  # no params: any stage's model builds it
+  kept = None
   for stage in range(stages):
-    compute = lambda c, stage=stage: run_stage(run.model(stage), c, stage_of_segment, stage, ctx)
+    def compute(c, stage=stage):
+      segments = lambda model, c: run_stage(model, c, stage_of_segment, stage, ctx)  # noqa: E731
+      out, sent = call_recording(segments, run.model(stage), c)
+      return out, (None if record is None else record(stage, sent))
+
     shapes = jax.eval_shape(compute, carry)
     idle = lambda c, shapes=shapes: jax.tree.map(lambda s: varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
-    carry = lax.cond(here == stage, compute, idle, carry)
+    carry, recorded = lax.cond(here == stage, compute, idle, carry)
+    if record is not None:
+      kept = recorded if kept is None else jax.tree.map(lambda k, r: jnp.where(here == stage, r, k), kept, recorded)
     if stage < stages - 1:
       carry = to_next_stage(carry, stages)
-  return broadcast_from_stage(carry.h, stages - 1)
+  out = broadcast_from_stage(carry.h, stages - 1)
+  return out if record is None else (out, kept)

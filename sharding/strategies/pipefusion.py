@@ -1,0 +1,293 @@
+"""`pipefusion`: displaced patch pipeline parallelism for diffusion transformers (Wang, Fang et al.).
+
+The transformer's blocks are cut into N contiguous stages on the mesh axis `stage` (stage 0 also
+embeds, the last also runs the final layer; each device holds only its stage's params), and the
+latent into M row patches that flow through the stages as a pipeline. Each stage keeps a K/V
+buffer over the whole sequence per self-attention layer (sharding/contexts/pipefusion.py): a
+patch attends over this step's K/V of the patches before it and the previous step's of those
+after it, so no stage waits for the rest of the image. Only patch activations cross a cut.
+
+A step is K = max(M, N) micro-steps (a `lax.scan`): at micro-step τ stage s runs patch τ − s of
+this step, or — while it is still behind — patch τ − s + K of the previous one, so the pipeline
+runs on across steps without refilling. The last stage steps the scheduler for each finished
+patch (its multistep history kept full-image) and sends the patch's new latent back to stage 0:
+a ring, in time for stage 0 to read it (when M ≥ N; with fewer patches some stages wait).
+The first `1 + warmup_steps` steps run the whole image through the stages synchronously (exact),
+filling the K/V buffers; the first pipelined step starts the pipeline, the last one drains it.
+
+Everything that lives across steps — K/V buffers, the activation in flight, the ring's patch,
+the latents and scheduler state being updated patch by patch — is the scan carry; the sampling
+loop's own latents pass through untouched until the drain broadcasts the result.
+
+Shape letters: P·B the guidance pair's batch, h a patch's latent rows, W columns, C channels,
+L blocks per stage (the most of any stage), S the sequence's tokens, N heads, D head width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from models.dit_config import TransformerConfig
+from models.parallel import call_recording
+from sharding.axes import STAGE
+from sharding.contexts.pipefusion import PipeFusionContext
+from sharding.exchange.stages import broadcast_from_stage, send, to_next_stage
+from sharding.strategies.base import Phase
+from sharding.strategies.staged import Staged, run_stage, synchronous_forward
+from sharding.varying import axes_varying, varying_over
+
+
+def _positive_int(value, name: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeFusion(Staged):
+  """PipeFusion. Options as in the authors' code.
+
+  Attributes:
+    num_patches: M row patches (default: the stage count N; the best measured M is N…2N).
+    warmup_steps: synchronous steps after the first (which is always synchronous: it fills the
+      K/V buffers); default 0, the authors' one warm-up step.
+    stage_layers: blocks per stage, summing to the model's; default ⌈L/N⌉ each, the last the rest.
+  """
+
+  num_patches: int | None = None
+  warmup_steps: int = 0
+  stage_layers: tuple[int, ...] | None = None
+
+  name = "pipefusion"
+  description = ("PipeFusion: DiT blocks in stages, row patches pipelined through them over stale "
+                 "per-layer K/V buffers; only patch activations cross a stage")
+
+  def __post_init__(self):
+    if self.num_patches is not None:
+      _positive_int(self.num_patches, "num_patches")
+    if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer ≥ 0.")
+    if self.stage_layers is not None:
+      object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+      for count in self.stage_layers:
+        _positive_int(count, "each of stage_layers")
+
+  # -------------------------------------------------------------------------- the cut and its checks
+
+  def patches(self, sizes) -> int:
+    return sizes[STAGE] if self.num_patches is None else self.num_patches
+
+  def layers_per_stage(self, config, stages: int) -> tuple[int, ...]:
+    """Blocks of each stage: `stage_layers`, or ⌈L/N⌉ each with the last taking the rest."""
+    total = config.num_layers
+    if self.stage_layers is not None:
+      if len(self.stage_layers) != stages or sum(self.stage_layers) != total:
+        raise ValueError(f"stage_layers={self.stage_layers} must be {stages} positive counts summing to the "
+                         f"model's {total} blocks (one per stage on a stage={stages} mesh).")
+      return self.stage_layers
+    if stages > total:
+      raise ValueError(f"{total} blocks cannot fill {stages} stages: use a stage axis of at most {total}.")
+    each = math.ceil(total / stages)
+    counts = tuple(min(each, total - each * s) for s in range(stages))
+    if min(counts) < 1:
+      fits = [n for n in range(1, total + 1) if total - math.ceil(total / n) * (n - 1) >= 1]
+      raise ValueError(f"{total} blocks in stages of ⌈{total}/{stages}⌉ = {each} leave the last stage empty: "
+                       f"use a stage axis of {fits}, or give stage_layers (e.g. {_even(total, stages)}).")
+    return counts
+
+  def cuts_for(self, config, height, width, stages):
+    counts = self.layers_per_stage(config, stages)
+    return tuple(1 + sum(counts[:k]) for k in range(1, stages))  # segment 0 is the embedding
+
+  def validate(self, config, height, width, sizes):
+    if not isinstance(config, TransformerConfig):
+      raise ValueError("pipefusion pipelines the blocks of a diffusion transformer (DiT, PixArt); this model is a "
+                       "UNet: use single, exact, displaced, naive, ulysses or ring (or asyncdiff) for it.")
+    super().validate(config, height, width, sizes)
+    self.layers_per_stage(config, sizes[STAGE])
+    patches = self.patches(sizes)
+    token_rows = height // config.patch_size
+    if token_rows % patches:
+      valid = [m for m in range(1, token_rows + 1) if token_rows % m == 0]
+      raise ValueError(f"{height} latent rows are {token_rows} token rows, which do not split into "
+                       f"num_patches={patches} patches: valid patch counts: {', '.join(map(str, valid))}.")
+
+  # -------------------------------------------------------------------------- phases
+
+  def phases(self, num_steps, sizes, *, simulated=False):
+    if simulated:
+      raise ValueError("pipefusion has no one-device simulation: its stages run different code, so "
+                       "`bench simulate` cannot time one device's program of the mesh yet.")
+    synchronous = min(num_steps, 1 + self.warmup_steps)
+    phases = [Phase(0, synchronous, step=functools.partial(self._synchronous_step, sizes=sizes), records=True)]
+    pipelined = num_steps - synchronous
+    if pipelined >= 1:  # starts the pipeline (nothing behind yet); drains it too when it is the last
+      phases.append(self._pipelined(synchronous, synchronous + 1, sizes, behind=False, drain=pipelined == 1))
+    if pipelined >= 3:
+      phases.append(self._pipelined(synchronous + 1, num_steps - 1, sizes, behind=True, drain=False))
+    if pipelined >= 2:
+      phases.append(self._pipelined(num_steps - 1, num_steps, sizes, behind=True, drain=True))
+    return phases
+
+  def _pipelined(self, start, stop, sizes, *, behind: bool, drain: bool) -> Phase:
+    step = functools.partial(self._pipelined_step, sizes=sizes, behind=behind, drain=drain)
+    return Phase(start, stop, step=step, uses_stale=True, records=True)
+
+  # -------------------------------------------------------------------------- the warm-up step
+
+  def _synchronous_step(self, run, x, sched_state, stale, i, *, sizes):
+    """The whole image through every stage in order (exact); its K/V fill each stage's buffers."""
+    del stale
+    geometry = _Geometry.of(self, run, x, sizes)
+    x_in, cond = run.model_inputs(run.sched.scale_model_input(x, i))
+    record = lambda stage, sent: _slots(sent, geometry.layers)  # noqa: E731
+    out, kv = synchronous_forward(run, geometry.stage_of, x_in, run.sched.model_timestep(i), cond,
+                                  PipeFusionContext(geometry.patches), record=record)
+    x, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
+    ring = {"x": jnp.zeros_like(x[:, :geometry.rows]), "slot": jnp.int32(0)}
+    return x, sched_state, geometry.typed({"x": x, "sched": sched_state, "ring": ring, "kv": kv,
+                                           "activation": geometry.idle_activation_like()})
+
+  # -------------------------------------------------------------------------- a pipelined step
+
+  def _pipelined_step(self, run, x, sched_state, stale, i, *, sizes, behind: bool, drain: bool):
+    """Step i as K micro-steps (K + N − 1 when draining): each stage runs the patch its position gives."""
+    g = _Geometry.of(self, run, x, sizes)
+    here = lax.axis_index(STAGE)
+
+    def micro_step(carry, tau):
+      latents, sched, kv, ring, activation = carry["x"], carry["sched"], carry["kv"], carry["ring"], carry["activation"]
+      arrived = ring["slot"] > 0  # stage 0: a finished patch's new latent from the last stage
+      latents = jnp.where(arrived, lax.dynamic_update_slice_in_dim(latents, ring["x"], (ring["slot"] - 1) * g.rows, 1),
+                          latents)
+      offset = tau - here
+      current = (offset >= 0) & (offset < g.patches)
+      late = behind & (offset < 0) & (offset + g.micro_steps < g.patches)  # the previous step's patch
+      patch = jnp.clip(jnp.where(current, offset, offset + g.micro_steps), 0, g.patches - 1)
+      j = jnp.where(current, i, i - 1)  # the step that patch is at
+      active = current | late
+      x_patch = lax.dynamic_slice_in_dim(latents, patch * g.rows, g.rows, 1)  # B, h, W, C
+      x_in, cond = run.model_inputs(run.sched.scale_model_input(x_patch, j))
+      operands = (x_in, run.sched.model_timestep(j), cond, activation, kv, patch)
+      branches = [functools.partial(self._stage_branch, run, g, s) for s in range(g.stages)]
+      branches.append(functools.partial(_idle_branch, run, g))
+      sent_on, kv, out = lax.switch(jnp.where(active, here, g.stages), branches, *operands)
+      # outside the branches: the guidance pair's collective, the scheduler, the transfers
+      eps = run.guided(out, x_patch)
+      rows = lambda a: lax.dynamic_slice_in_dim(a, patch * g.rows, g.rows, 1)  # noqa: E731
+      new_patch, new_sched = run.sched.step(jax.tree.map(rows, sched), eps, j, x_patch)
+      finished = active & (here == g.stages - 1)
+      put = lambda full, part: jnp.where(finished, lax.dynamic_update_slice_in_dim(full, part, patch * g.rows, 1), full)  # noqa: E731
+      latents, sched = put(latents, new_patch), jax.tree.map(put, sched, new_sched)
+      ring = send({"x": new_patch, "slot": jnp.where(finished, patch + 1, 0)}, g.stages - 1, 0)
+      return g.typed({"x": latents, "sched": sched, "ring": ring, "kv": kv,
+                      "activation": to_next_stage(sent_on, g.stages)}), None
+
+    ticks = g.micro_steps + (g.stages - 1 if drain else 0)
+    stale, _ = lax.scan(micro_step, stale, jnp.arange(ticks, dtype=jnp.int32))
+    if drain:  # the last stage holds every patch's final latent
+      x = broadcast_from_stage(stale["x"], g.stages - 1)
+    return x, sched_state, stale
+
+  def _stage_branch(self, run, g: _Geometry, stage: int, x_in, t, cond, activation, kv, patch):
+    """Stage `stage`'s blocks on one patch: (the activation to send on, updated K/V slots, the model output)."""
+    model = run.model(stage)
+    keys = g.keys[stage]
+    ctx = PipeFusionContext(g.patches, patch, {key: kv[slot] for slot, key in enumerate(keys)})
+    carry = model.first_carry(x_in, t, **cond) if stage == 0 else activation
+    body = lambda m, c: run_stage(m, c, g.stage_of_blocks, stage, ctx)  # noqa: E731
+    carry, sent = call_recording(body, model, carry)
+    kv = _slots(sent, g.layers, like=kv)
+    if stage == g.stages - 1:
+      out = run_stage(model, carry, g.stage_of_out, stage, ctx).h  # the final layer: P·B, h, W, C_out
+      return varying_over((g.idle_activation_like(), kv, out), g.axes)
+    return varying_over((carry, kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
+
+  def options(self):
+    return f"{self.num_patches or 'N'} patches, warm-up {self.warmup_steps}" + (
+        f", stage layers {list(self.stage_layers)}" if self.stage_layers else "")
+
+
+def _idle_branch(run, g, x_in, t, cond, activation, kv, patch):
+  """A stage with no patch this micro-step: sends nothing, keeps its buffers."""
+  del run, x_in, t, cond, activation, patch
+  return varying_over((g.idle_activation_like(), kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
+
+
+def _slots(sent: dict, layers: int, like=None) -> jax.Array:
+  """A stage's per-layer K/V buffers stacked in block order (L, 2, P·B, S, N, D), zero-padded to `layers`.
+
+  `sent` maps each self-attention layer's key to its buffer, in the order the layers ran.
+  """
+  buffers = list(sent.values())
+  stacked = jnp.stack(buffers) if buffers else like[:0]
+  pad = layers - stacked.shape[0]
+  return jnp.concatenate([stacked, jnp.zeros((pad, *stacked.shape[1:]), stacked.dtype)]) if pad else stacked
+
+
+def _even(total: int, stages: int) -> list[int]:
+  return [total // stages + (s < total % stages) for s in range(stages)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """What one run's pipelined steps are shaped by, worked out while tracing."""
+
+  stages: int
+  patches: int
+  rows: int  # latent rows of a patch
+  layers: int  # K/V slots per stage (its most blocks)
+  stage_of: tuple[int, ...]  # each segment's stage
+  stage_of_blocks: tuple[int, ...]  # the same without the final layer (run apart, on the last stage)
+  stage_of_out: tuple[int, ...]  # only the final layer
+  keys: tuple[tuple[str, ...], ...]  # each stage's self-attention layer keys, in order
+  activation: object  # ShapeDtypeStructs of what crosses a cut for one patch
+  out_shape: tuple[int, ...]
+  out_dtype: object
+  axes: frozenset[str]  # what activations, K/V and outputs vary over: the model inputs' axes and the stage
+  latent_axes: frozenset[str]  # what the latents being updated vary over: the loop's latents' and the stage
+  @property
+  def micro_steps(self) -> int:
+    return max(self.patches, self.stages)
+
+  @classmethod
+  def of(cls, strategy: PipeFusion, run, x, sizes) -> _Geometry:
+    config = run.config
+    b, height, width, _ = x.shape
+    stages, patches = sizes[STAGE], strategy.patches(sizes)
+    rows = height // patches
+    stage_of = strategy.stage_of_segment(config, height, width, sizes)
+    last = len(stage_of) - 1
+    blocks = tuple(s if i < last else -1 for i, s in enumerate(stage_of))
+    out = tuple(-1 if i < last else s for i, s in enumerate(stage_of))
+    counts = strategy.layers_per_stage(config, stages)
+    x_in, cond = run.model_inputs(x[:, :rows])
+    model = run.model(0)
+    t = jnp.float32(0)
+    first = jax.eval_shape(lambda: model.first_carry(x_in, t, **cond))
+    embedded = jax.eval_shape(lambda c: model.segments()[0](c, ctx=PipeFusionContext(patches)), first)
+    keys = tuple(_stage_keys(run, stage, blocks, first if stage == 0 else embedded, patches) for stage in range(stages))
+    out_shape = (x_in.shape[0], rows, width, config.out_channels)
+    axes = frozenset().union(*(axes_varying(leaf) for leaf in jax.tree.leaves((x_in, cond)))) | {STAGE}
+    return cls(stages, patches, rows, max(counts), stage_of, blocks, out, keys, embedded, out_shape, x_in.dtype,
+               axes, axes_varying(x) | {STAGE})
+
+  def typed(self, stale: dict) -> dict:
+    """The carry with one type in every step (so the drain's broadcast over stages gives the loop's
+    latents their type back): the latents' part as `latent_axes`, the rest as `axes`."""
+    return {name: varying_over(value, self.latent_axes if name in ("x", "sched", "ring") else self.axes)
+            for name, value in stale.items()}
+
+  def idle_activation_like(self):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.activation)
+
+
+def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[str, ...]:
+  """The keys of stage `stage`'s self-attention layers, in the order they run (traced, not computed)."""
+  body = lambda m, c: run_stage(m, c, stage_of_blocks, stage, PipeFusionContext(patches))  # noqa: E731
+  return tuple(jax.eval_shape(lambda c: call_recording(body, run.model(stage), c)[1], carry))  # merged in the trace
