@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dfjax.sampling import Conditioning, prepare_sample, sample
+from dfjax.sampling import Conditioning, prepare_sample, sample, stale_buffer_shapes
 from models.config import UNetConfig
 from models.dit import DiTConfig, DiTTransformer2DModel, PixArtTransformer2DModel
 from models.dit_config import PixArtConfig
@@ -118,6 +118,15 @@ def test_each_device_holds_only_its_stages_params(dit):
   assert staged.stage_bytes()[1:3] == (nbytes(nnx.state(dit.transformer_blocks[1])),) * 2  # one block each
   rows = program.inputs[0]["rows"]["float32"]
   assert {shard.data.shape for shard in rows.addressable_shards} == {(1, staged.bytes_per_device() // 4)}
+
+
+def test_stale_kv_buffers_are_the_analytic_bytes(dit):
+  strategy = Strategy.pipefusion(num_patches=4, stage_layers=(3, 1))
+  args, kwargs = _args(dit, make_mesh(stage=2, patch=1, devices=jax.devices()[:2]), strategy)
+  kv = stale_buffer_shapes(*args, **kwargs)["kv"]
+  assert kv.shape[0] == 3  # K/V slots of the larger stage, in every device
+  expected = strategy.stale_bytes(dit.config, HEIGHT, WIDTH, {"stage": 2}, 2, activation_bytes=4)
+  assert kv.size * kv.dtype.itemsize == expected["kv"]
 
 
 def test_bad_settings_name_the_valid_choices(dit):

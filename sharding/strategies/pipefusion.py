@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.dit_config import TransformerConfig
+from models.dit_config import DiTConfig, TransformerConfig
 from models.parallel import call_recording
 from sharding.axes import STAGE
 from sharding.contexts.pipefusion import PipeFusionContext
@@ -207,6 +207,27 @@ class PipeFusion(Staged):
       out = run_stage(model, carry, g.stage_of_out, stage, ctx).h  # the final layer: P·B, h, W, C_out
       return varying_over((g.idle_activation_like(), kv, out), g.axes)
     return varying_over((carry, kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
+
+  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
+    """Per pipelined step, what a stage receives: K patch activations from the stage before (the
+    token states and the per-sample conditioning vectors; PixArt's text states travel with them too,
+    not counted here), and — stage 0 — K patch latents from the last stage (the ring, fp32; counted
+    for `batch` images, twice the images when one device holds both guidance halves)."""
+    stages, patches = sizes[STAGE], self.patches(sizes)
+    micro_steps = max(patches, stages)
+    p, dim = config.patch_size, config.inner_dim
+    tokens = (height // p) * (width // p) // patches
+    vectors = dim * (7 if not isinstance(config, DiTConfig) else 1)  # DiT: the conditioning; PixArt: + 6D modulation
+    activation = batch * (tokens + 1) * dim if isinstance(config, DiTConfig) else batch * (tokens * dim + vectors)
+    latent_patch = batch * (height // patches) * width * config.in_channels  # an upper bound: per image, not pair
+    return {"stages": micro_steps * activation * activation_bytes, "ring": micro_steps * latent_patch * 4}
+
+  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
+    """What a stage carries between steps: a full-sequence K and V per self-attention layer of its
+    largest stage, for the guidance pair's batch."""
+    layers = max(self.layers_per_stage(config, sizes[STAGE]))
+    tokens = (height // config.patch_size) * (width // config.patch_size)
+    return {"kv": layers * 2 * batch * tokens * config.inner_dim * activation_bytes}
 
   def options(self):
     return f"{self.num_patches or 'N'} patches, warm-up {self.warmup_steps}" + (
