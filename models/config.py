@@ -102,14 +102,7 @@ class UNetConfig:
         (naming the key, the value and the supported values).
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in d if not k.startswith("_")
-                     and k not in fields | _INERT | _HEAD_KEYS | _ONLY_SUPPORTED.keys())
-    if unknown:
-      raise ValueError(f"unknown UNet config keys {unknown}: dfjax does not know what they change, "
-                       "so it will not guess. Remove them if they are inert.")
-    for key, supported in _ONLY_SUPPORTED.items():
-      if key in d and d[key] not in supported:
-        raise ValueError(_unsupported(key, d[key], supported))
+    check_config_keys(d, "UNet", fields | _INERT | _HEAD_KEYS, _ONLY_SUPPORTED)
     only_cross = d.get("only_cross_attention", False)
     if only_cross is True or (isinstance(only_cross, Sequence) and any(only_cross)):
       raise ValueError(_unsupported("only_cross_attention", only_cross, (False,)))
@@ -340,8 +333,27 @@ def row_split_problems(height: int, width: int, row_splits: int, unit: int) -> l
   return problems
 
 
-def _unsupported(key: str, value: Any, supported: Sequence[Any]) -> str:
-  return (f"UNet config {key}={value!r} is not supported by dfjax; supported values: "
+def check_config_keys(d: Mapping[str, Any], kind: str, known: set[str],
+                      only_supported: Mapping[str, tuple[Any, ...]]) -> None:
+  """Refuses what a diffusers `config.json` dict `d` of a `kind` model sets that dfjax does not implement.
+
+  Keys starting with `_` are ignored; the others must be in `known` or `only_supported`, and an
+  `only_supported` key's value one of its supported values.
+
+  Raises:
+    ValueError: naming every unknown key, or the key, its value and the supported values.
+  """
+  unknown = sorted(k for k in d if not k.startswith("_") and k not in known and k not in only_supported)
+  if unknown:
+    raise ValueError(f"unknown {kind} config keys {unknown}: dfjax does not know what they change, "
+                     "so it will not guess. Remove them if they are inert.")
+  for key, supported in only_supported.items():
+    if key in d and d[key] not in supported:
+      raise ValueError(_unsupported(key, d[key], supported, kind))
+
+
+def _unsupported(key: str, value: Any, supported: Sequence[Any], kind: str = "UNet") -> str:
+  return (f"{kind} config {key}={value!r} is not supported by dfjax; supported values: "
           f"{', '.join(repr(s) for s in supported)}")
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import jax
 
 from models.attention import FEED_FORWARD_ACTIVATIONS
-from models.config import row_split_problems, valid_row_splits
+from models.config import check_config_keys, row_split_problems, valid_row_splits
 
 # Keys with no effect on the inference forward (dropout), or that diffusers ignores for patch input.
 _INERT = frozenset({"dropout", "norm_num_groups", "use_linear_projection"})
@@ -59,15 +59,7 @@ class TransformerConfig:
       ValueError: a key dfjax does not know, or a value of a feature it does not implement.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
-    supported = {"norm_type": (cls.norm_type,), **cls._only_supported}
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in fields | _INERT | supported.keys())
-    if unknown:
-      raise ValueError(f"unknown {cls.kind} config keys {unknown}: dfjax does not know what they change, "
-                       "so it will not guess. Remove them if they are inert.")
-    for key, values in supported.items():
-      if key in d and d[key] not in values:
-        raise ValueError(f"{cls.kind} config {key}={d[key]!r} is not supported by dfjax; supported values: "
-                         f"{', '.join(repr(v) for v in values)}")
+    check_config_keys(d, cls.kind, fields | _INERT, {"norm_type": (cls.norm_type,), **cls._only_supported})
     return cls(**{k: v for k, v in d.items() if k in fields})
 
   def __post_init__(self):

@@ -236,30 +236,38 @@ class Embed(nnx.Module):
 
 class Conv2d(nnx.Module):
   """k×k conv (odd k, stride 1 or 2), zero padding k//2, HWIO `kernel` and `bias`; or, with stride
-  = k (any k), non-overlapping k×k patches without padding (a DiT's patch embedding).
+  = k (any k), non-overlapping k×k patches without padding (a DiT's patch embedding); or, with
+  `pad_after_only` (3×3, stride 2: diffusers' `Downsample2D(padding=0)`, the VAE encoder's), one zero
+  row and column after the image and none before (torch's `F.pad(x, (0, 1, 0, 1))`).
 
   For a padded conv the k//2 rows above and below come from `ctx.conv_halo` (`ctx.input_halo` for a
   conv on the model's input, `model_input=True`: always this step's rows), and the conv runs with
   VALID row padding on them (zero padding on columns), so a row patch yields exactly its rows of
   the full-image conv. 1×1 convs and patch convs (on patches of whole k-row bands) need no other
-  rows. `axes` names the (input, output) channel axes of `kernel` (its taps are KERNEL_H,
-  KERNEL_W); `bias` is named by the output's.
+  rows. `pad_after_only` asks for the same one-row halo and drops the rows from above. `axes` names
+  the (input, output) channel axes of `kernel` (its taps are KERNEL_H, KERNEL_W); `bias` is named
+  by the output's.
 
   Shape letters: B batch, H rows, W columns, C input channels, D output channels, s stride.
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
                axes: tuple[str, str] = (CONV_IN, CONV_OUT), model_input: bool = False,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               pad_after_only: bool = False, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     if kernel_size % 2 != 1 and stride != kernel_size:
       raise ValueError(f"Conv2d kernel_size={kernel_size}, stride={stride}: only odd sizes (zero padding "
                        "k//2), or stride = kernel_size (patches, no padding)")
+    if pad_after_only and (kernel_size, stride) != (3, 2):
+      raise ValueError(f"Conv2d pad_after_only is diffusers' Downsample2D(padding=0): a 3×3 stride-2 conv, "
+                       f"got kernel_size={kernel_size}, stride={stride}")
     shape = (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = param(_lecun_normal(param_key(rngs), shape, param_dtype), (KERNEL_H, KERNEL_W, *axes))
     self.bias = param(jnp.zeros((out_channels,), param_dtype), axes[1:])
     self.kernel_size = kernel_size
     self.stride = stride
     self.pad = 0 if stride == kernel_size else kernel_size // 2
+    self.pad_after_only = pad_after_only
     self.model_input = model_input
     self.dtype = dtype
     self.ctx_key = ""
@@ -270,17 +278,21 @@ class Conv2d(nnx.Module):
       ask = ctx.input_halo if self.model_input else ctx.conv_halo
       x_bhwc, sent = ask(x_bhwc, pad, self.ctx_key)  # B, H+2·pad, W, C
       keep_for_next_step(self, sent)
+    columns = (pad, pad)
+    if self.pad_after_only:
+      x_bhwc, columns = x_bhwc[:, pad:], (0, pad)  # B, H+1, W, C: the row below only
     y_bhwd = lax.conv_general_dilated(
         x_bhwc.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=((0, 0), (pad, pad)),
+        window_strides=(self.stride, self.stride), padding=((0, 0), columns),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # B, H/s, W/s, D
     return y_bhwd + self.bias[...].astype(self.dtype)  # B, H/s, W/s, D
 
   def cost(self, at: Workload) -> Cost:
     """On an input of `at.rows` × `at.cols`: every kernel tap, or only those inside the image."""
     k, _, c_in, c_out = self.kernel.shape
-    taps = (_taps(at.rows, k, self.stride, at.padded, self.pad)
-            * _taps(at.cols, k, self.stride, at.padded, self.pad))
+    before = 0 if self.pad_after_only else self.pad  # zero padding before the image; `_taps` clips after it
+    taps = (_taps(at.rows, k, self.stride, at.padded, before)
+            * _taps(at.cols, k, self.stride, at.padded, before))
     kind = "input_halo" if self.model_input else "halo"
     halo = (Exchange(kind, self.ctx_key, at.rows, at.cols, c_in, self.pad),) if self.pad else ()
     return Cost({"conv": 2 * taps * c_in * c_out}, halo)
@@ -369,28 +381,31 @@ class TimestepEmbedding(nnx.Module):
 class ResnetBlock2D(nnx.Module):
   """diffusers `ResnetBlock2D` ("default" time scale shift): GroupNorm-SiLU-conv twice, with the
   projected time embedding added between, and a 1×1 `conv_shortcut` when channels change.
+  `temb_channels=None` (the VAE's blocks): no `time_emb_proj`, and no embedding is taken.
 
   Shape letters: B batch, H rows, W columns, C input channels, D output channels, E embedding.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int,
+  def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, *, groups: int,
                eps: float, output_scale_factor: float = 1.0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = GroupNorm(groups, in_channels, epsilon=eps, **kw)
     self.conv1 = Conv2d(in_channels, out_channels, 3, **kw)
     # its output adds to conv1's, so it is named (and split) as conv1's output channels
-    self.time_emb_proj = Linear(temb_channels, out_channels, axes=(EMBED, CONV_OUT), **kw)
+    self.time_emb_proj = (None if temb_channels is None else
+                          Linear(temb_channels, out_channels, axes=(EMBED, CONV_OUT), **kw))
     self.norm2 = GroupNorm(groups, out_channels, epsilon=eps, **kw)
     self.conv2 = Conv2d(out_channels, out_channels, 3, **kw)
     self.conv_shortcut = Conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
     self.output_scale_factor = output_scale_factor
 
-  def __call__(self, x_bhwc: jax.Array, temb_be: jax.Array, *,
+  def __call__(self, x_bhwc: jax.Array, temb_be: jax.Array | None = None, *,
                ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     h_bhwc = nnx.silu(self.norm1(x_bhwc, ctx=ctx))  # B, H, W, C
     h_bhwd = self.conv1(h_bhwc, ctx=ctx)  # B, H, W, D
-    h_bhwd = h_bhwd + self.time_emb_proj(nnx.silu(temb_be))[:, None, None, :]  # B, H, W, D
+    if self.time_emb_proj is not None:
+      h_bhwd = h_bhwd + self.time_emb_proj(nnx.silu(temb_be))[:, None, None, :]  # B, H, W, D
     h_bhwd = nnx.silu(self.norm2(h_bhwd, ctx=ctx))  # B, H, W, D
     h_bhwd = self.conv2(h_bhwd, ctx=ctx)  # B, H, W, D
     skip_bhwd = x_bhwc if self.conv_shortcut is None else self.conv_shortcut(x_bhwc)  # B, H, W, D
@@ -398,19 +413,25 @@ class ResnetBlock2D(nnx.Module):
 
   def cost(self, at: Workload) -> Cost:
     shortcut = Cost() if self.conv_shortcut is None else self.conv_shortcut.cost(at)
-    return (self.norm1.cost(at) + self.conv1.cost(at) + self.time_emb_proj.cost(1) + self.norm2.cost(at)
+    embedding = Cost() if self.time_emb_proj is None else self.time_emb_proj.cost(1)
+    return (self.norm1.cost(at) + self.conv1.cost(at) + embedding + self.norm2.cost(at)
             + self.conv2.cost(at) + shortcut)
 
 
 class Downsample2D(nnx.Module):
-  """Stride-2 3×3 `conv` (diffusers `Downsample2D(use_conv=True, padding=1)`).
+  """Stride-2 3×3 `conv` (diffusers `Downsample2D(use_conv=True, padding=1)`; `padding=0`, the VAE
+  encoder's: one zero row and column after the image only).
 
   Shape letters: B batch, H rows, W columns, C channels.
   """
 
-  def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, channels: int, *, padding: int = 1, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    if padding not in (0, 1):
+      raise ValueError(f"Downsample2D padding={padding!r}: diffusers' stride-2 3×3 conv takes 1 (one zero "
+                       "row and column on each side) or 0 (one after the image only)")
+    self.conv = Conv2d(channels, channels, 3, stride=2, pad_after_only=padding == 0, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     return self.conv(x_bhwc, ctx=ctx)  # B, H/2, W/2, C

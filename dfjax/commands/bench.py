@@ -1,14 +1,15 @@
-"""`dfjax bench unet | strategies | fidelity | simulate`: the flags of each measurement.
+"""`dfjax bench unet | strategies | fidelity | simulate | vae`: the flags of each measurement.
 
 The measurements themselves live in dfjax/bench/; this module only parses flags and calls them.
 """
 
 from __future__ import annotations
 
-from dfjax.bench import fidelity, simulate, strategies, unet
+from dfjax.bench import fidelity, simulate, strategies, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
 from models.presets import PRESETS
+from models.vae_config import VAE_PRESETS
 from sharding.axes import PATCH
 
 _DTYPES = list(unet.DTYPES)
@@ -23,6 +24,7 @@ def register(commands) -> None:
   _add_strategies(benches)
   _add_fidelity(benches)
   _add_simulate(benches)
+  _add_vae(benches)
 
 
 def _add_unet(benches) -> None:
@@ -107,3 +109,20 @@ def _add_simulate(benches) -> None:
   parser.set_defaults(run=lambda args: simulate.run(args.config, args.resolution, args.patch, args.dtype,
                                                     args.iters, args.strategies, args.groupnorm,
                                                     args.hlo_comm, args.latency_us))
+
+
+def _add_vae(benches) -> None:
+  parser = benches.add_parser(
+      "vae", help="patch-parallel VAE decode vs one device: time and memory per device",
+      description="Decodes one square image per --resolution on 1 device and on each --patch count of "
+      "devices (the latent rows split over `patch`, exact: the same image), and prints compile and decode "
+      "time and each device's memory from the compiled program's memory analysis. Programs whose devices "
+      "would need more than the free memory are compiled but not run.")
+  add_config_arguments(parser, vae.VAEBenchConfig, {
+      "config": Flag(f"VAE preset ({', '.join(VAE_PRESETS)}) or AutoencoderKL config.json"),
+      "resolution": Flag(f"image sides in pixels (default {' '.join(map(str, vae.DEFAULT_RESOLUTIONS['cpu']))} on a "
+                         f"CPU, {' '.join(map(str, vae.DEFAULT_RESOLUTIONS['accelerator']))} on a GPU or TPU)"),
+      "patch": Flag("patch counts to compare with one device"),
+      "dtype": Flag("weights and activations", choices=_DTYPES),
+      "iters": Flag("timed decodes per configuration (median)")})
+  parser.set_defaults(run=lambda args: vae.run(config_from_args(vae.VAEBenchConfig, args)))

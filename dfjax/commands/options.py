@@ -68,7 +68,7 @@ def add_flag(parser, dest: str, hint, flag: Flag, default, *, required: bool = F
     parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
     return
   parser.add_argument(*names, dest=dest, type=kind, nargs="+" if several else None, required=required,
-                      default=list(default) if several else default, choices=flag.choices,
+                      default=list(default) if several and default is not None else default, choices=flag.choices,
                       metavar=flag.metavar, help=text)
 
 
