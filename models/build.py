@@ -19,9 +19,11 @@ from models.dit import DiTTransformer2DModel, PixArtTransformer2DModel
 from models.dit_config import DiTConfig, PixArtConfig
 from models.layers import Cost, Workload
 from models.unet import UNet2DConditionModel
+from models.vae import AutoencoderKL
+from models.vae_config import VAEConfig
 
 _MODEL_CLASSES = {UNetConfig: UNet2DConditionModel, DiTConfig: DiTTransformer2DModel,
-                  PixArtConfig: PixArtTransformer2DModel}
+                  PixArtConfig: PixArtTransformer2DModel, VAEConfig: AutoencoderKL}
 
 ParamPath = tuple[str | int, ...]
 """A param path as `nnx.state` flattens it: attribute names, ints for list indices."""
@@ -40,7 +42,7 @@ def check_unet_config(config: Mapping, origin: str) -> None:
 
 
 def abstract_model(config, *, dtype: Any = None, param_dtype: Any = None) -> nnx.Module:
-  """The model of a UNetConfig, DiTConfig or PixArtConfig, built with `nnx.eval_shape` (abstract params)."""
+  """The model of a UNetConfig, DiTConfig, PixArtConfig or VAEConfig, built with `nnx.eval_shape` (abstract params)."""
   if type(config) not in _MODEL_CLASSES:
     raise ValueError(f"no model for a {type(config).__name__}; model configs: "
                      f"{', '.join(c.__name__ for c in _MODEL_CLASSES)}")

@@ -169,13 +169,6 @@ class Encoder(nnx.Module):
     h_bhwc = nnx.silu(self.conv_norm_out(h_bhwc, ctx=ctx))  # B, H/f, W/f, C_last
     return self.conv_out(h_bhwc, ctx=ctx)  # B, H/f, W/f, 2L
 
-  def cost(self, image: Workload) -> Cost:
-    """Per sample, for an image of `image.rows` × `image.cols`."""
-    lowest = image.coarser(len(self.down_blocks) - 1)
-    blocks = total(block.cost(image.coarser(i)) for i, block in enumerate(self.down_blocks))
-    return (self.conv_in.cost(image) + blocks + self.mid_block.cost(lowest) + self.conv_norm_out.cost(lowest)
-            + self.conv_out.cost(lowest))
-
 
 class Decoder(nnx.Module):
   """`conv_in`, `mid_block`, `up_blocks` (channels in reverse), `conv_norm_out`, SiLU, `conv_out`.
@@ -241,6 +234,11 @@ class AutoencoderKL(nnx.Module):
       moments_bhw2l = self.quant_conv(moments_bhw2l)  # B, h, w, 2L
     mean_bhwl, logvar_bhwl = jnp.split(moments_bhw2l, 2, axis=-1)  # B, h, w, L each
     return mean_bhwl, jnp.clip(logvar_bhwl, *_LOGVAR_RANGE)
+
+  def decode_cost(self, latent: Workload) -> Cost:
+    """What `decode` costs per sample, for a latent of `latent.rows` × `latent.cols`."""
+    post = Cost() if self.post_quant_conv is None else self.post_quant_conv.cost(latent)
+    return post + self.decoder.cost(latent)
 
   def decode(self, z_bhwl: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     """The VAE's latents (`unscale_latents` of the diffusion model's) → images, about [−1, 1], (B, H, W, 3)."""

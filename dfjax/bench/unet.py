@@ -112,8 +112,9 @@ def _fits(config: UNetConfig, side: int, patches: int) -> bool:
   return True
 
 
-def random_unet(config: UNetConfig, dtype, seed: int = 0) -> UNet2DConditionModel:
-  """The UNet with random weights, in seconds even at SDXL size, compiling nothing.
+def random_unet(config, dtype, seed: int = 0) -> nnx.Module:
+  """The UNet (or any model `models.build.abstract_model` builds: DiT, PixArt, the VAE) of `config` with
+  random weights, in seconds even at SDXL size, compiling nothing.
 
   The module is built abstractly (`nnx.eval_shape`); each weight is then cut on the host from
   one pool of 2^20 Gaussian values (at a per-weight offset, scaled by 1/√fan_in like the model's

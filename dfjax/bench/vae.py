@@ -19,13 +19,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dfjax.bench import table
 from dfjax.bench.table import Column
 from dfjax.bench.timing import block, device_name, median_seconds
-from dfjax.bench.unet import DTYPES, GIB, parameter_count, peak_device_bytes
+from dfjax.bench.unet import DTYPES, GIB, parameter_count, peak_device_bytes, random_unet
 from dfjax.vae_decode import prepare_decode
+from models.layers import Workload
 from models.vae import AutoencoderKL
 from models.vae_config import VAE_PRESETS, VAEConfig, vae_preset
 from sharding.mesh import make_mesh
@@ -45,6 +45,7 @@ class VAEBenchConfig:
     patch: patch counts to compare with one device (each ≥ 2).
     dtype: weights and activations ("fp32", "bf16", "fp16"; GroupNorm statistics and softmax in fp32).
     iters: timed decodes per configuration (median).
+    compile_only: compile and read the memory analysis, run nothing (e.g. full-size VAEs on a CPU).
   """
 
   config: str = "tiny-sd"
@@ -52,6 +53,7 @@ class VAEBenchConfig:
   patch: tuple[int, ...] = (2, 4, 8)
   dtype: str = "fp32"
   iters: int = 3
+  compile_only: bool = False
 
   def __post_init__(self):
     if not self.patch or any(p < 2 for p in self.patch):
@@ -64,8 +66,8 @@ class VAEBenchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeRun:
-  """One image side on N devices. Memory is per device, from the compiled program; times are None for a
-  program that was not run (`fits` False)."""
+  """One image side on N devices. Memory is per device, from the compiled program; `decode_s` is None for
+  a program that was not run (`fits` False, or compile only)."""
 
   resolution: int
   patch: int
@@ -76,6 +78,7 @@ class DecodeRun:
   output_bytes: int      # this device's image rows
   peak_bytes: int | None  # the device allocator's high-water mark (GPU; None on CPU)
   fits: bool
+  flops: int  # analytic, the whole decode (every device's share)
 
   @property
   def device_bytes(self) -> int:
@@ -95,8 +98,10 @@ def columns(runs: list[DecodeRun]) -> tuple[Column, ...]:
 
   return (Column("image", lambda r: f"{r.resolution}²", width=6), Column("patch", "patch", width=5),
           Column("compile s", "compile_s", ".1f", 9),
-          Column("decode s", "decode_s", ".3f", 9, missing="no fit"),
+          Column("decode s", lambda r: r.decode_s if r.decode_s is not None else "not run" if r.fits else "no fit",
+                 ".3f", 9),
           Column("×speed", versus(lambda r: r.decode_s and 1 / r.decode_s), width=6),
+          Column("TFLOP/s", lambda r: r.decode_s and r.flops / r.decode_s, ".3f", 7, 1e-12),
           Column("act GiB", "activation_bytes", ".3f", 8, 1 / GIB, group="per device (compiled)"),
           Column("×1 dev", versus(lambda r: r.activation_bytes), width=6, group="per device (compiled)"),
           Column("total GiB", "device_bytes", ".3f", 9, 1 / GIB, group="per device (compiled)"),
@@ -131,7 +136,7 @@ def free_memory_bytes(device=None) -> int:
   return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _measure(vae: AutoencoderKL, resolution: int, patch: int, iters: int) -> DecodeRun:
+def _measure(vae: AutoencoderKL, resolution: int, patch: int, iters: int, compile_only: bool) -> DecodeRun:
   side = latent_side(vae.config, resolution)
   latents = np.random.default_rng(0).standard_normal((1, side, side, vae.config.latent_channels), np.float32)
   devices = jax.devices()[:patch]
@@ -140,39 +145,44 @@ def _measure(vae: AutoencoderKL, resolution: int, patch: int, iters: int) -> Dec
   compiled = program.lowered.compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  run = DecodeRun(resolution, patch, compile_s, None, memory.temp_size_in_bytes, memory.argument_size_in_bytes,
-                  memory.output_size_in_bytes, None, False)
   # Virtual CPU devices share the host's memory; separate devices each have their own.
   sharing = len(devices) if devices[0].platform == "cpu" else 1
-  if run.device_bytes * sharing > _HEADROOM * free_memory_bytes(devices[0]):
+  device_bytes = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+  run = DecodeRun(resolution, patch, compile_s, None, memory.temp_size_in_bytes, memory.argument_size_in_bytes,
+                  memory.output_size_in_bytes, None,
+                  fits=device_bytes * sharing <= _HEADROOM * free_memory_bytes(devices[0]),
+                  flops=sum(vae.decode_cost(Workload(side, side, 0)).flops.values()))
+  if compile_only or not run.fits:
     return run
   decode_s = median_seconds(lambda: block(compiled(*program.inputs)), iters, warmup=1)
-  return dataclasses.replace(run, decode_s=decode_s, peak_bytes=peak_device_bytes(devices[0]), fits=True)
+  return dataclasses.replace(run, decode_s=decode_s, peak_bytes=peak_device_bytes(devices[0]))
 
 
 def run(settings: VAEBenchConfig) -> list[DecodeRun]:
   """Measures and prints, row by row; returns the rows."""
   config = load_config(settings.config)
-  resolutions = settings.resolution or DEFAULT_RESOLUTIONS["cpu" if jax.devices()[0].platform == "cpu" else "accelerator"]
+  platform = "cpu" if jax.devices()[0].platform == "cpu" else "accelerator"
+  resolutions = settings.resolution or DEFAULT_RESOLUTIONS[platform]
   for resolution in resolutions:  # bad sizes and patch counts fail before anything is built
     side = latent_side(config, resolution)
     for patch in settings.patch:
       config.check_latent_size(side, side, row_splits=patch)
   make_mesh(1, 1, max(settings.patch))  # too few devices fail here
   dtype = DTYPES[settings.dtype]
-  vae = nnx.jit(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))()
+  vae = random_unet(config, dtype)  # weights cut on the host: no compile (minutes for the SD VAE's init)
   print(f"VAE decode, {settings.config} ({parameter_count(vae.decoder) / 1e6:.1f} M decoder parameters, "
         f"×{config.downsample_factor}), batch 1, {settings.dtype}, random weights, on {device_name()}; "
         f"median of {settings.iters} decodes")
   rows = [(resolution, patch) for resolution in resolutions for patch in (1, *settings.patch)]
   runs: list[DecodeRun] = []
   for resolution, patch in rows:
-    runs.append(_measure(vae, resolution, patch, settings.iters))
+    runs.append(_measure(vae, resolution, patch, settings.iters, settings.compile_only))
     printed = columns(runs)
     if len(runs) == 1:
       print(table.header(printed))
     print(table.line(printed, runs[-1]))
-  print("act: XLA's temporary buffers of one device's program (its activations); total: + weights, latent and image "
+  print("TFLOP/s: the decode's analytic FLOPs (convs, linears, attention matmuls) / its time; "
+        "act: XLA's temporary buffers of one device's program (its activations); total: + weights, latent and image "
         "rows; ×1 dev: over one device's decode of the same image; no fit: the devices would need more than "
         f"{_HEADROOM:.0%} of the free memory, so it was compiled, not run. Anchor: xDiT's DistVAE decodes 10240² "
         "where one GPU runs out of memory at 8192².")

@@ -124,5 +124,6 @@ def _add_vae(benches) -> None:
                          f"CPU, {' '.join(map(str, vae.DEFAULT_RESOLUTIONS['accelerator']))} on a GPU or TPU)"),
       "patch": Flag("patch counts to compare with one device"),
       "dtype": Flag("weights and activations", choices=_DTYPES),
-      "iters": Flag("timed decodes per configuration (median)")})
+      "iters": Flag("timed decodes per configuration (median)"),
+      "compile_only": Flag("only compile and read each program's memory analysis (full-size VAEs on a CPU)")})
   parser.set_defaults(run=lambda args: vae.run(config_from_args(vae.VAEBenchConfig, args)))
