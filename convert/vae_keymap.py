@@ -61,4 +61,4 @@ def convert_vae_state_dict(source: Mapping[str, np.ndarray], target_shapes: Mapp
       and missing keys, shape mismatches, all listed at once).
   """
   renamed, notes = rename_attention_keys(source)
-  return keymap.convert_state_dict(renamed, target_shapes), notes
+  return keymap.convert_state_dict(renamed, target_shapes, what="diffusers AutoencoderKL checkpoint"), notes
