@@ -89,12 +89,16 @@ def test_one_patch_is_a_plain_pipeline_exact_at_every_step(dit, dit_single, stag
 
 @pytest.mark.parametrize("stages,patches,scheduler", [(2, 4, "dpmpp_2m"), pytest.param(4, 4, "ddim", marks=pytest.mark.slow),
                                                       pytest.param(2, 2, "euler", marks=pytest.mark.slow)])
-def test_after_warm_up_patches_use_stale_kv_and_stay_close(dit, stages, patches, scheduler):
-  mesh = make_mesh(stage=stages, patch=1, devices=jax.devices()[:stages])
+def test_after_warm_up_patches_use_stale_kv_no_worse_than_distrifusion(dit, stages, patches, scheduler):
+  """PipeFusion's later patches are one step stale; DistriFusion's every other patch is: on the
+  same model, warm-up and patch count its error must be real but no larger than DistriFusion's."""
   single = _run(dit, None, Strategy.single(), steps=6, scheduler=scheduler)
-  got = _run(dit, mesh, Strategy.pipefusion(num_patches=patches, warmup_steps=1), steps=6, scheduler=scheduler)
-  error = _error(got, single)
-  assert 1e-4 < error < 0.2, error  # really stale, and still the same image
+  pipefusion = _run(dit, make_mesh(stage=stages, patch=1, devices=jax.devices()[:stages]),
+                    Strategy.pipefusion(num_patches=patches, warmup_steps=1), steps=6, scheduler=scheduler)
+  displaced = _run(dit, make_mesh(patch=patches, devices=jax.devices()[:patches]), Strategy.displaced(warmup_steps=1),
+                   steps=6, scheduler=scheduler)
+  error, baseline = _error(pipefusion, single), _error(displaced, single)
+  assert 1e-5 < error <= 1.25 * baseline, (error, baseline)
 
 
 @pytest.mark.slow
