@@ -11,6 +11,8 @@ import scipy.linalg
 from dfjax import commands, data, generation
 from dfjax.bench import fidelity
 from dfjax.commands import generate as generate_command
+from dfjax.commands import train as train_command
+from dfjax.commands.options import config_from_args
 from dfjax.eval.classifier import classify, load_classifier, read_card_record
 from dfjax.eval.quality import QualityJudge, Reference, frechet_distance, gaussian_stats
 from dfjax.eval.train_classifier import ClassifierTrainConfig, train_classifier
@@ -117,6 +119,14 @@ def test_resumed_classifier_run_equals_uninterrupted_run(tiny_runs):
   assert record["steps"] == 3 and record["held_out"]["images"] == 20
   assert len(record["held_out"]["per_class"]) == data.num_classes
   assert "## Held-out accuracy" in (tiny_runs[0] / "MODEL_CARD.md").read_text()
+
+
+def test_classifier_flags_default_to_the_config_and_train_keeps_its_own():
+  parser = commands.build_parser()
+  args = parser.parse_args(["train", "classifier", "--out", "run"])
+  assert config_from_args(ClassifierTrainConfig, args) == ClassifierTrainConfig(out="run")
+  assert args.run is train_command.run_classifier
+  assert parser.parse_args(["train", "--out", "run"]).run is train_command.run
 
 
 def test_classifier_runs_refuse_other_runs_and_folders(tiny_runs, tmp_path, capsys):

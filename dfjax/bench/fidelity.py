@@ -171,7 +171,8 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
 
 
 def _cell(values: np.ndarray, digits: int) -> str:
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+  with np.errstate(invalid="ignore"):  # the std of PSNRs with an ∞ (identical images) is NaN
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def format_tables(rows: list[Row], config: FidelityConfig) -> str:
