@@ -120,10 +120,10 @@ class Source:
     scheduler_config: diffusers scheduler config dict (None: diffusers' defaults).
     cond, uncond: (B, …) conditioning of the batch and of its unconditional half.
     captions: one caption per image (its class name, or its seed).
-    labels: (B,) the dataset class of each image, for a class-conditional model of `dfjax.data`;
-      None otherwise (nothing to judge the class of).
     pixel_space: the UNet outputs RGB images in [-1, 1]; False: latents (no VAE to decode them).
     description: one line naming the model, for the report.
+    labels: (B,) the dataset class of each image, for a class-conditional model of `dfjax.data`;
+      None otherwise (nothing to judge the class of).
   """
 
   unet: Any
@@ -131,9 +131,9 @@ class Source:
   cond: Conditioning
   uncond: Conditioning
   captions: list[str]
-  labels: np.ndarray | None
   pixel_space: bool
   description: str
+  labels: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ class StrategyRun:
   pictures: np.ndarray            # (B, H, W, 3) in [-1, 1], as written
   psnr_db: np.ndarray | None      # (B,) against single; None without a single run
   ssim: np.ndarray | None
-  correct: np.ndarray | None      # (B,) the classifier names the class asked for; None without classes
+  correct: np.ndarray | None = None  # (B,) the classifier names the class asked for; None without classes
 
   @property
   def accuracy(self) -> float | None:
@@ -181,7 +181,7 @@ def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
   return Source(
       unet, load_scheduler_config(path), standin_conditioning(config, batch, (side, side), seed=seed),
       standin_conditioning(config, batch, (side, side), zeros=True),
-      [f"seed {seed} #{i}" for i in range(batch)], None, _is_pixel_space(config),
+      [f"seed {seed} #{i}" for i in range(batch)], _is_pixel_space(config),
       f"converted UNet {path}, text-free (random prompt embeddings, zeros unconditional)")
 
 
@@ -192,8 +192,8 @@ def _class_source(trained, count: int | None, description: str) -> Source:
   names = data.class_names if num_classes == data.num_classes else [f"class {k}" for k in range(num_classes)]
   return Source(unet, scheduler_config, Conditioning(tokens(jnp.asarray(labels_b, jnp.int32))),
                 Conditioning(tokens.null(labels_b.size)), [names[k] for k in labels_b],
-                labels_b if num_classes == data.num_classes else None, _is_pixel_space(unet.config),
-                f"{description}, {num_classes} classes")
+                _is_pixel_space(unet.config), f"{description}, {num_classes} classes",
+                labels=labels_b if num_classes == data.num_classes else None)
 
 
 def _is_pixel_space(config) -> bool:
