@@ -13,6 +13,7 @@ from dfjax.bench import fidelity
 from dfjax.commands import generate as generate_command
 from dfjax.commands import train as train_command
 from dfjax.commands.options import config_from_args
+from dfjax.eval import quality
 from dfjax.eval.classifier import classify, load_classifier, read_card_record
 from dfjax.eval.quality import QualityJudge, Reference, frechet_distance, gaussian_stats
 from dfjax.eval.train_classifier import ClassifierTrainConfig, train_classifier
@@ -24,12 +25,12 @@ TINY = dict(channels=(4, 8), features=8, steps=3, batch=4, save_every=2, log_eve
 
 @pytest.fixture(scope="module")
 def judge():
-  return QualityJudge(reference_images=1000, bootstraps=50)
+  return QualityJudge(reference_images=500, bootstraps=50)
 
 
 @pytest.fixture(scope="module")
 def cycling_labels():
-  return np.arange(200) % data.num_classes
+  return np.arange(100) % data.num_classes
 
 
 # ------------------------------------------------------------------------ the Fréchet distance
@@ -67,7 +68,7 @@ def test_gaussian_stats_refuse_too_few_rows():
 # ------------------------------------------------------------------------ the shipped classifier
 
 def test_shipped_classifier_is_accurate_on_fresh_samples():
-  images, labels = data.batch(FRESH_SEED, 1000)
+  images, labels = data.batch(FRESH_SEED, 500)
   accuracy = np.mean(classify(load_classifier(), images)[1].argmax(axis=1) == labels)
   assert accuracy >= 0.98, accuracy
   card = read_card_record()
@@ -78,7 +79,7 @@ def test_shipped_classifier_is_accurate_on_fresh_samples():
 def test_dataset_images_score_their_accuracy_and_the_dataset_floor(judge, cycling_labels):
   images, _ = data.batch(FRESH_SEED, len(cycling_labels), labels=cycling_labels)
   q = judge(images, cycling_labels)
-  assert q.accuracy >= 0.97 and q.samples == 200 and q.reference_images == 1000
+  assert q.accuracy >= 0.97 and q.samples == 100 and q.reference_images == 500
   # Another draw of the dataset is as far from the reference as the judge's own floor draw.
   assert q.frechet < 1.5 * q.dataset_floor + 3 * q.frechet_std, (q.frechet, q.dataset_floor, q.frechet_std)
   noise = np.clip(np.random.default_rng(0).normal(size=images.shape), -1, 1)
@@ -91,7 +92,7 @@ def test_shuffled_labels_score_low(judge, cycling_labels):
   images, _ = data.batch(FRESH_SEED, len(cycling_labels), labels=cycling_labels)
   shuffled = np.random.default_rng(0).permutation(cycling_labels)
   assert np.mean(judge.accuracy(images, shuffled)) <= 0.25
-  with pytest.raises(ValueError, match=r"labels must be \(200,\) class ids in \[0, 10\)"):
+  with pytest.raises(ValueError, match=r"labels must be \(100,\) class ids in \[0, 10\)"):
     judge(images, cycling_labels[:10])
   with pytest.raises(ValueError, match=r"\(B, 64, 64, 3\)"):
     judge.accuracy(images[:, :32], cycling_labels)
@@ -111,6 +112,7 @@ def tiny_runs(tmp_path_factory):
   return root / "whole" / "model", train_classifier(split, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_resumed_classifier_run_equals_uninterrupted_run(tiny_runs):
   whole, resumed = (load_classifier(folder) for folder in tiny_runs)
   images, _ = data.batch(FRESH_SEED, 4)
@@ -129,10 +131,16 @@ def test_classifier_flags_default_to_the_config_and_train_keeps_its_own():
   assert parser.parse_args(["train", "--out", "run"]).run is train_command.run
 
 
-def test_classifier_runs_refuse_other_runs_and_folders(tiny_runs, tmp_path, capsys):
+@pytest.mark.slow
+def test_classifier_runs_refuse_to_mix_runs(tiny_runs):
   out = tiny_runs[0].parent
+  with pytest.raises(ValueError, match="--resume"):
+    train_classifier(ClassifierTrainConfig(out=str(out), **TINY), progress=False)
   with pytest.raises(ValueError, match="steps=3 \\(now 4\\)"):
     train_classifier(ClassifierTrainConfig(out=str(out), **{**TINY, "steps": 4}), resume=True, progress=False)
+
+
+def test_classifier_settings_and_folders_are_checked(tmp_path, capsys):
   with pytest.raises(ValueError, match="not a dfjax shapes classifier"):
     load_classifier(tmp_path)
   with pytest.raises(ValueError, match="multiples of groups=4"):
@@ -167,6 +175,7 @@ def test_generate_reports_class_accuracy_per_strategy(tmp_path, monkeypatch, ret
 
 
 def test_bench_fidelity_adds_accuracy_and_frechet_per_row(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(quality, "REFERENCE_IMAGES", 500)
   labels = np.arange(4) % data.num_classes
   monkeypatch.setattr(fidelity, "timed_sample", _dataset_or_noise(labels, {"naive"}))
   rows = fidelity.run(fidelity.FidelityConfig(seeds=4, patch=(2,), groupnorm=("sync",), ablation_patch=0),
@@ -177,4 +186,5 @@ def test_bench_fidelity_adds_accuracy_and_frechet_per_row(monkeypatch, tmp_path,
   assert by_name["naive"].quality.frechet > 5 * by_name["single"].quality.frechet
   assert "Fréchet classifier distance" in capsys.readouterr().out
   saved = json.loads((tmp_path / "f.json").read_text())["rows"]
-  assert saved[0]["quality"]["samples"] == 4 and "psnr_db" not in saved[0]
+  assert saved[0]["quality"]["samples"] == 4 and saved[0]["quality"]["reference_images"] == 500
+  assert "psnr_db" not in saved[0]

@@ -123,7 +123,8 @@ def _forward(model: ShapeClassifier, images_bhwc: jax.Array, with_logits: bool):
 def classify(model: ShapeClassifier, images_bhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Features (B, F) and logits (B, K) of any number of images in [-1, 1], as host float64 arrays.
 
-  Runs in batches of EVAL_BATCH (the last one padded, so one program serves every count).
+  Runs in batches of EVAL_BATCH; a smaller batch is padded to the next power of two, so a few
+  programs serve every count.
   Raises:
     ValueError: not a (B, S, S, 3) batch of the classifier's image size S, or non-finite values.
   """
@@ -137,7 +138,8 @@ def classify(model: ShapeClassifier, images_bhwc: np.ndarray) -> tuple[np.ndarra
   features, logits = [], []
   for start in range(0, len(images_bhwc), EVAL_BATCH):
     chunk = images_bhwc[start:start + EVAL_BATCH]
-    padded = np.pad(chunk, ((0, EVAL_BATCH - len(chunk)), (0, 0), (0, 0), (0, 0)))
+    padded = np.pad(chunk, ((0, min(EVAL_BATCH, 1 << (len(chunk) - 1).bit_length()) - len(chunk)),
+                            (0, 0), (0, 0), (0, 0)))
     f_bf, l_bk = jax.device_get(_forward(model, jnp.asarray(padded), True))
     features.append(f_bf[:len(chunk)])
     logits.append(l_bk[:len(chunk)])

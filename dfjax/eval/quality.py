@@ -122,11 +122,13 @@ class QualityJudge:
   `judge(images, labels)` → Quality. The reference Gaussian is fitted once per label set.
   """
 
-  def __init__(self, classifier: ShapeClassifier | None = None, *, reference_images: int = REFERENCE_IMAGES,
-               bootstraps: int = BOOTSTRAPS):
+  def __init__(self, classifier: ShapeClassifier | None = None, *, reference_images: int | None = None,
+               bootstraps: int | None = None):
+    """Args: the classifier (None: the shipped one), the reference set's size and the bootstrap
+    resamplings (None: REFERENCE_IMAGES, BOOTSTRAPS)."""
     self.classifier = load_classifier() if classifier is None else classifier
-    self.reference_images = reference_images
-    self.bootstraps = bootstraps
+    self.reference_images = REFERENCE_IMAGES if reference_images is None else reference_images
+    self.bootstraps = BOOTSTRAPS if bootstraps is None else bootstraps
     self._reference = functools.lru_cache(maxsize=4)(self._fit_reference)
 
   def accuracy(self, images_bhwc: np.ndarray, labels_b: np.ndarray) -> np.ndarray:
