@@ -246,3 +246,29 @@ def test_displaced_with_tensor_keeps_the_analytic_stale_state(unet, unet_single)
   args, kwargs = _unet_args(unet, mesh, stale)
   measured = sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale_buffer_shapes(*args, **kwargs)))
   assert measured == sum(stale.stale_bytes(unet.config, HEIGHT, WIDTH, sizes, 2, 4).values())
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+
+@pytest.mark.slow  # 12 compiles of 8-device programs
+def test_bench_strategies_runs_a_hybrid_mesh_beside_the_pure_strategies(tmp_path, returned):
+  import json
+
+  from dfjax import commands
+  from dfjax.bench import strategies
+
+  config = tmp_path / "config.json"
+  config.write_text(json.dumps(UNET))
+  runs = returned(strategies, "run")
+  assert commands.main(["bench", "strategies", "--config", str(config), "--resolution", "128", "--mesh",
+                        "data=1,cfg=2,patch=2,tensor=2", "--num-steps", "2", "--iters", "1"]) == 0
+  rows = {(run.strategy, run.mesh): run for run in runs[0]}
+  hybrid = {name for name, mesh in rows if mesh == "cfg=2×patch=2×tensor=2"}
+  assert hybrid == {"exact", "displaced", "naive", "ulysses", "ring"}
+  assert ("tensor", "cfg=2×patch=1×tensor=4") in rows and ("exact", "cfg=2×patch=4") in rows
+  single = rows["single", "cfg=2×patch=1"]
+  for (name, mesh), run in rows.items():
+    assert run.comm_bytes == run.analytic_bytes == sum(run.comm_by_axis.values()), (name, mesh)
+    assert (run.param_bytes < single.param_bytes) == ("tensor" in mesh), (name, mesh)
+  exact = rows["exact", "cfg=2×patch=2×tensor=2"].comm_by_axis
+  assert set(exact) == {"cfg", "patch", "tensor"}
