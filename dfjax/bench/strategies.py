@@ -57,12 +57,12 @@ class StrategyRun:
 def columns(single_s: float) -> tuple[Column, ...]:
   """The printed table's columns; `single_s` (single's step time) is the reference of "vs single"."""
   by_axis = lambda run: ", ".join(f"{axis} {size / MIB:.3f}" for axis, size in run.comm_by_axis.items()) or "—"
-  return (Column("strategy", "strategy", width=10, align="<"), Column("mesh", "mesh", width=14, align="<"),
+  return (Column("strategy", "strategy", width=10, align="<"), Column("mesh", "mesh", width=22, align="<"),
           Column("compile s", "compile_s", ".2f", 9), Column("ms/step", "step_s", ".1f", 9, 1e3),
           Column("vs single", lambda run: f"{single_s / run.step_s:.2f}×", width=9),
           Column("comm MiB/step", "comm_bytes", ".3f", 13, 1 / MIB),
           Column("analytic", "analytic_bytes", ".3f", 9, 1 / MIB),
-          Column("by axis, MiB", by_axis, width=20, align="<"),
+          Column("by axis, MiB", by_axis, width=36, align="<"),
           Column("params MiB/dev", "param_bytes", ".2f", 14, 1 / MIB),
           Column("stale MiB", "stale_bytes", ".3f", 9, 1 / MIB),
           Column("analytic", "analytic_stale_bytes", ".3f", 9, 1 / MIB))

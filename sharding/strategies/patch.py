@@ -111,5 +111,7 @@ class Naive(RowPatches):
   def phases(self, num_steps, sizes, *, simulated=False):
     return [Phase(0, num_steps, lambda stale: over_tensor(SINGLE_DEVICE, sizes))]  # each patch is its own image
 
-  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    return analytic.bytes_per_step(config, height, width, 1, batch, activation_bytes, tensor=sizes[TENSOR])
+  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):  # only the tensor reduces
+    if sizes[TENSOR] == 1:
+      return {}
+    return analytic.tensor_bytes(config, height, width, sizes[PATCH], batch, activation_bytes, sizes[TENSOR])
