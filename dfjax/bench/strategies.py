@@ -3,16 +3,23 @@
 For every patch count, runs single and every registered strategy that splits rows over `patch`
 (exact, displaced, naive, …) on the same inputs in one process, reads each compiled program's
 per-step collectives (sharding/accounting/comm.py) and its stale buffers, and prints them beside
-the strategy's analytic figures (`expected_traffic`, `stale_bytes`).
+the strategy's analytic figures (`expected_traffic`, `stale_bytes`, and the guidance gather).
+With a hybrid mesh (`--mesh data=1,cfg=2,patch=2,tensor=2`), runs instead every strategy that
+splits an image over that mesh's axes, beside the pure strategies on as many devices per image
+(every patch strategy over `patch` alone, `tensor` over `tensor` alone); each row also shows the
+traffic by mesh axis (read from the collectives' device groups) and the param bytes per device.
+`paper_table` prints the analytic volumes beside DistriFusion's Table 2 without running anything.
 On a CPU the devices are virtual and share the cores: times are CPU numbers, not speedups.
 """
 
 import dataclasses
-import itertools
+import math
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dfjax.bench import table
 from dfjax.bench.table import Column
@@ -22,12 +29,14 @@ from dfjax.inputs import standin_conditioning
 from dfjax.sampling import prepare_sample, stale_buffer_shapes
 from models.config import UNetConfig
 from models.unet import UNet2DConditionModel
-from sharding.accounting import comm
-from sharding.axes import CFG, DATA, PATCH
-from sharding.mesh import axis_sizes, make_mesh
-from sharding.strategies import Strategy, strategy_class, strategy_names, with_shared_options
+from sharding.accounting import analytic, comm
+from sharding.axes import CFG, DATA, PATCH, STAGE, TENSOR
+from sharding.mesh import axis_sizes, describe, make_mesh
+from sharding.partitioning import local_param_bytes, param_specs
+from sharding.strategies import Guidance, Strategy, strategy_class, strategy_names, with_shared_options
 
 MIB = 2**20
+IMAGE_AXES = (STAGE, PATCH, TENSOR)  # the axes that split one image (data and cfg split the batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +46,24 @@ class StrategyRun:
   compile_s: float
   step_s: float
   comm_bytes: int        # measured from the compiled program, last phase, per device per step
-  analytic_bytes: int
+  analytic_bytes: int    # the strategy's and the guidance gather's
   stale_bytes: int       # measured from the model's exchanges
   analytic_stale_bytes: int
+  mesh: str = ""         # e.g. "cfg=2×patch=2×tensor=2"
+  comm_by_axis: Mapping[str, int] = dataclasses.field(default_factory=dict)  # measured, {mesh axes: bytes}
+  param_bytes: int = 0   # params one device holds
 
 
 def columns(single_s: float) -> tuple[Column, ...]:
   """The printed table's columns; `single_s` (single's step time) is the reference of "vs single"."""
-  return (Column("strategy", "strategy", width=10, align="<"), Column("patch", "patch", width=5),
+  by_axis = lambda run: ", ".join(f"{axis} {size / MIB:.3f}" for axis, size in run.comm_by_axis.items()) or "—"
+  return (Column("strategy", "strategy", width=10, align="<"), Column("mesh", "mesh", width=22, align="<"),
           Column("compile s", "compile_s", ".2f", 9), Column("ms/step", "step_s", ".1f", 9, 1e3),
           Column("vs single", lambda run: f"{single_s / run.step_s:.2f}×", width=9),
           Column("comm MiB/step", "comm_bytes", ".3f", 13, 1 / MIB),
           Column("analytic", "analytic_bytes", ".3f", 9, 1 / MIB),
+          Column("by axis, MiB", by_axis, width=36, align="<"),
+          Column("params MiB/dev", "param_bytes", ".2f", 14, 1 / MIB),
           Column("stale MiB", "stale_bytes", ".3f", 9, 1 / MIB),
           Column("analytic", "analytic_stale_bytes", ".3f", 9, 1 / MIB))
 
@@ -60,44 +75,142 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   timed = compile_and_time(program.lowered, program.inputs, iters, warmup=1)
   compile_s, run_s, compiled = timed.compile_s, timed.run_s, timed.compiled
   traffic = comm.traffic_per_step(compiled.as_text())
+  sizes = axis_sizes(mesh)
+  by_axis = comm.traffic_by_axis(compiled.as_text(), sizes)
   stale = stale_buffer_shapes(model, noise, cond, **kwargs)
   config, (batch, height, width, _) = model.config, noise.shape
-  sizes = axis_sizes(mesh)
-  local_batch = 2 * batch // (sizes[CFG] * sizes[DATA])  # the guidance pair of this device's images
+  images = batch // sizes[DATA]  # this device's images
+  local_batch = 2 * images // sizes[CFG]  # its share of their guidance pairs
   expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
+  prediction_values = images * height // sizes[PATCH] * width * config.out_channels
+  expected |= Guidance.for_mesh(True, sizes).expected_traffic(prediction_values, dtype_bytes)
   expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
-  patch = sizes[PATCH]
-  return StrategyRun(strategy.name, patch, compile_s, run_s / steps, traffic[-1].total_bytes if traffic else 0,
-                     sum(expected.values()), sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)),
-                     sum(expected_stale.values()))
+  params = nnx.state(model)
+  param_bytes = local_param_bytes(params, param_specs(params, strategy.param_rules(), sizes), sizes)
+  return StrategyRun(strategy.name, sizes[PATCH], compile_s, run_s / steps,
+                     traffic[-1].total_bytes if traffic else 0, sum(expected.values()),
+                     sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)), sum(expected_stale.values()),
+                     describe(mesh), by_axis[-1] if by_axis else {}, param_bytes)
+
+
+def _patch_plans(strategies: list[Strategy], patches: list[int], cfg: int) -> list[tuple[Strategy, Mesh]]:
+  """Every row strategy on a cfg × patch mesh of each patch count (too few devices fail here)."""
+  meshes = [make_mesh(1, cfg, patch) for patch in patches]
+  return [(strategy, mesh) for mesh in meshes for strategy in strategies]
+
+
+def _hybrid_plans(strategies: list[Strategy], degrees: Mapping[str, int], config, side: int
+                  ) -> list[tuple[Strategy, Mesh]]:
+  """The pure strategies on as many devices per image as the hybrid mesh `degrees` has (those that
+  fit the model), then every strategy that splits an image over the hybrid's axes, on it."""
+  split = [axis for axis in IMAGE_AXES if degrees[axis] > 1]
+  per_image = math.prod(degrees[axis] for axis in IMAGE_AXES)
+  pure = []
+  for axis in (PATCH, TENSOR):
+    mesh = make_mesh(degrees[DATA], degrees[CFG], **{PATCH: 1, axis: per_image})
+    pure += [(strategy, mesh) for strategy in strategies if _method_axis(strategy) == axis and split != [axis]
+             and _fits(strategy, config, side, mesh)]
+  hybrid_mesh = make_mesh(**degrees)
+  hybrid = [(strategy, hybrid_mesh) for strategy in strategies
+            if set(split) <= strategy.axes and split and _method_axis(strategy) == split[0]]
+  if not hybrid:
+    raise ValueError(f"no strategy splits an image over {' × '.join(sorted(split))}; strategies and the axes "
+                     f"they split: {', '.join(f'{s.name} {sorted(s.axes)}' for s in strategies)}.")
+  for strategy, mesh in hybrid:  # a hybrid that does not fit is the user's to fix: say so before running
+    strategy.validate(config, side, side, axis_sizes(mesh))
+  return pure + hybrid
+
+
+def _method_axis(strategy: Strategy) -> str | None:
+  """The outermost image axis a strategy splits: its own method's (row strategies: patch; `tensor`: tensor)."""
+  return next((axis for axis in IMAGE_AXES if axis in strategy.axes), None)
+
+
+def _fits(strategy: Strategy, config, side: int, mesh: Mesh) -> bool:
+  try:
+    strategy.validate(config, side, side, axis_sizes(mesh))
+  except ValueError as e:
+    print(f"  (skipped {strategy.name} on {describe(mesh)}: {e})")
+    return False
+  return True
 
 
 def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, warmup_steps: int,
-        dtype: str, iters: int) -> list[StrategyRun]:
+        dtype: str, iters: int, mesh: Mapping[str, int] | None = None) -> list[StrategyRun]:
+  """Measures single and the strategies; `mesh` ({axis: degree}): a hybrid mesh instead of `patches`/`cfg`."""
   unet_config = UNetConfig.from_diffusers_config(load_config(config))
   side = latent_size(unet_config, resolution)
-  row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
-                    for name in strategy_names() if PATCH in strategy_class(name).axes]
-  meshes = {patch: make_mesh(1, cfg, patch) for patch in patches}  # too few devices fail here
-  for strategy, mesh in itertools.product(row_strategies, meshes.values()):  # bad patch counts, before `single`
-    strategy.validate(unet_config, side, side, axis_sizes(mesh))
+  if mesh is None:
+    row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
+                      for name in strategy_names() if PATCH in strategy_class(name).axes]
+    plans = _patch_plans(row_strategies, patches, cfg)
+    for strategy, plan_mesh in plans:  # bad patch counts, before `single`
+      strategy.validate(unet_config, side, side, axis_sizes(plan_mesh))
+  else:
+    every = [with_shared_options(name, {"warmup_steps": warmup_steps}) for name in strategy_names()]
+    plans = _hybrid_plans(every, mesh, unet_config, side)
+    cfg = mesh[CFG]
+  data = 1 if mesh is None else mesh[DATA]
   jdtype = DTYPES[dtype]
   model = nnx.jit(lambda: UNet2DConditionModel(unet_config, rngs=nnx.Rngs(0), dtype=jdtype, param_dtype=jdtype))()
   rng = np.random.default_rng(0)
-  noise = rng.standard_normal((1, side, side, unet_config.in_channels), np.float32)
-  cond, uncond = (standin_conditioning(unet_config, 1, (resolution, resolution), seed=seed) for seed in (1, 2))
+  noise = rng.standard_normal((data, side, side, unet_config.in_channels), np.float32)
+  cond, uncond = (standin_conditioning(unet_config, data, (resolution, resolution), seed=seed) for seed in (1, 2))
   dtype_bytes = np.dtype(jdtype).itemsize
   print(f"strategies, UNet {config} at {resolution}² ({side}² latent), {steps} DDIM steps with CFG, "
         f"{dtype}, displaced warm-up {warmup_steps}, on {device_name()}")
-  single = _measure(model, noise, cond, uncond, make_mesh(1, cfg, 1), Strategy.single(), steps, iters, dtype_bytes)
+  single_mesh = make_mesh(data, cfg, 1)
+  single = _measure(model, noise, cond, uncond, single_mesh, Strategy.single(), steps, iters, dtype_bytes)
   printed = columns(single.step_s)
   print(table.header(printed))
   print(table.line(printed, single))
   runs = [single]
-  for mesh in meshes.values():
-    for strategy in row_strategies:
-      runs.append(_measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes))
-      print(table.line(printed, runs[-1]))
+  for strategy, plan_mesh in plans:
+    runs.append(_measure(model, noise, cond, uncond, plan_mesh, strategy, steps, iters, dtype_bytes))
+    print(table.line(printed, runs[-1]))
   print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "
-        "phase), read from the compiled HLO; stale: the displaced carry per device.")
+        "phase), read from the compiled HLO (by axis: each collective under the mesh axes its device groups "
+        "span; an all-reduce counts its payload); stale: the displaced carry per device.")
   return runs
+
+
+# ---------------------------------------------------------------------------------- DistriFusion's Table 2
+
+# DistriFusion (Li et al., CVPR 2024) Table 2: communication per step of SDXL on 8 devices, GB.
+PAPER_TABLE_2 = {"tensor": {1024: 1.33, 2048: 5.33, 3840: 18.7}, "patch": {1024: 0.42, 2048: 1.48, 3840: 5.38}}
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+  resolution: int
+  tensor_payload: int   # analytic all-reduce payload per device (what the HLO reader counts)
+  tensor_ring: int      # what a ring all-reduce of that payload sends per device
+  patch_received: int   # exact patch parallelism: bytes an interior device receives
+  patch_kv: int         # the image's whole K/V (DistriFusion's stale buffers)
+  paper_tensor: float
+  paper_patch: float
+
+
+def paper_table(config: str, devices: int = 8, dtype: str = "fp16") -> list[PaperRow]:
+  """The analytic volumes per step of one image without guidance batch (batch 1) on `devices` devices,
+  beside DistriFusion's Table 2 (GB, 10⁹ bytes). Nothing runs: the figures come from the model's layout."""
+  unet_config = UNetConfig.from_diffusers_config(load_config(config))
+  size = np.dtype(DTYPES[dtype]).itemsize
+  rows = []
+  for resolution in PAPER_TABLE_2["tensor"]:
+    side = resolution // 8
+    payload = analytic.tensor_bytes(unet_config, side, side, 1, 1, size, devices)["partial_sums"]
+    patch = analytic.bytes_per_step(unet_config, side, side, devices, 1, size)
+    kv = analytic.stale_bytes(unet_config, side, side, devices, 1, size)["kv"]
+    rows.append(PaperRow(resolution, payload, analytic.ring_allreduce_bytes(payload, devices), sum(patch.values()),
+                         kv, PAPER_TABLE_2["tensor"][resolution], PAPER_TABLE_2["patch"][resolution]))
+  gb = lambda name: Column(name.replace("_", " "), name, ".2f", 8, 1e-9)
+  print(f"analytic communication per step, UNet {config}, one image, {dtype}, {devices} devices, GB (10⁹ B), "
+        "beside DistriFusion's Table 2")
+  print(table.render((Column("resolution", lambda row: f"{row.resolution}²", width=10, align="<"),
+                      gb("tensor_payload"), gb("tensor_ring"), Column("paper", "paper_tensor", ".2f", 6),
+                      gb("patch_received"), gb("patch_kv"), Column("paper", "paper_patch", ".2f", 6)), rows))
+  print("tensor payload: every row-parallel layer's all-reduced output (one per resnet, three per transformer "
+        "block); ring: 2·(n−1)/n of it, what a ring all-reduce sends per device. patch received: halos, the "
+        "other patches' K/V and GroupNorm moments; kv: the whole image's K/V, which DistriFusion's devices keep.")
+  return rows

@@ -11,6 +11,7 @@ from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config
 from models.presets import PRESETS
 from models.vae_config import VAE_PRESETS
 from sharding.axes import PATCH
+from sharding.mesh import parse_degrees
 
 _DTYPES = list(unet.DTYPES)
 _PRESET_HELP = f"preset ({', '.join(PRESETS)}) or config.json"
@@ -52,13 +53,19 @@ def _add_strategies(benches) -> None:
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts to compare")
   parser.add_argument("--cfg", type=int, choices=[1, 2], default=1,
                       help="split guidance over 2 device groups")
+  parser.add_argument("--mesh", type=parse_degrees, metavar="AXIS=N,…",
+                      help="a hybrid mesh, e.g. data=1,cfg=2,patch=2,tensor=2 (instead of --patch/--cfg): every "
+                      "strategy over its axes, beside the pure strategies on as many devices per image")
+  parser.add_argument("--paper-table", action="store_true",
+                      help="only print the analytic communication of tensor and patch parallelism on 8 devices "
+                      "beside DistriFusion's Table 2 (use with --config sdxl), running nothing")
   parser.add_argument("--num-steps", "--steps", type=int, default=10, help="DDIM steps (default 10)")
   parser.add_argument("--warmup-steps", type=int, default=4)
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=3)
-  parser.set_defaults(run=lambda args: strategies.run(args.config, args.resolution, args.patch, args.cfg,
-                                                      args.num_steps, args.warmup_steps, args.dtype,
-                                                      args.iters))
+  parser.set_defaults(run=lambda args: strategies.paper_table(args.config) if args.paper_table else strategies.run(
+      args.config, args.resolution, args.patch, args.cfg, args.num_steps, args.warmup_steps, args.dtype, args.iters,
+      args.mesh))
 
 
 def _add_fidelity(benches) -> None:

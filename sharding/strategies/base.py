@@ -2,7 +2,8 @@
 
 A strategy says how one image's denoising is spread over the mesh. Each method is one module of
 this package with one subclass of `Strategy`, which owns everything about the method:
-  * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg);
+  * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg;
+    `tensor` among them when its contexts compose with tensor parallelism, see tensor.py);
   * `validate`: whether a model, latent size and mesh fit it, with the valid choices named;
   * `phases`: consecutive steps that share one parallel context and so one `lax.scan` body
     (the same phases with simulated collectives for `bench simulate`); a phase that is not one
@@ -28,8 +29,8 @@ from typing import Any, ClassVar, Protocol
 from jax.sharding import PartitionSpec as P
 
 from models.parallel import ParallelContext
-from sharding.axes import CFG, DATA, MESH_AXES, PATCH
-from sharding.partitioning import AxisRules
+from sharding.axes import CFG, DATA, MESH_AXES, PATCH, TENSOR
+from sharding.partitioning import AxisRules, check_tensor_degree
 
 Stale = Mapping[str, Any]  # {layer key: what it sent the previous step}
 
@@ -147,6 +148,8 @@ class Strategy:
           f"strategy {self.name!r} does not split an image over the {axis!r} axis, but the mesh has "
           f"{axis}={sizes[axis]}: use a mesh with {axis}=1, or a strategy that uses it "
           f"({', '.join(users) or 'none yet'}).")
+    if TENSOR in self.axes and sizes.get(TENSOR, 1) > 1:
+      check_tensor_degree(config, sizes[TENSOR])
 
   def steady_phase(self, sizes: Mapping[str, int], *, simulated: bool = False) -> Phase:
     """The phase a run settles in once any warm-up is over: what each step of a long run costs.
@@ -161,8 +164,9 @@ class Strategy:
     return P(DATA, PATCH)
 
   def param_rules(self) -> AxisRules:
-    """Which mesh axis splits each logical param axis (sharding/partitioning.py); default: replicated."""
-    return AxisRules.replicated()
+    """Which mesh axis splits each logical param axis (sharding/partitioning.py): Megatron's table when the
+    strategy composes with tensor parallelism (a `tensor` axis of size 1 splits nothing), else replicated."""
+    return AxisRules.tensor() if TENSOR in self.axes else AxisRules.replicated()
 
   def stage_of_segment(self, config, height: int, width: int, sizes: Mapping[str, int]) -> tuple[int, ...] | None:
     """Pipeline methods: the `stage` index running each of the model's segments, whose params are

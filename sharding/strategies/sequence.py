@@ -10,8 +10,9 @@ import dataclasses
 from typing import ClassVar
 
 from sharding.accounting import analytic
-from sharding.axes import PATCH
+from sharding.axes import PATCH, TENSOR
 from sharding.contexts.sequence import SequenceContext
+from sharding.contexts.tensor import over_tensor
 from sharding.strategies.base import Phase
 from sharding.strategies.patch import RowPatches
 
@@ -25,9 +26,9 @@ class SequenceParallel(RowPatches):
   attention: ClassVar[str]
 
   def phases(self, num_steps, sizes, *, simulated=False):
-    context = (self.simulated_context if simulated else self.context)(sizes[PATCH])
+    context = over_tensor((self.simulated_context if simulated else self.context)(sizes[PATCH]), sizes)
     return [Phase(0, num_steps, lambda stale: context)]
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
     return analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes,
-                                   attention=self.attention)
+                                   attention=self.attention, tensor=sizes[TENSOR])
