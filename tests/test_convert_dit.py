@@ -175,7 +175,7 @@ def test_strict_dit_keymap_lists_every_problem(dit_pipeline, tmp_path):
     return tensors
   message = refusal(dit_folder_with(dit_pipeline, tmp_path, edit), tmp_path / "ckpt")
   assert "1 unknown source keys:\n  pos_embed.extra.weight (3,)" in message
-  assert "1 missing params:\n  proj_out_2.bias (32,) (from diffusers key proj_out_2.bias)" in message
+  assert "1 missing params:\n  proj_out_2.bias (32,) (from checkpoint key proj_out_2.bias)" in message
   assert "proj_out_1.weight (32, 4) → proj_out_1.kernel: got (4, 32)" in message
 
 
