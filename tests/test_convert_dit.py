@@ -56,7 +56,7 @@ def dit_pipeline(dit, tmp_path_factory):
   diffusers.DDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
   (root / "model_index.json").write_text(json.dumps(
       {"_class_name": "DiTPipeline", "transformer": ["diffusers", "Transformer2DModel"],
-       "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+       "scheduler": ["diffusers", "DDIMScheduler"]}))
   return root
 
 

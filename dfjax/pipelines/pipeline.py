@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from dfjax.inputs import initial_noise
-from dfjax.loading import component_folder, load_model, load_scheduler_config
+from dfjax.loading import component_folder, load_model, load_scheduler_config, verify_files
 from dfjax.pipelines.prompts import ClipPrompts, SDXLPrompts, T5Prompts
 from dfjax.sampling import sample
 from dfjax.tokenizers import load_tokenizer
@@ -166,9 +166,9 @@ class TextToImagePipeline:
     if bad:
       nearest = {n: max(unit, round(v / unit) * unit) if isinstance(v, (int, float)) else unit for n, v in bad}
       raise ValueError(
-          f"{', '.join(f'{n}={v!r}' for n, v in bad)}: image sides must be positive multiples of {unit} (the VAE's "
-          f"×{self.vae_scale_factor} times the denoiser's {self.denoiser.config.row_granularity} latent rows per "
-          f"step down); nearest valid: {', '.join(f'{n}={v}' for n, v in nearest.items())}")
+          f"{', '.join(f'{n}={v!r}' for n, v in bad)}: image sides must be positive multiples of {unit} pixels (the "
+          f"VAE's factor {self.vae_scale_factor} × the {type(self.denoiser).__name__}'s latent granularity "
+          f"{self.denoiser.config.row_granularity}); nearest valid: {', '.join(f'{n}={v}' for n, v in nearest.items())}")
     return height, width
 
   def _noise(self, latents, seed: int, count: int, height: int, width: int) -> jax.Array:
@@ -231,6 +231,8 @@ def load_pipeline(path: str | os.PathLike, *, dtype: Any = None, param_dtype: An
       if component not in manifest["pipeline"].get("tokenizers", ()):
         raise ValueError(f"{path} holds no {component}/ folder, which a {pipeline_class} needs: its source "
                          f"pipeline lacked it; copy the pipeline's {component}/ folder there and convert again")
+      if verify:
+        verify_files(path, manifest, (component,))
     else:
       component_folder(path, manifest, component)  # names a missing one
   options = manifest["pipeline"].get("options", {})

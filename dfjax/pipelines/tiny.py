@@ -34,8 +34,10 @@ def _clip_tokenizer(folder: Path, pad: str):
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
   (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-  return transformers.CLIPTokenizer(folder / "vocab.json", folder / "merges.txt", pad_token=pad,
-                                    model_max_length=CLIP_TOKENS), len(vocab)
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_TOKENS, "pad_token": pad,
+      "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+  return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True), len(vocab)
 
 
 def _t5_tokenizer():
