@@ -42,7 +42,8 @@ def latents_nchw(pipe, count: int = 2) -> torch.Tensor:
 
 
 def diffusers_images(pipe, kind: str, latents: torch.Tensor, **kwargs) -> np.ndarray:
-  extra = dict(clean_caption=False, use_resolution_binning=False, max_sequence_length=12) if kind == "pixart" else {}
+  pixart = dict(clean_caption=False, use_resolution_binning=False, max_sequence_length=12)
+  extra = pixart if kind.startswith("pixart") else {}
   return pipe(PROMPTS, num_inference_steps=STEPS, latents=latents.clone(), output_type="np", **extra,
               **kwargs).images
 
@@ -54,7 +55,7 @@ def check_parity(built, kind: str, **kwargs):
   expected = diffusers_images(pipe, kind, latents, **kwargs)
   ours = load_pipeline(checkpoint)
   args = dict(num_steps=STEPS, latents=latents.permute(0, 2, 3, 1).numpy(),
-              **({"max_sequence_length": 12} if kind == "pixart" else {}))
+              **({"max_sequence_length": 12} if kind.startswith("pixart") else {}))
   renamed = {"num_steps" if k == "num_inference_steps" else k: v for k, v in kwargs.items()}
   single = ours(PROMPTS, **args, **renamed)
   assert single.shape == expected.shape == (2, 16, 16, 3) and single.dtype == np.float32
@@ -90,7 +91,12 @@ def test_sdxl_pipeline_matches_diffusers(built, kwargs):
 
 @pytest.mark.slow
 def test_pixart_pipeline_matches_diffusers(built):
-  check_parity(built, "pixart", negative_prompt="the sea")
+  check_parity(built, "pixart", negative_prompt="the sea")  # Σ-shaped: T5 states and mask
+
+
+@pytest.mark.slow
+def test_pixart_alpha_size_conditions_match_diffusers(built):
+  check_parity(built, "pixart-alpha", height=16, width=16)  # resolution and aspect-ratio conditions
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -164,3 +170,35 @@ def test_model_only_checkpoint_is_not_a_pipeline(built, tmp_path):
   checkpoint = convert_checkpoint(src / "unet", tmp_path / "unet")
   with pytest.raises(ValueError, match="converted from a model folder alone .*convert the whole diffusers pipeline"):
     load_pipeline(checkpoint)
+
+
+# ---------------------------------------------------------------------------------- the command
+
+@pytest.mark.slow
+def test_generate_prompt_writes_images_and_prints_stage_times(built, tmp_path, capsys):
+  """`dfjax generate --prompt`: single and exact (patch 2) with a 2-way VAE decode; exact equals single."""
+  from dfjax import commands
+  from PIL import Image
+  checkpoint = built("sd15")[2]
+  code = commands.main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a red cat", "a lighthouse",
+                        "--negative-prompt", "the sea", "--strategies", "single", "exact", "--patch", "2",
+                        "--steps", "2", "--vae-patch", "2", "--height", "16", "--width", "24", "--out",
+                        str(tmp_path / "out")])
+  stdout = capsys.readouterr().out
+  assert code == 0, stdout
+  assert "pipeline: StableDiffusionPipeline" in stdout and "16×24, 2 steps, VAE decode on 2 device(s)" in stdout
+  header = next(line for line in stdout.splitlines() if line.startswith("strategy"))
+  assert all(column in header for column in ("encode s", "sample s", "decode s", "PSNR dB"))
+  exact_row = next(line for line in stdout.splitlines() if line.startswith("exact"))
+  assert float(exact_row.split()[-1]) > 60  # exact equals single to float rounding
+  pictures = [np.asarray(Image.open(tmp_path / "out" / name / f"{i}.png")) for name in ("single", "exact")
+              for i in range(2)]
+  assert all(p.shape == (16, 24, 3) for p in pictures)
+  assert np.abs(pictures[0].astype(int) - pictures[2]).max() <= 1
+
+
+def test_generate_prompt_needs_a_pipeline_checkpoint(tmp_path, capsys):
+  from dfjax import commands
+  assert commands.main(["generate", "--prompt", "a cat", "--out", str(tmp_path / "out")]) == 2
+  assert "--prompt needs --checkpoint: a dfjax checkpoint converted from a diffusers pipeline" in \
+      capsys.readouterr().err

@@ -27,6 +27,7 @@ from dfjax.inputs import initial_noise
 from dfjax.loading import component_folder, load_model, load_scheduler_config, verify_files
 from dfjax.pipelines.prompts import ClipPrompts, SDXLPrompts, T5Prompts
 from dfjax.sampling import sample
+from dfjax.schedulers import SchedulerConfig, make_scheduler
 from dfjax.tokenizers import load_tokenizer
 from dfjax.vae_decode import decode_latents
 from convert.format import read_manifest
@@ -138,9 +139,9 @@ class TextToImagePipeline:
     jax.block_until_ready((cond, uncond))
     encoded = time.perf_counter()
     noise = self._noise(latents, seed, len(prompts), height, width)
-    sampled = sample(self.denoiser, noise, cond, uncond=uncond, scheduler=scheduler or self._scheduler_name(),
-                     scheduler_config=self.scheduler_config, num_steps=num_steps, guidance_scale=guidance_scale,
-                     mesh=mesh, strategy=strategy)
+    sampled = sample(self.denoiser, noise, cond, uncond=uncond,
+                     scheduler=scheduler or self._scheduler_name(num_steps), scheduler_config=self.scheduler_config,
+                     num_steps=num_steps, guidance_scale=guidance_scale, mesh=mesh, strategy=strategy)
     sampled = jax.block_until_ready(sampled)
     done_sampling = time.perf_counter()
     if output_type == "latent":
@@ -168,7 +169,8 @@ class TextToImagePipeline:
       raise ValueError(
           f"{', '.join(f'{n}={v!r}' for n, v in bad)}: image sides must be positive multiples of {unit} pixels (the "
           f"VAE's factor {self.vae_scale_factor} × the {type(self.denoiser).__name__}'s latent granularity "
-          f"{self.denoiser.config.row_granularity}); nearest valid: {', '.join(f'{n}={v}' for n, v in nearest.items())}")
+          f"{self.denoiser.config.row_granularity}); nearest valid: "
+          + ", ".join(f"{n}={v}" for n, v in nearest.items()))
     return height, width
 
   def _noise(self, latents, seed: int, count: int, height: int, width: int) -> jax.Array:
@@ -181,8 +183,15 @@ class TextToImagePipeline:
                        f"{height}×{width} need {shape} (B, h, w, C: NHWC unit Gaussian noise)")
     return jax.numpy.asarray(latents, jax.numpy.float32)
 
-  def _scheduler_name(self) -> str:
-    return self.scheduler_config.get("_class_name", "DDIMScheduler")
+  def _scheduler_name(self, num_steps: int) -> str:
+    """The checkpoint's scheduler class, when dfjax runs it; else a ValueError saying what to pass."""
+    name = self.scheduler_config.get("_class_name", "DDIMScheduler")
+    try:
+      make_scheduler(name, SchedulerConfig.from_diffusers_config(self.scheduler_config), num_steps)
+    except ValueError as e:
+      raise ValueError(f"{self.path}'s scheduler config ({name}) cannot be run as it is: {e}. Pass scheduler="
+                       "'ddim', 'euler' or 'dpmpp_2m' (its noise schedule is kept)") from e
+    return name
 
 
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str] | None]:

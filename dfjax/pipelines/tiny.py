@@ -14,7 +14,7 @@ from pathlib import Path
 
 WORDS = ("a", "lighthouse", "at", "dusk", "red", "cat", "on", "mat", "the", "sea", "night", "under", "stars")
 CLIP_TOKENS = 16  # tokenizer model_max_length = text encoder positions
-KINDS = ("sd15", "sd21", "sdxl", "pixart")
+KINDS = ("sd15", "sd21", "sdxl", "pixart", "pixart-alpha")
 
 
 def _clip_tokenizer(folder: Path, pad: str):
@@ -81,9 +81,12 @@ _SD_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups
 
 
 def tiny_pipeline(kind: str, *, seed: int = 0):
-  """The diffusers pipeline object of `kind` ("sd15", "sd21", "sdxl", "pixart"), tiny and random.
+  """The diffusers pipeline object of `kind` ("sd15", "sd21", "sdxl", "pixart", "pixart-alpha"), tiny and random.
 
-  Latents are 8×8 (sample_size), the VAE ×2, so images are 16×16; CLIP takes 16 tokens.
+  Latents are 8×8 (sample_size), the VAE ×2, so images are 16×16; CLIP takes 16 tokens. "pixart" is
+  Σ-shaped (no size conditions); "pixart-alpha" has PixArt-α's resolution and aspect-ratio conditions,
+  which diffusers' pipeline computes only for sample_size 128 (the 1024² models): its default image is
+  256×256, so pass the size.
   """
   import diffusers
   import transformers
@@ -124,10 +127,11 @@ def tiny_pipeline(kind: str, *, seed: int = 0):
   text_encoder = _perturbed(transformers.T5EncoderModel(transformers.T5Config(
       vocab_size=vocab, d_model=20, d_kv=8, d_ff=24, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
       relative_attention_max_distance=12, feed_forward_proj="gated-gelu")), seed + 2)
+  alpha = kind == "pixart-alpha"
   transformer = diffusers.PixArtTransformer2DModel(
-      num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-      patch_size=2, cross_attention_dim=16, caption_channels=20, use_additional_conditions=False,
-      norm_elementwise_affine=True)
+      num_attention_heads=2, attention_head_dim=12 if alpha else 8, in_channels=4, out_channels=8, num_layers=2,
+      sample_size=128 if alpha else 8, patch_size=2, cross_attention_dim=24 if alpha else 16, caption_channels=20,
+      use_additional_conditions=alpha, norm_elementwise_affine=True)
   return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(seed + 1, 0.18215),
                                        transformer=_perturbed(transformer, seed), scheduler=scheduler)
 
