@@ -104,8 +104,8 @@ def _choose_weights(folder: Path, variant: str | None
       raise ValueError(f"{folder} holds only PyTorch pickle weights ({', '.join(bins)}). "
                        + SAFETENSORS_HINT)
     listing = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    raise ValueError(f"{folder}: no {WEIGHTS_STEM}*.safetensors (or {TRANSFORMERS_STEM}*.safetensors) weights "
-                     f"(the folder holds {listing})")
+    raise ValueError(f"{folder}: no {WEIGHTS_STEM}*.safetensors weights (nor transformers' "
+                     f"{TRANSFORMERS_STEM}*.safetensors; the folder holds {listing})")
   available = ", ".join(_variant_name(v) for v in sorted(sets, key=lambda v: (v is not None, v or "")))
   if variant is None and None not in sets:
     if len(sets) > 1:
