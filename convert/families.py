@@ -10,8 +10,8 @@ out of: its `norm_type` tells them apart, as diffusers' own remapping does (`ada
   abstract_model(model config)                            the model without weights: its param paths/shapes
   convert_state_dict(tensors, param shapes) → (params, notes)   the strict keymap
 
-The notes say what conversion decided or merged; the manifest records them. A whole pipeline's
-text encoders are entries of the same table: a transformers `config.json` names its class under
+The notes say what conversion decided or merged; the manifest records them. A whole pipeline's VAE
+and text encoders are entries of the same table: a transformers `config.json` names its class under
 `architectures` (`CLIPTextModel`, `CLIPTextModelWithProjection`, `T5EncoderModel`) and its config is
 read with `from_transformers_config`.
 """
@@ -31,11 +31,13 @@ from convert.clip_keymap import convert_clip_state_dict
 from convert.dit_keymap import convert_transformer_state_dict
 from convert.format import read_json
 from convert.t5_keymap import convert_t5_state_dict
+from convert.vae_keymap import convert_vae_state_dict
 from models.build import ParamPath, Shape, abstract_model
 from models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from models.config import UNetConfig
 from models.dit_config import DiTConfig, PixArtConfig
 from models.t5 import T5Config, T5EncoderModel
+from models.vae_config import VAEConfig
 
 Notes = list[str]
 
@@ -122,7 +124,8 @@ CLIP_TEXT_PROJECTION = Family("CLIPTextModelWithProjection", "text_encoder_2", C
                               convert_clip_state_dict, _abstract(CLIPTextModelWithProjection))
 T5_ENCODER = Family("T5EncoderModel", "text_encoder", T5Config, _as_given, convert_t5_state_dict,
                     _abstract(T5EncoderModel))
-FAMILIES = {f.model_class: f for f in (UNET, DIT, PIXART, CLIP_TEXT, CLIP_TEXT_PROJECTION, T5_ENCODER)}
+VAE = Family("AutoencoderKL", "vae", VAEConfig, _as_given, convert_vae_state_dict)
+FAMILIES = {f.model_class: f for f in (UNET, DIT, PIXART, VAE, CLIP_TEXT, CLIP_TEXT_PROJECTION, T5_ENCODER)}
 TRANSFORMER_2D_BY_NORM = {"ada_norm_zero": DIT, "ada_norm_single": PIXART}
 """diffusers' remapping of hub `Transformer2DModel` configs with patch input, by `norm_type`."""
 
