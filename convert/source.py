@@ -67,7 +67,8 @@ class SourceFiles:
 
 
 def find_source(src: str | Path, variant: str | None = None) -> SourceFiles:
-  """Finds the denoiser's config and weights (and the scheduler config) under `src`.
+  """Finds the config and weights of every model component under `src` (a model folder: its one model),
+  the tokenizer folders and the scheduler config.
 
   Args:
     src: a diffusers pipeline folder (with `model_index.json`) or a model folder (`config.json`).
