@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from dfjax.bench import table
+from dfjax.commands import prompt
 from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
 from dfjax.commands.options import (Flag, add_config_arguments, config_from_args, groupnorm_flag,
@@ -48,7 +49,15 @@ def register(commands) -> None:
       "out": Flag("output folder")})
   parser.add_argument("--devices", type=int, default=None,
                       help="virtual CPU devices (same as the global --cpu-devices; ignored on accelerators)")
-  parser.set_defaults(run=lambda args: run(config_from_args(GenerateConfig, args), command=args.command_line))
+  prompt.add_arguments(parser)
+  parser.set_defaults(run=_run_args)
+
+
+def _run_args(args):
+  config = config_from_args(GenerateConfig, args)
+  if args.prompt is not None:
+    return prompt.run(args, config)
+  return run(config, command=args.command_line)
 
 
 def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResult:
