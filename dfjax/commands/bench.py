@@ -5,7 +5,7 @@ The measurements themselves live in dfjax/bench/; this module only parses flags 
 
 from __future__ import annotations
 
-from dfjax.bench import fidelity, simulate, strategies, unet, vae
+from dfjax.bench import fidelity, simulate, strategies, train, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
 from models.presets import PRESETS
@@ -26,6 +26,7 @@ def register(commands) -> None:
   _add_fidelity(benches)
   _add_simulate(benches)
   _add_vae(benches)
+  _add_train(benches)
 
 
 def _add_unet(benches) -> None:
@@ -134,3 +135,17 @@ def _add_vae(benches) -> None:
       "iters": Flag("timed decodes per configuration (median)"),
       "compile_only": Flag("only compile and read each program's memory analysis (full-size VAEs on a CPU)")})
   parser.set_defaults(run=lambda args: vae.run(config_from_args(vae.VAEBenchConfig, args)))
+
+
+def _add_train(benches) -> None:
+  parser = benches.add_parser(
+      "train", help="data parallel, GPipe, 1F1B, DiffusionPipe training: steps/s, idle per device, projection",
+      description=train.__doc__.split("\n\n")[1])
+  parser.add_argument("--model", default="tiny", help="a `dfjax train --model` variant")
+  parser.add_argument("--batch", type=int, default=8, help="global batch, the same for every method")
+  parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+  parser.add_argument("--devices", type=int, default=4, help="pipeline stages, and data-parallel replicas")
+  parser.add_argument("--micro-batches", type=int, default=4)
+  parser.add_argument("--iters", type=int, default=3)
+  parser.set_defaults(run=lambda args: train.run(args.model, args.batch, args.image_size, args.devices,
+                                                 args.micro_batches, args.iters))

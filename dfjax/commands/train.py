@@ -8,6 +8,9 @@ from dfjax.commands.options import Flag, add_config_arguments, config_from_args
 from dfjax.eval.train_classifier import ClassifierTrainConfig, train_classifier
 from dfjax.training.loop import TrainConfig, train
 from dfjax.training.model import VARIANTS
+from dfjax.training.pipeline_plan import PipelineConfig
+from dfjax.training.pipeline_schedule import Schedule
+from dfjax.training.pipeline_train import train_pipelined
 
 
 def register(commands) -> None:
@@ -36,6 +39,13 @@ def register(commands) -> None:
       "log_every": Flag("loss-curve interval (steps)"),
       "export": Flag("final model folder (default: OUT/model)")}
   add_config_arguments(parser, TrainConfig, flags)
+  add_config_arguments(parser, PipelineConfig, {
+      "stages": Flag("pipeline stages on the `stage` mesh axis (DiffusionPipe training; 1: no pipeline)",
+                     name="pipeline_stages"),
+      "microbatches": Flag("micro-batches per data shard's batch (pipelined training)", name="micro_batches"),
+      "data": Flag("data-parallel degree beside the pipeline (the mesh is data × stages devices)"),
+      "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the frozen class tokens in its bubbles)",
+                       choices=[s.value for s in Schedule])})
   _resumable(parser)
   # argparse hands `train classifier --out X` to the subcommand and would then find --out missing
   # on `train` itself: `run` checks it instead.
@@ -76,7 +86,11 @@ def _resumable(parser) -> None:
 def run(args) -> None:
   if args.out is None:
     raise ValueError("train needs --out, the run folder (checkpoints/, train_config.json, model/)")
-  _report(train(config_from_args(TrainConfig, args), resume=args.resume, stop_at=args.stop_at), args)
+  cfg, pipeline = config_from_args(TrainConfig, args), config_from_args(PipelineConfig, args)
+  if pipeline == PipelineConfig():  # no pipeline flag given: the single-device step
+    _report(train(cfg, resume=args.resume, stop_at=args.stop_at), args)
+  else:
+    _report(train_pipelined(cfg, pipeline, resume=args.resume, stop_at=args.stop_at), args)
 
 
 def run_classifier(args) -> None:

@@ -80,8 +80,8 @@ class RunFields:
 
 def run_steps(cfg: RunSettings, *, init_state: Callable[..., Any], train_step: Callable[..., tuple[Any, jax.Array]],
               resume: bool, stop_at: int | None, jitted_init: Callable[..., Any] | None = None,
-              schedule: Callable[[int], Any] | None = None, progress: bool = True, desc: str = "train"
-              ) -> tuple[Any, dict] | None:
+              schedule: Callable[[int], Any] | None = None, progress: bool = True, desc: str = "train",
+              state_shardings: Any = None) -> tuple[Any, dict] | None:
   """Runs steps [latest checkpoint, cfg.steps) and returns (final state, history).
 
   Args:
@@ -94,6 +94,8 @@ def run_steps(cfg: RunSettings, *, init_state: Callable[..., Any], train_step: C
     stop_at: checkpoint and return None after this step (finish later with `resume`).
     schedule: learning rate at a step, shown beside the loss.
     progress, desc: the progress bar.
+    state_shardings: where a restored state goes (a pytree of shardings like the state's; default one
+      device): a pipelined run restores each stage's rows onto that stage's devices.
   Returns:
     None when stopped early; else the state and the history {"step", "loss" (mean over each
     logging interval), "seconds" (wall time of every session of the run)}.
@@ -114,9 +116,11 @@ def run_steps(cfg: RunSettings, *, init_state: Callable[..., Any], train_step: C
   with _sigterm_unwinds(), ocp.CheckpointManager(out / CHECKPOINTS, options=options) as manager:
     start = manager.latest_step() or 0
     if start:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              jax.eval_shape(functools.partial(init_state, cfg=static), jnp.int32(0)))
+      shapes = jax.eval_shape(functools.partial(init_state, cfg=static), jnp.int32(0))
+      if state_shardings is None:
+        state_shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                              state_shardings)
       restored = manager.restore(start, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
       state, history = restored["state"], restored["history"]

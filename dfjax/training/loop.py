@@ -191,9 +191,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
   if finished is None:
     return None
   state, history = finished
-  out = Path(cfg.out).absolute()
-
   model = nnx.merge(_graphdef(cfg.model), state["ema"] if cfg.ema_decay > 0 else state["params"])
+  return export_run(cfg, model, history, command)
+
+
+def export_run(cfg: TrainConfig, model: ClassConditionalUNet, history: dict, command: str | None) -> Path:
+  """The finished run's model folder (cfg.export or OUT/model) with its loss curve and training.json."""
+  spec, schedule = VARIANTS[cfg.model], make_optimizer(cfg)[1]
+  out = Path(cfg.out).absolute()
   rows = loss_rows(history, schedule)
   training = {**run_record(cfg, history, command), "model": spec.to_json(),
               "exported_weights": "ema" if cfg.ema_decay > 0 else "params"}

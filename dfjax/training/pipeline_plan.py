@@ -19,13 +19,14 @@ from collections.abc import Sequence
 
 import jax
 
+from dfjax.bench.flops import segment_flops
 from dfjax.training import pipeline_schedule as ps
 from dfjax.training.model import VARIANTS
 from models.build import segment_costs
 from models.config import UNetConfig
 from models.layers import Workload
 from sharding.mesh import make_mesh
-from sharding.strategies.staged import segment_flops, stages_of
+from sharding.strategies.staged import stages_of
 
 CLASS_TOKENS = "class_tokens"
 
@@ -41,8 +42,8 @@ class PipelineConfig:
     schedule: "gpipe", "1f1b" or "diffusionpipe" (1F1B with the frozen work in its bubbles).
   """
 
-  stages: int = 2
-  microbatches: int = 2
+  stages: int = 1
+  microbatches: int = 1
   data: int = 1
   schedule: str = "diffusionpipe"
 
@@ -162,7 +163,8 @@ def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int) -> t
   """(forward, backward) FLOPs per micro-batch of each segment; the backward at twice the forward."""
   spec = VARIANTS[model]
   config = UNetConfig.from_diffusers_config(spec.unet_config)
-  forward = tuple(microbatch * f for f in segment_flops(config, *image_shape[:2], text_tokens=spec.num_tokens))
+  flops = segment_flops(config, *image_shape[:2], batch=microbatch, text_tokens=spec.num_tokens)
+  forward = tuple(float(f) for f in flops.values())
   return forward, tuple(2.0 * f for f in forward)
 
 

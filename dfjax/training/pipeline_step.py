@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
-from dfjax.training.loop import TrainConfig, make_optimizer
+from dfjax.training.loop import FAST_COMPILE, TrainConfig, make_optimizer
 from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
 from dfjax.training.pipeline_plan import PipelinePlan
 from models.class_tokens import drop_labels
@@ -142,10 +142,11 @@ class PipelineExecutor:
       carry = jax.eval_shape(functools.partial(self._run_stage, stage), self._abstract_rows(), carry)
       self.cuts.append(_Flat.of(carry))
     self.length = max((cut.size for cut in self.cuts), default=1)
-    self.init_state = jax.jit(self._init_state)
-    self.frozen_outputs = jax.jit(self._frozen_outputs)
-    self.step = jax.jit(self._step, donate_argnums=0)
-    self.loss_and_grads = jax.jit(self._loss_and_grads)
+    options = FAST_COMPILE if spec.fast_compile else None  # as dfjax.training.loop compiles the variant
+    self.init_state = jax.jit(self.fresh_state, compiler_options=options)
+    self.frozen_outputs = jax.jit(self._frozen_outputs, compiler_options=options)
+    self.step = jax.jit(self._step, donate_argnums=0, compiler_options=options)
+    self.loss_and_grads = jax.jit(self._loss_and_grads, compiler_options=options)
 
   # -- layout helpers
 
@@ -162,7 +163,7 @@ class PipelineExecutor:
     """The state's placement: rows (and their moments) over `stage`, the rest replicated."""
     row = NamedSharding(self.mesh, P(STAGE))
     rep = NamedSharding(self.mesh, P())
-    abstract = jax.eval_shape(self._init_state, jnp.int32(0))
+    abstract = jax.eval_shape(self.fresh_state, jnp.int32(0))
     return jax.tree.map(lambda a: row if a.ndim == 2 and a.shape[0] == self.plan.stages and
                         a.shape[1] in dict(self.staged.row_lengths).values() else rep, abstract)
 
@@ -171,7 +172,8 @@ class PipelineExecutor:
 
   # -- state
 
-  def _init_state(self, seed: jax.Array) -> dict:
+  def fresh_state(self, seed: jax.Array) -> dict:
+    """The fresh training state of `seed` (traceable; `init_state` is it jitted)."""
     model = ClassConditionalUNet(VARIANTS[self.cfg.model], rngs=nnx.Rngs(jax.random.key(seed)))
     return self.state_from(model)
 
@@ -339,3 +341,10 @@ def _store(buffers_ml: jax.Array, value_l: jax.Array, m: jax.Array) -> jax.Array
   updated = lax.dynamic_update_slice_in_dim(buffers_ml, value_l[None], jnp.maximum(m, 0), 0)
   return jnp.where(m >= 0, updated, buffers_ml)
 
+
+
+@functools.lru_cache(maxsize=8)
+def executor_for(cfg: TrainConfig, plan: PipelinePlan) -> PipelineExecutor:
+  """The executor of (cfg's static settings, plan), built once: runs that share them share the
+  compiled step (a resumed run, a benchmark's repeats)."""
+  return PipelineExecutor(cfg.static(), plan)
