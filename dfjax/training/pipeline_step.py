@@ -181,7 +181,8 @@ class PipelineExecutor:
     """Fresh training state from a model's params (traceable)."""
     packed = self.pack_params(nnx.state(model.unet, nnx.Param))
     return {"params": packed, "opt_state": self.optimizer.init(packed), "ema": jax.tree.map(jnp.copy, packed),
-            "step": jnp.zeros((), jnp.int32), "frozen": nnx.state(model.class_tokens, nnx.Param)}
+            "step": jnp.zeros((), jnp.int32),
+            "frozen": jax.tree.map(jnp.copy, nnx.state(model.class_tokens, nnx.Param))}  # `step` donates the state
 
   def pack_params(self, unet_params) -> dict:
     """UNet params → {"rows": {dtype: (S, n)}} (traceable: StagedParams.pack's layout)."""
