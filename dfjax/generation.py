@@ -10,9 +10,9 @@ images the shipped classifier names with the class asked for, dfjax/eval/quality
 command (dfjax/commands/generate.py) only parses flags and prints the report.
 
 What is sampled (`Source`):
-  * by default, the embedded model (`dfjax.training.load_default_model`): a class-conditional
-    pixel-space UNet, 64×64 RGB, one image per class;
-  * `checkpoint=` a `dfjax train` model folder (class-conditional, the same as above), or a
+  * by default, an embedded model (`dfjax.training.load_default_model`): the class-conditional
+    pixel-space UNet (`model="unet"`) or DiT (`model="dit"`), 64×64 RGB, one image per class;
+  * `checkpoint=` a `dfjax train` model folder (class-conditional, as above), or a
     `dfjax convert`ed diffusers UNet. dfjax has no text encoder or VAE yet, so a converted
     text-to-image UNet is run text-free: its "prompt" is seeded Gaussian token embeddings of the
     right width (zeros for the unconditional half), and its latents are drawn as pictures of
@@ -21,6 +21,9 @@ What is sampled (`Source`):
 The default mesh is cfg=1 × patch=8 on 8 (virtual) devices: every device owns 8 of the 64 rows,
 DistriFusion's hardest setting (its 8-GPU column), where naive patches lose the most context
 and stale activations matter most. `cfg=2 × patch=4` splits guidance instead and uses 4 patches.
+Without named strategies, every one of `DEFAULT_STRATEGIES` that fits the model and that mesh
+runs (each strategy's own `validate` decides: ulysses needs heads divisible by the patch count);
+the others are reported as skipped, with the reason.
 PSNR and SSIM are computed on the images clipped to [0, 1] (data range 1), per image, then
 averaged over the batch.
 
@@ -37,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -47,15 +49,16 @@ from dfjax.eval.quality import QualityJudge
 from dfjax.inputs import initial_noise, standin_conditioning
 from dfjax.loading import load_model, load_scheduler_config
 from dfjax.sampling import Conditioning, prepare_sample
-from dfjax.training import load_default_model, load_trained
-from dfjax.training.default_model import default_model_dir
-from dfjax.training.export import TOKENS_CONFIG
+from dfjax.training import EMBEDDED_MODELS, load_default_model, load_trained
+from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
+from dfjax.training.export import TrainedModel, is_trained_model
 from sharding.axes import PATCH
 from sharding.mesh import describe, make_mesh
 from sharding.strategies import Strategy, strategy_names, with_shared_options
 
 REFERENCE = "single"  # the strategy every other is compared with
-DEFAULT_STRATEGIES = (REFERENCE, "displaced", "naive")
+# Run, in this order, those that fit the model and the mesh, when no strategy is named.
+DEFAULT_STRATEGIES = (REFERENCE, "displaced", "ulysses", "ring", "naive")
 DEFAULT_GUIDANCE = 4.0
 DIFF_GAIN = 4.0  # |strategy − single| is drawn this many times brighter
 
@@ -65,8 +68,10 @@ class GenerateConfig:
   """Settings of one `dfjax generate` run (its flags).
 
   Attributes:
-    checkpoint: a model folder; None samples the embedded model.
+    model: the embedded model sampled when there is no checkpoint (`EMBEDDED_MODELS`: unet, dit).
+    checkpoint: a model folder; None samples the embedded `model`.
     strategies: strategy names, run in this order; `single` is the reference of the metrics.
+      None: those of DEFAULT_STRATEGIES that fit the model and the mesh.
     patch: row patches of the patch strategies; None uses every device the cfg axis leaves
       (capped to the largest count the image height allows).
     cfg: 2 splits the guidance halves over two device groups.
@@ -78,8 +83,9 @@ class GenerateConfig:
     out: output folder.
   """
 
+  model: str = DEFAULT_EMBEDDED
   checkpoint: str | None = None
-  strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+  strategies: tuple[str, ...] | None = None
   patch: int | None = None
   cfg: int = 1
   steps: int = 50
@@ -93,9 +99,11 @@ class GenerateConfig:
   out: str = "dfjax-out"
 
   def __post_init__(self):
-    if not self.strategies:
+    if self.model not in EMBEDDED_MODELS:
+      raise ValueError(f"unknown embedded model {self.model!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    if self.strategies is not None and not self.strategies:
       raise ValueError(f"no strategy given: name at least one of {', '.join(strategy_names())}")
-    if len(set(self.strategies)) != len(self.strategies):
+    if self.strategies is not None and len(set(self.strategies)) != len(self.strategies):
       raise ValueError(f"strategies {list(self.strategies)} name one more than once")
     for name, value in (("steps", self.steps), ("images", self.images), ("patch", self.patch),
                         ("size", self.size)):
@@ -106,6 +114,10 @@ class GenerateConfig:
     if self.cfg == 2 and self.guidance_scale == 1.0:
       raise ValueError("cfg=2 splits the guidance halves, but guidance_scale=1 has no unconditional half")
 
+  def strategy_names(self) -> tuple[str, ...]:
+    """The strategies to try: those named, else DEFAULT_STRATEGIES (of which those that fit run)."""
+    return DEFAULT_STRATEGIES if self.strategies is None else self.strategies
+
   def strategy(self, name: str) -> Strategy:
     """The named strategy, with those of this run's strategy options (warm-up, GroupNorm mode) it takes."""
     return with_shared_options(name, {"warmup_steps": self.warmup_steps, "groupnorm": self.groupnorm})
@@ -113,14 +125,14 @@ class GenerateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """What is sampled: the UNet, its inputs, and how its output becomes pictures.
+  """What is sampled: the denoiser, its inputs, and how its output becomes pictures.
 
   Attributes:
-    unet: the UNet module (`model.config` is its UNetConfig).
+    unet: the denoiser, a UNet or a DiT (`unet.config` is its UNetConfig or DiTConfig).
     scheduler_config: diffusers scheduler config dict (None: diffusers' defaults).
     cond, uncond: (B, …) conditioning of the batch and of its unconditional half.
     captions: one caption per image (its class name, or its seed).
-    pixel_space: the UNet outputs RGB images in [-1, 1]; False: latents (no VAE to decode them).
+    pixel_space: the denoiser outputs RGB images in [-1, 1]; False: latents (no VAE to decode them).
     description: one line naming the model, for the report.
     labels: (B,) the dataset class of each image, for a class-conditional model of `dfjax.data`;
       None otherwise (nothing to judge the class of).
@@ -162,18 +174,19 @@ class GenerateResult:
   description: str
   runs: list[StrategyRun]
   files: list[Path]
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # default strategy → why it did not fit
 
 
 # ------------------------------------------------------------------------------ what is sampled
 
-def embedded_source(count: int | None) -> Source:
-  """The shipped class-conditional model; `count` images cycling over the classes."""
-  return _class_source(load_default_model(), count, f"embedded model ({default_model_dir()})")
+def embedded_source(count: int | None, name: str = DEFAULT_EMBEDDED) -> Source:
+  """The shipped class-conditional model `name` (unet, dit); `count` images cycling over the classes."""
+  return _class_source(load_default_model(name), count, f"embedded {name} ({default_model_dir(name)})")
 
 
 def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
   """A `dfjax train` folder (class-conditional) or a converted diffusers UNet (text-free)."""
-  if (Path(path) / TOKENS_CONFIG).is_file():
+  if is_trained_model(path):
     return _class_source(load_trained(path), count, f"class-conditional model {path}")
   unet = load_model(path)
   config, batch = unet.config, count or 8
@@ -185,14 +198,13 @@ def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
       f"converted UNet {path}, text-free (random prompt embeddings, zeros unconditional)")
 
 
-def _class_source(trained, count: int | None, description: str) -> Source:
-  unet, tokens, scheduler_config = trained
-  num_classes = tokens.num_classes
+def _class_source(trained: TrainedModel, count: int | None, description: str) -> Source:
+  num_classes = trained.num_classes
   labels_b = np.arange(count or num_classes) % num_classes  # B
   names = data.class_names if num_classes == data.num_classes else [f"class {k}" for k in range(num_classes)]
-  return Source(unet, scheduler_config, Conditioning(tokens(jnp.asarray(labels_b, jnp.int32))),
-                Conditioning(tokens.null(labels_b.size)), [names[k] for k in labels_b],
-                _is_pixel_space(unet.config), f"{description}, {num_classes} classes",
+  cond, uncond = trained.conditioning(labels_b)
+  return Source(trained.denoiser, trained.scheduler_config, cond, uncond, [names[k] for k in labels_b],
+                _is_pixel_space(trained.denoiser.config), f"{description}, {num_classes} classes",
                 labels=labels_b if num_classes == data.num_classes else None)
 
 
@@ -211,14 +223,33 @@ def resolve_patch(config, height: int, patch: int | None, cfg: int, device_count
       raise ValueError(f"cfg={cfg} needs {cfg} devices, but {device_count} are available")
     return fitting[-1]
   if patch not in valid:
-    raise ValueError(f"patch={patch} does not fit the {height}-row image: every patch needs whole "
-                     f"rows at all {config.num_levels} resolution levels (a multiple of "
-                     f"{config.row_granularity}); valid patch counts: {valid}")
+    raise ValueError(f"patch={patch} does not fit the {height}-row image: every patch needs a multiple "
+                     f"of {config.row_granularity} rows (whole rows at the model's coarsest resolution); "
+                     f"valid patch counts: {valid}")
   if cfg * patch > device_count:
     raise ValueError(f"cfg={cfg} × patch={patch} needs {cfg * patch} devices, but {device_count} are "
                      f"available: on a CPU, pass --devices {cfg * patch} (virtual devices), or use "
                      f"patch ≤ {device_count // cfg}")
   return patch
+
+
+def fitting_strategies(strategies: list[Strategy], meshes: dict, config, size: int, *, named: bool
+                       ) -> tuple[list[Strategy], dict[str, str]]:
+  """The strategies that fit the model `config` at `size` on their meshes, and {name: why not} of the others.
+
+  Each strategy's own `validate` decides, before anything compiles. `named`: the user chose these
+  strategies, so one that does not fit raises its ValueError instead of being skipped.
+  """
+  fitting, skipped = [], {}
+  for strategy in strategies:
+    try:
+      strategy.validate(config, size, size, dict(meshes[strategy.name].shape))
+      fitting.append(strategy)
+    except ValueError as error:
+      if named:
+        raise
+      skipped[strategy.name] = str(error)
+  return fitting, skipped
 
 
 def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, on_compiled=None,
@@ -248,14 +279,14 @@ def generate(config: GenerateConfig, *, progress: bool = True) -> GenerateResult
     OSError: `config.out` cannot be written (see `check_output_path`) — before the model loads.
     FloatingPointError: a strategy's latents became NaN or infinite (nothing is written).
   """
-  strategies = [config.strategy(name) for name in config.strategies]  # bad names fail here
+  strategies = [config.strategy(name) for name in config.strategy_names()]  # bad names fail here
   check_output_path(Path(config.out), folder=True)
   with tqdm(total=1 + 2 * len(strategies) + 1, desc="load model", unit="stage", disable=not progress) as bar:
     return _generate(config, strategies, bar)
 
 
 def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> GenerateResult:
-  source = (embedded_source(config.images) if config.checkpoint is None
+  source = (embedded_source(config.images, config.model) if config.checkpoint is None
             else checkpoint_source(config.checkpoint, config.images, config.seed))
   bar.update()
   unet_config = source.unet.config
@@ -263,6 +294,8 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   unet_config.check_latent_size(size, size)
   patch = resolve_patch(unet_config, size, config.patch, config.cfg, len(jax.devices()))
   meshes = {s.name: _mesh_for(s, config.cfg, patch) for s in strategies}  # too few devices fail here
+  strategies, skipped = fitting_strategies(strategies, meshes, unet_config, size, named=config.strategies is not None)
+  bar.total -= 2 * len(skipped)  # their compile and run stages
   noise = initial_noise(config.seed, len(source.captions), size, size, unet_config.in_channels)
   sampler = dict(scheduler=config.scheduler, scheduler_config=source.scheduler_config,
                  num_steps=config.steps, guidance_scale=config.guidance_scale)
@@ -301,7 +334,7 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   description = (f"{source.description}; {len(source.captions)} images of {size}×{size}, "
                  f"{config.steps}-step {config.scheduler}, guidance {config.guidance_scale}, "
                  f"seed {config.seed}")
-  return GenerateResult(config, description, runs, files)
+  return GenerateResult(config, description, runs, files, skipped)
 
 
 def _model_size(unet_config) -> int:

@@ -14,14 +14,15 @@ from dfjax.bench import fidelity
 from dfjax.bench.unet import random_unet
 from dfjax.commands import generate as generate_command
 from dfjax.generation import GenerateConfig, StrategyRun
-from dfjax.inputs import initial_noise
+from dfjax.inputs import initial_noise, standin_conditioning
 from dfjax.sampling import Conditioning
 from models.config import UNetConfig
 from sharding.strategies import strategy_names
 
 
 def test_embedded_model_end_to_end(tmp_path, capsys, returned):
-  """The shipped model: PNGs written, PSNR printed, displaced much closer to single than naive."""
+  """The shipped UNet: PNGs written, PSNR printed, displaced much closer to single than naive, ring
+  equal to single; ulysses, among the default strategies, skipped (the UNet's 1-head attention)."""
   out = tmp_path / "out"
   results = returned(generate_command, "run")
   code = commands.main(["generate", "--num-steps", "8", "--warmup-steps", "1", "--images", "2", "--cfg",
@@ -29,9 +30,11 @@ def test_embedded_model_end_to_end(tmp_path, capsys, returned):
   assert code == 0
   stdout = capsys.readouterr().out
   runs = {run.name: run for run in results[0].runs}
-  assert list(runs) == ["single", "displaced", "naive"]
+  assert list(runs) == ["single", "displaced", "ring", "naive"]
+  assert list(results[0].skipped) == ["ulysses"] and "does not divide the 1 heads" in results[0].skipped["ulysses"]
+  assert "skipped ulysses" in stdout and np.mean(runs["ring"].psnr_db) > 50
   assert runs["single"].mesh == "cfg=2×patch=1" and runs["naive"].mesh == "cfg=2×patch=4"
-  assert "embedded model" in stdout and "machine: cpu × 8" in stdout and "PSNR dB" in stdout  # the table
+  assert "embedded unet" in stdout and "machine: cpu × 8" in stdout and "PSNR dB" in stdout  # the table
   for name in ("single", "displaced", "naive", "comparison"):
     assert Image.open(out / f"{name}.png").size[0] > 64
   summary = json.loads((out / "metrics.json").read_text())["runs"]
@@ -39,9 +42,47 @@ def test_embedded_model_end_to_end(tmp_path, capsys, returned):
   assert displaced > naive + 5, (displaced, naive)
   np.testing.assert_allclose(runs["displaced"].psnr_db, summary["displaced"]["psnr_db"], rtol=1e-6)
   assert np.load(out / "samples.npz")["single"].shape == (2, 64, 64, 3)
-  sheet = Image.open(out / "comparison.png")  # 3 strategies + 2 differences, 2× enlarged
+  sheet = Image.open(out / "comparison.png")  # 4 strategies + 3 differences, 2× enlarged
   labels = images.CHAR_WIDTH * len("circle") + 4  # rows labelled with their class: circle, ring
-  assert sheet.size == (labels + 5 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
+  assert sheet.size == (labels + 7 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
+
+
+def test_embedded_dit_end_to_end(tmp_path, capsys, returned):
+  """The shipped DiT with every default strategy (its 8 heads split over 8 devices): ulysses and ring
+  equal single, displaced (stale K/V after one warm-up step) much closer to it than naive."""
+  out = tmp_path / "out"
+  results = returned(generate_command, "run")
+  assert commands.main(["generate", "--model", "dit", "--num-steps", "6", "--warmup-steps", "1", "--images", "2",
+                        "--out", str(out)]) == 0
+  stdout = capsys.readouterr().out
+  runs = {run.name: run for run in results[0].runs}
+  assert list(runs) == ["single", "displaced", "ulysses", "ring", "naive"] and not results[0].skipped
+  assert runs["ulysses"].mesh == "cfg=1×patch=8" and "embedded dit" in stdout
+  assert np.mean(runs["ulysses"].psnr_db) > 50 and np.mean(runs["ring"].psnr_db) > 50
+  displaced, naive = np.mean(runs["displaced"].psnr_db), np.mean(runs["naive"].psnr_db)
+  assert displaced > naive + 5, (displaced, naive)
+  assert np.load(out / "samples.npz")["ulysses"].shape == (2, 64, 64, 3)
+
+
+def test_standin_conditioning_fits_dit_and_pixart():
+  """Stand-in inputs for transformer configs: class 0 and the DiT's null class for the unconditional
+  half; PixArt-α's text states, resolution and aspect ratio, which its forward accepts."""
+  from flax import nnx
+
+  from models.dit import DiTConfig, PixArtConfig, PixArtTransformer2DModel
+  dit = DiTConfig(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8, num_embeds_ada_norm=5)
+  cond, uncond = (standin_conditioning(dit, 3, (64, 64), zeros=zeros) for zeros in (False, True))
+  np.testing.assert_array_equal(cond.class_labels, [0, 0, 0])
+  np.testing.assert_array_equal(uncond.class_labels, [5, 5, 5])
+  assert cond.encoder_hidden_states is None
+  pixart = PixArtConfig(num_attention_heads=2, attention_head_dim=12, num_layers=1, sample_size=8, in_channels=4,
+                        out_channels=8, cross_attention_dim=24, caption_channels=16, use_additional_conditions=True)
+  fields = standin_conditioning(pixart, 2, (64, 32), tokens=5)
+  np.testing.assert_array_equal(fields.resolution, [[64, 32], [64, 32]])
+  np.testing.assert_allclose(fields.aspect_ratio, [[2.0], [2.0]])
+  kwargs = {k: v for k, v in vars(fields).items() if v is not None}
+  forward = lambda: PixArtTransformer2DModel(pixart, rngs=nnx.Rngs(0))(jnp.zeros((2, 8, 4, 4)), 10, **kwargs)
+  assert nnx.eval_shape(forward).shape == (2, 8, 4, 8)  # traced, not compiled: the inputs fit
 
 
 def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys, returned):
@@ -74,6 +115,8 @@ def test_converted_text_to_image_unet_runs_text_free(tmp_path, capsys, returned)
     (["--cfg", "2", "--patch", "8"], "pass --devices 16"),
     (["--steps", "0"], "steps=0"),
     (["--strategy", "naive", "naive"], "more than once"),
+    (["--strategies", "single", "ulysses"], "does not divide the 1 heads"),  # named: refused, not skipped
+    (["--model", "dit", "--strategies", "single", "ulysses", "--cfg", "2", "--patch", "3"], "valid patch counts"),
 ])
 def test_bad_flags_get_a_clear_error(tmp_path, capsys, flags, message):
   out = tmp_path / "out"
@@ -154,7 +197,7 @@ def _poisoned_source() -> generation.Source:
 
 
 def test_generate_fails_at_the_first_bad_step_and_writes_nothing(tmp_path, monkeypatch):
-  monkeypatch.setattr(generation, "embedded_source", lambda count: _poisoned_source())
+  monkeypatch.setattr(generation, "embedded_source", lambda count, name: _poisoned_source())
   out = tmp_path / "out"
   config = GenerateConfig(strategies=("single", "exact"), patch=2, steps=2, out=str(out))  # fails in single
   message = r"single on cfg=1×patch=1: the latents became NaN or infinite at step 0 of 2"
@@ -164,7 +207,7 @@ def test_generate_fails_at_the_first_bad_step_and_writes_nothing(tmp_path, monke
 
 
 def test_generate_checks_the_output_folder_before_loading_the_model(tmp_path, monkeypatch):
-  monkeypatch.setattr(generation, "embedded_source", lambda count: pytest.fail("the model was loaded"))
+  monkeypatch.setattr(generation, "embedded_source", lambda count, name: pytest.fail("the model was loaded"))
   a_file = tmp_path / "taken"
   a_file.write_text("the user's file")
   with pytest.raises(NotADirectoryError, match="the output folder is a file") as error:
@@ -177,7 +220,7 @@ def test_generate_checks_the_output_folder_before_loading_the_model(tmp_path, mo
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
 def test_generate_refuses_a_read_only_folder_before_loading_the_model(tmp_path, monkeypatch):
-  monkeypatch.setattr(generation, "embedded_source", lambda count: pytest.fail("the model was loaded"))
+  monkeypatch.setattr(generation, "embedded_source", lambda count, name: pytest.fail("the model was loaded"))
   tmp_path.chmod(0o555)
   try:
     with pytest.raises(PermissionError, match="permission denied"):

@@ -21,9 +21,10 @@ def test_quickstart_runs_every_cell(tmp_path):
   assert "the patch meshes use 8 cpu devices" in outputs
   assert "DIFFUSERS_CHECKPOINT is not set: skipped" in outputs
   assert "displaced: patch=2:" in outputs and "naive: patch=2:" in outputs
+  assert "DiT   ulysses on patch=8:" in outputs and "DiT      ring on patch=8:" in outputs
   images = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
             if "image/png" in out.get("data", {})]
-  assert len(images) == 2  # the comparison sheet and the PSNR plot
+  assert len(images) == 3  # the comparison sheet, the PSNR plot and the DiT's sheet
 
 
 TEXT_TO_IMAGE = NOTEBOOK.parent / "text_to_image.ipynb"

@@ -1,5 +1,5 @@
-"""dfjax.training: a tiny run checkpoints and resumes bit-exactly, exports a loadable dfjax
-checkpoint, and the shipped default model is trained (it predicts the noise far better than 0)."""
+"""dfjax.training: a tiny run (UNet and DiT) checkpoints and resumes bit-exactly, exports a loadable
+dfjax checkpoint, and the shipped models are trained (they predict the noise far better than 0)."""
 
 import csv
 import json
@@ -14,12 +14,13 @@ from dfjax import commands, data
 from dfjax.loading import load_model
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import TrainConfig, load_default_model, load_trained, train
+from dfjax.training.model import VARIANTS
 
 TINY = dict(model="tiny", steps=3, batch=2, save_every=2, log_every=2, warmup_steps=2)
 
 
 def _params(module) -> list[np.ndarray]:
-  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+  return [] if module is None else [np.asarray(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
 
 
 def _loss_csv(folder):
@@ -27,24 +28,34 @@ def _loss_csv(folder):
     return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """An uninterrupted 3-step run (through the CLI), and one stopped after step 1 (inside a
+def _run_pair(root, model: str):
+  """An uninterrupted 3-step run of `model` (through the CLI), and one stopped after step 1 (inside a
   logging interval, between checkpoints) and resumed."""
-  root = tmp_path_factory.mktemp("train")
   whole, split = root / "whole", root / "split"
-  flags = ["--model", "tiny", "--steps", "3", "--batch", "2", "--save-every", "2",
+  flags = ["--model", model, "--steps", "3", "--batch", "2", "--save-every", "2",
            "--log-every", "2", "--warmup-steps", "2"]
   assert commands.main(["train", "--out", str(whole), *flags]) == 0
-  assert train(TrainConfig(out=str(split), **TINY), stop_at=1, progress=False) is None
-  resumed = train(TrainConfig(out=str(split), **TINY), resume=True, progress=False)
+  settings = {**TINY, "model": model}
+  assert train(TrainConfig(out=str(split), **settings), stop_at=1, progress=False) is None
+  resumed = train(TrainConfig(out=str(split), **settings), resume=True, progress=False)
   return whole / "model", resumed
 
 
-def test_resumed_run_equals_uninterrupted_run(runs):
-  whole, resumed = runs
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return _run_pair(tmp_path_factory.mktemp("train"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def dit_runs(tmp_path_factory):
+  return _run_pair(tmp_path_factory.mktemp("train-dit"), "dit-tiny")
+
+
+@pytest.mark.parametrize("pair", ["runs", "dit_runs"])
+def test_resumed_run_equals_uninterrupted_run(pair, request):
+  whole, resumed = request.getfixturevalue(pair)
   a, b = load_trained(whole), load_trained(resumed)
-  for x, y in zip(_params(a.unet) + _params(a.class_tokens), _params(b.unet) + _params(b.class_tokens),
+  for x, y in zip(_params(a.denoiser) + _params(a.class_tokens), _params(b.denoiser) + _params(b.class_tokens),
                   strict=True):
     np.testing.assert_array_equal(x, y)
   assert _loss_csv(whole) == _loss_csv(resumed)
@@ -57,7 +68,7 @@ def test_export_is_a_dfjax_checkpoint(runs):
   unet = load_model(folder)  # the plain loader reads the UNet part
   trained = load_trained(folder)
   unet_params = _params(unet)
-  for x, y in zip(unet_params, _params(trained.unet), strict=True):
+  for x, y in zip(unet_params, _params(trained.denoiser), strict=True):
     np.testing.assert_array_equal(x, y)
   unet_b, tokens_b, scheduler_config = trained  # unpacks as (unet, class_tokens, scheduler_config)
   assert tokens_b.num_classes == data.num_classes and tokens_b.null_id == data.num_classes
@@ -85,11 +96,43 @@ def test_refuses_to_mix_runs(runs, tmp_path):
     load_trained(tmp_path / "plain")
 
 
-def test_default_model_is_trained():
+def test_dit_export_is_a_class_conditional_dit(dit_runs):
+  """The DiT export: its own class embedding (no class tokens), the null class for guidance, a card
+  that names the DiT; what it predicts depends on the class."""
+  folder, _ = dit_runs
+  trained = load_trained(folder)
+  dit, tokens, scheduler_config = trained
+  assert type(dit).__name__ == "DiTTransformer2DModel" and tokens is None
+  assert trained.num_classes == data.num_classes == dit.config.null_class
+  assert scheduler_config == VARIANTS["dit-tiny"].scheduler_config  # the schedule it was trained with
+  manifest = json.loads((folder / "manifest.json").read_text())
+  assert manifest["model"] == "DiTTransformer2DModel" and "classes.json" in manifest["files"]
+  assert "# dfjax default DiT" in (folder / "MODEL_CARD.md").read_text()
+  cond, uncond = trained.conditioning(np.array([0, 3]))
+  np.testing.assert_array_equal(uncond.class_labels, [data.num_classes] * 2)
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  eps_cond, eps_null = (dit(x, jnp.array([500, 500]), class_labels=c.class_labels) for c in (cond, uncond))
+  assert eps_cond.shape == (2, 64, 64, 3) and float(jnp.max(jnp.abs(eps_cond - eps_null))) > 0
+
+
+def test_a_damaged_dit_export_is_refused(dit_runs, tmp_path):
+  import shutil
+  shutil.copytree(dit_runs[0], tmp_path / "dit")
+  (tmp_path / "dit" / "classes.json").write_text('{"num_classes": 3}')
+  with pytest.raises(ValueError, match="damaged"):
+    load_trained(tmp_path / "dit")
+  (tmp_path / "dit" / "classes.json").unlink()
+  with pytest.raises(ValueError, match="classes.json"):
+    load_trained(tmp_path / "dit")
+
+
+@pytest.mark.parametrize("name", ["unet", "dit"])
+def test_default_model_is_trained(name):
   """On noised training images the shipped model's prediction (of its scheduler's target) beats
   predicting 0 by far, for a class label and for the null class."""
-  unet, tokens, scheduler_config = load_default_model()
-  assert unet.config.sample_size == 64 and unet.config.in_channels == 3
+  trained = load_default_model(name)
+  model, scheduler_config = trained.denoiser, trained.scheduler_config
+  assert model.config.sample_size == 64 and model.config.in_channels == 3
   schedule = SchedulerConfig.from_diffusers_config(scheduler_config)
   alphas_cumprod = train_alphas_cumprod(schedule)
   images, labels = data.batch(12345, 6)
@@ -99,8 +142,9 @@ def test_default_model_is_trained():
   s = jnp.asarray(np.sqrt(1 - alphas_cumprod[t]), jnp.float32)[:, None, None, None]
   noisy = a * images + s * eps
   target = prediction_target(schedule.prediction_type, images, eps, a, s)
-  predict = jax.jit(lambda x, c: unet(x, jnp.asarray(t), c))
-  for context in (tokens(jnp.asarray(labels)), tokens.null(len(labels))):
-    err = float(jnp.mean(jnp.square(predict(noisy, context) - target)))
+  predict = jax.jit(lambda x, c: model(x, jnp.asarray(t), **c))
+  for condition in trained.conditioning(labels):
+    fields = {k: v for k, v in vars(condition).items() if v is not None}
+    err = float(jnp.mean(jnp.square(predict(noisy, fields) - target)))
     zero = float(jnp.mean(jnp.square(target)))
     assert err < 0.25 * zero, (err, zero)

@@ -13,28 +13,30 @@ from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
 from dfjax.commands.options import (Flag, add_config_arguments, config_from_args, groupnorm_flag,
                                    strategies_over, strategies_taking, strategy_flag)
-from dfjax.generation import REFERENCE, GenerateConfig, GenerateResult, StrategyRun, generate
+from dfjax.generation import DEFAULT_STRATEGIES, REFERENCE, GenerateConfig, GenerateResult, StrategyRun, generate
+from dfjax.training import EMBEDDED_MODELS
 from sharding.axes import PATCH
 
 
 def register(commands) -> None:
   """Adds `generate` to the `dfjax` parser's subcommands, one flag per GenerateConfig field."""
-  d = GenerateConfig()
   parser = commands.add_parser(
-      "generate", help=f"sample with {'/'.join(d.strategies)}, write PNGs, print times and PSNR",
+      "generate", help=f"sample with {'/'.join(DEFAULT_STRATEGIES)}, write PNGs, print times and PSNR",
       description="Samples one batch with each strategy on the same noise, writes each strategy's "
       f"images and a side-by-side sheet with the amplified difference from `{REFERENCE}` to --out, and "
       f"prints compile and sampling time, PSNR/SSIM against `{REFERENCE}` and the class accuracy the shipped "
-      "shapes classifier gives each strategy's images. With no checkpoint it runs "
-      "the embedded model (class-conditional, 64×64 RGB, one image per class). On a CPU the devices "
+      "shapes classifier gives each strategy's images. With no checkpoint it runs an embedded model "
+      "(--model: a class-conditional UNet or DiT, 64×64 RGB, one image per class). On a CPU the devices "
       "are virtual and share the cores: times show cost, not speed-up.")
   add_config_arguments(parser, GenerateConfig, {
+      "model": Flag("the embedded model run when no checkpoint is given", choices=list(EMBEDDED_MODELS)),
       "checkpoint": Flag(
           "a `dfjax train` model folder, or a `dfjax convert`ed diffusers UNet. dfjax has no text encoder "
           "or VAE yet: a text-to-image UNet runs text-free (seeded random prompt embeddings of its "
           "cross-attention width, zeros for the unconditional half), and its latents are drawn as pictures "
           "of their first 3 channels, not decoded", metavar="DIR"),
-      "strategies": strategy_flag(f"strategies to run, in order ({REFERENCE} is the reference)"),
+      "strategies": strategy_flag(f"strategies to run, in order ({REFERENCE} is the reference; default: those "
+                                  f"of {' '.join(DEFAULT_STRATEGIES)} that fit the model and the mesh)"),
       "patch": Flag(f"row patches of {strategies_over(PATCH)} (default: all devices the cfg axis leaves, at "
                     "most 8 for 64 rows)"),
       "cfg": Flag("2 runs the guidance halves on two device groups (mesh cfg × patch)"),
@@ -66,6 +68,8 @@ def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResu
   result = generate(config)
   print(f"model: {result.description}")
   print(f"machine: {device_name()}; command: {command}; wall time {time.perf_counter() - start:.0f} s")
+  for name, reason in result.skipped.items():
+    print(f"skipped {name} (does not fit this model and mesh): {reason}")
   print(table.render(COLUMNS, result.runs))
   print(f"wrote {', '.join(str(f) for f in result.files)}")
   return result

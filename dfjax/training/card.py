@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 MODEL_CARD = "MODEL_CARD.md"
 _CURVE_ROWS = 16  # loss-curve rows shown in the card (loss.csv has them all)
@@ -11,21 +11,24 @@ _TARGETS = {"epsilon": "noise", "v_prediction": "velocity v = sqrt(ᾱ)·ε − 
             "sample": "clean image"}
 
 
-def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
-               scheduler_config: Mapping[str, Any], tokens: Mapping[str, Any],
+def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
+               scheduler_config: Mapping[str, Any], classes: Mapping[str, Any],
                num_params: int, loss_rows: Sequence[tuple[int, float, float]]) -> str:
-  """The card's markdown text."""
+  """The card's markdown text.
+
+  `classes`: class_tokens.json (a UNet's token table) or classes.json (a DiT's) of the export.
+  """
   cfg, machine = training["config"], training["machine"]
   hours, minutes = divmod(round(training["wall_seconds"] / 60), 60)
   wall = f"{hours} h {minutes} min" if hours else f"{minutes} min"
-  token_params = (tokens["num_classes"] + 1) * tokens["num_tokens"] * tokens["dim"]
+  family = _FAMILIES[denoiser_config.get("_class_name", "UNet2DConditionModel")]
   lines = [
-      "# dfjax default model",
+      f"# dfjax default {family.title}",
       "",
-      "A small class-conditional UNet (diffusers `UNet2DConditionModel` architecture, run by dfjax's",
-      "own Flax NNX port) trained from scratch on dfjax's procedural shapes dataset. It is the",
-      "embedded model of `dfjax generate` and the model on which dfjax measures the fidelity of",
-      "patch-parallel sampling. It draws 64×64 RGB pixels directly (no VAE).",
+      f"A small class-conditional {family.kind} (diffusers `{family.diffusers}` architecture, run by dfjax's",
+      "own Flax NNX port) trained from scratch on dfjax's procedural shapes dataset. It is an",
+      f"embedded model of `dfjax generate{family.generate_flag}`, on which dfjax measures the fidelity of",
+      f"{family.parallelism}. It draws 64×64 RGB pixels directly (no VAE).",
       "",
       "## Reproduce",
       "",
@@ -40,8 +43,8 @@ def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
       "## Data",
       "",
       f"`dfjax.data`: {training['data']['image_size']}×{training['data']['image_size']} RGB in [-1, 1], "
-      f"{len(tokens['class_names'])} classes drawn procedurally (nothing downloaded):",
-      ", ".join(f"{i} `{name}`" for i, name in enumerate(tokens["class_names"])) + ".",
+      f"{len(classes['class_names'])} classes drawn procedurally (nothing downloaded):",
+      ", ".join(f"{i} `{name}`" for i, name in enumerate(classes["class_names"])) + ".",
       "Random colours (light on dark or dark on light), two-colour gradient backgrounds, random",
       "position, size and angle within a class. Step s trains on the fresh batch",
       f"`dfjax.data.batch(({cfg['seed']}, s), {cfg['batch']})`: {training['images_seen']:,} images "
@@ -49,18 +52,11 @@ def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
       "",
       "## Model",
       "",
-      f"- UNet: block_out_channels {unet_config['block_out_channels']}, down blocks "
-      f"{', '.join(unet_config['down_block_types'])}; {unet_config['layers_per_block']} resnet(s) "
-      f"per level, GroupNorm({unet_config['norm_num_groups']}), heads "
-      f"{unet_config['attention_head_dim']}, self- and cross-attention (linear projections) at the "
-      f"attention levels and the mid block; {num_params:,} params.",
-      f"- Class tokens: {tokens['num_tokens']} learned tokens of width {tokens['dim']} per class "
-      f"(the UNet's `encoder_hidden_states`), plus the null class id {tokens['null_id']} for "
-      f"classifier-free guidance; {token_params:,} params.",
+      *family.describe(denoiser_config, classes, num_params),
       f"- Noise schedule (`scheduler_config.json`): {scheduler_config['beta_schedule']} betas "
       f"{scheduler_config['beta_start']}–{scheduler_config['beta_end']}, "
       f"{scheduler_config['num_train_timesteps']} training timesteps, "
-      f"{scheduler_config['prediction_type']} prediction; sample with DDIM (or Euler, DPM-Solver++) "
+      f"{scheduler_config['prediction_type']} prediction ({_TARGETS[scheduler_config['prediction_type']]}); sample with DDIM (or Euler, DPM-Solver++) "
       "and guidance scale 3–5.",
       "",
       "## Training",
@@ -93,21 +89,75 @@ def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
       "",
       "```python",
       "from dfjax.training import load_default_model",
-      "unet, class_tokens, scheduler_config = load_default_model()",
-      "cond = dfjax.Conditioning(class_tokens(labels))          # (B,) class ids → (B, T, D)",
-      "uncond = dfjax.Conditioning(class_tokens.null(len(labels)))",
-      "images = dfjax.sample(unet, noise_b64643, cond, uncond=uncond, scheduler_config=scheduler_config,",
-      "                      num_steps=50, guidance_scale=4.0)  # (B, 64, 64, 3) in [-1, 1]",
+      f"model = load_default_model({family.load_argument})",
+      "cond, uncond = model.conditioning(labels)                # (B,) class ids; uncond: the null class",
+      "images = dfjax.sample(model.denoiser, noise_b64643, cond, uncond=uncond,",
+      "                      scheduler_config=model.scheduler_config, num_steps=50,",
+      "                      guidance_scale=4.0)                # (B, 64, 64, 3) in [-1, 1]",
       "```",
       "",
       "## Limits",
       "",
-      "A few-MB model trained for minutes on a CPU: shapes and colours are right, edges and",
-      "stripes are softer and less regular than the data. It exists to make stale-activation",
-      "artefacts of patch parallelism visible and measurable, not as an image generator.",
+      *family.limits,
+      "It exists to make the artefacts of parallel sampling visible and measurable, not as an",
+      "image generator.",
       "",
   ]
   return "\n".join(lines)
+
+
+class _Family(NamedTuple):
+  """How the card names and describes one model family."""
+
+  title: str
+  kind: str
+  diffusers: str
+  generate_flag: str
+  load_argument: str
+  parallelism: str
+  limits: tuple[str, ...]
+  describe: Callable[[Mapping[str, Any], Mapping[str, Any], int], list[str]]
+
+
+def _describe_unet(config: Mapping[str, Any], tokens: Mapping[str, Any], num_params: int) -> list[str]:
+  token_params = (tokens["num_classes"] + 1) * tokens["num_tokens"] * tokens["dim"]
+  return [
+      f"- UNet: block_out_channels {config['block_out_channels']}, down blocks "
+      f"{', '.join(config['down_block_types'])}; {config['layers_per_block']} resnet(s) "
+      f"per level, GroupNorm({config['norm_num_groups']}), heads "
+      f"{config['attention_head_dim']}, self- and cross-attention (linear projections) at the "
+      f"attention levels and the mid block; {num_params:,} params.",
+      f"- Class tokens: {tokens['num_tokens']} learned tokens of width {tokens['dim']} per class "
+      f"(the UNet's `encoder_hidden_states`), plus the null class id {tokens['null_id']} for "
+      f"classifier-free guidance; {token_params:,} params."]
+
+
+def _describe_dit(config: Mapping[str, Any], classes: Mapping[str, Any], num_params: int) -> list[str]:
+  p, side = config["patch_size"], config["sample_size"]
+  heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+  return [
+      f"- DiT: {config['num_layers']} adaLN-Zero blocks of width {heads * head_dim} ({heads} heads of "
+      f"{head_dim}), {p}×{p}-pixel patches ({side // p}×{side // p} = {(side // p) ** 2} tokens, "
+      f"{side // p} token rows), fixed 2-D sin-cos positions, one output per pixel channel (no learned "
+      f"variance); {num_params:,} params.",
+      f"- Classes: the DiT's own class embedding ({classes['num_classes']} classes plus the null class id "
+      f"{classes['null_id']} for classifier-free guidance), added to the timestep embedding.",
+      "- Initialised as in the DiT paper (adaLN-Zero): every block's modulation and the final layer",
+      "  start at zero."]
+
+
+_FAMILIES = {
+    "UNet2DConditionModel": _Family("model", "UNet", "UNet2DConditionModel", "", "",
+                                    "patch-parallel sampling",
+                                    ("A few-MB model trained for minutes on a CPU: shapes and colours are right, edges and",
+                                     "stripes are softer and less regular than the data."), _describe_unet),
+    "DiTTransformer2DModel": _Family("DiT", "diffusion transformer", "DiTTransformer2DModel", " --model dit",
+                                     '"dit"', "sequence- and patch-parallel sampling",
+                                     ("A few-MB model trained for under an hour on a shared CPU: its samples show the",
+                                      "8×8-pixel patch grid as blocks; the colours and the stripes' directions follow the",
+                                      "class, discs, triangles and crosses only as rough blobs. 4×4 patches (4× the tokens)",
+                                      "and a longer run would draw the classes better."), _describe_dit),
+}
 
 
 def subsample(rows: Sequence[tuple[int, float, float]], count: int) -> list[tuple[int, float, float]]:
@@ -128,6 +178,7 @@ def write_model_card(folder) -> None:
   read = lambda name: json.loads((folder / name).read_text())
   with open(folder / "loss.csv", newline="") as f:
     rows = [(int(r["step"]), float(r["loss"]), float(r["learning_rate"])) for r in csv.DictReader(f)]
+  classes = next(name for name in ("class_tokens.json", "classes.json") if (folder / name).is_file())
   text = model_card(read("training.json"), read("config.json"), read("scheduler_config.json"),
-                    read("class_tokens.json"), read("manifest.json")["num_params"], rows)
+                    read(classes), read("manifest.json")["num_params"], rows)
   (folder / MODEL_CARD).write_text(text)

@@ -1,7 +1,8 @@
-"""The model dfjax ships: a small class-conditional UNet trained on `dfjax.data`, in the package.
+"""The models dfjax ships: a small class-conditional UNet and DiT trained on `dfjax.data`, in the package.
 
-Its folder, `dfjax/assets/default_model/`, is a `dfjax train` export (see MODEL_CARD.md there for
-the command that produced it, the data, the loss curve and the machine).
+Their folders, `dfjax/assets/default_model/` (the UNet) and `dfjax/assets/default_dit/`, are
+`dfjax train` exports (see MODEL_CARD.md there for the command that produced each, the data, the
+loss curve and the machine).
 """
 
 from __future__ import annotations
@@ -14,24 +15,32 @@ import jax
 
 from dfjax.training.export import TrainedModel, load_trained
 
+# Embedded model name (`dfjax generate --model`) → its folder under dfjax/assets; the first is the default.
+EMBEDDED_MODELS = {"unet": "default_model", "dit": "default_dit"}
+DEFAULT_EMBEDDED = next(iter(EMBEDDED_MODELS))
 
-def default_model_dir() -> Path:
-  """The folder of the shipped weights inside the installed package."""
-  return Path(str(resources.files("dfjax") / "assets" / "default_model"))
+
+def default_model_dir(name: str = DEFAULT_EMBEDDED) -> Path:
+  """The folder of the shipped weights of embedded model `name` inside the installed package."""
+  if name not in EMBEDDED_MODELS:
+    raise ValueError(f"unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+  return Path(str(resources.files("dfjax") / "assets" / EMBEDDED_MODELS[name]))
 
 
-def load_default_model(*, dtype: Any = None, param_dtype: Any = None,
+def load_default_model(name: str = DEFAULT_EMBEDDED, *, dtype: Any = None, param_dtype: Any = None,
                        sharding: jax.sharding.Sharding | None = None) -> TrainedModel:
-  """Loads the shipped model: `unet, class_tokens, scheduler_config = load_default_model()`.
+  """Loads a shipped model: `denoiser, class_tokens, scheduler_config = load_default_model()`.
 
   Args:
+    name: "unet" (the default) or "dit" (`EMBEDDED_MODELS`).
     dtype: computation dtype (None: float32); param_dtype: dtype the params are restored in.
     sharding: placed on every param (e.g. replicated over a mesh); None: the default device.
   Raises:
+    ValueError: an unknown name.
     FileNotFoundError: the package was installed without its assets.
   """
-  folder = default_model_dir()
+  folder = default_model_dir(name)
   if not (folder / "manifest.json").is_file():
-    raise FileNotFoundError(f"the default model's weights are missing from {folder}; reinstall "
+    raise FileNotFoundError(f"the embedded {name} model's weights are missing from {folder}; reinstall "
                             "dfjax (the wheel ships them as package data)")
   return load_trained(folder, dtype=dtype, param_dtype=param_dtype, sharding=sharding)

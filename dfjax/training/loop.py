@@ -1,8 +1,9 @@
-"""`dfjax train`: DDPM training of a class-conditional UNet on the procedural dataset.
+"""`dfjax train`: DDPM training of a class-conditional UNet or DiT on the procedural dataset.
 
 One jitted step over the `nnx.split` state (params, AdamW state, EMA params, step counter): draw
 timesteps and noise, drop labels to the null class for classifier-free guidance, regress the
-prediction target of `SCHEDULER_CONFIG` (ε for the shipped model; mean squared error), update.
+prediction target of the variant's scheduler config (ε for the shipped UNet, the clean image for the
+shipped DiT; mean squared error), update.
 Everything random is a pure function of (seed, step): the batch is
 `dfjax.data.batch((seed, step), batch)` and the step's PRNG key is `fold_in(key(seed), step)`.
 A run interrupted and resumed from an orbax checkpoint therefore gives bit-identical params to
@@ -32,7 +33,7 @@ from dfjax import data
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import export
 from dfjax.training.checkpointed import RunFields, loss_rows, run_record, run_steps
-from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
+from dfjax.training.model import VARIANTS
 from models.class_tokens import drop_labels
 
 MODEL = "model"
@@ -103,13 +104,13 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 @functools.lru_cache(maxsize=None)
 def _graphdef(model: str) -> nnx.GraphDef:
   """The structure of a variant's model (abstract: nothing is initialised)."""
-  abstract = nnx.eval_shape(lambda: ClassConditionalUNet(VARIANTS[model], rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: VARIANTS[model].build(rngs=nnx.Rngs(0)))
   return nnx.split(abstract, nnx.Param)[0]
 
 
 def init_state(seed: jax.Array, *, cfg: TrainConfig) -> dict:
   """Fresh training state {params, opt_state, ema, step} (`train` runs it jitted)."""
-  model = ClassConditionalUNet(VARIANTS[cfg.model], rngs=nnx.Rngs(jax.random.key(seed)))
+  model = VARIANTS[cfg.model].build(rngs=nnx.Rngs(jax.random.key(seed)))
   params = nnx.state(model, nnx.Param)
   return {"params": params, "opt_state": make_optimizer(cfg)[0].init(params),
           "ema": jax.tree.map(jnp.copy, params), "step": jnp.zeros((), jnp.int32)}
@@ -150,7 +151,7 @@ _train_step_fast_compile = jax.jit(_step, static_argnames="cfg", donate_argnums=
 
 def _loss(params, graphdef, x0_bhwc, labels_b, key, cfg: TrainConfig) -> jax.Array:
   """MSE of the scheduler's prediction target at uniform timesteps, labels dropped at random."""
-  schedule = SchedulerConfig.from_diffusers_config(SCHEDULER_CONFIG)
+  schedule = SchedulerConfig.from_diffusers_config(VARIANTS[cfg.model].scheduler_config)
   alphas_cumprod = train_alphas_cumprod(schedule)
   sqrt_ab = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)  # T
   sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)  # T
@@ -195,13 +196,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
   return export_run(cfg, model, history, command)
 
 
-def export_run(cfg: TrainConfig, model: ClassConditionalUNet, history: dict, command: str | None) -> Path:
+def export_run(cfg: TrainConfig, model: nnx.Module, history: dict, command: str | None) -> Path:
   """The finished run's model folder (cfg.export or OUT/model) with its loss curve and training.json."""
   spec, schedule = VARIANTS[cfg.model], make_optimizer(cfg)[1]
   out = Path(cfg.out).absolute()
   rows = loss_rows(history, schedule)
   training = {**run_record(cfg, history, command), "model": spec.to_json(),
               "exported_weights": "ema" if cfg.ema_decay > 0 else "params"}
-  return export.write_model(cfg.export or out / MODEL, model.unet, model.class_tokens,
-                            unet_config=spec.unet_config, scheduler_config=SCHEDULER_CONFIG,
+  return export.write_model(cfg.export or out / MODEL, model.denoiser, model.class_tokens,
+                            denoiser_config=spec.denoiser_config, scheduler_config=spec.scheduler_config,
                             class_names=data.class_names, training=training, loss_rows=rows)

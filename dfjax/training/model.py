@@ -1,9 +1,11 @@
-"""The class-conditional UNet that `dfjax train` trains: configs, variants and the joint module.
+"""The class-conditional models that `dfjax train` trains: configs, variants and the joint modules.
 
-A trained model is the ordinary diffusers-style `models.unet.UNet2DConditionModel` plus a
-`models.class_tokens.ClassTokens` table that turns class ids into its `encoder_hidden_states`.
-`VARIANTS` names the model sizes `dfjax train --model` offers: `default` is the shipped model,
-`tiny` a seconds-fast one for tests.
+Two families, one training loop (dfjax/training/loop.py):
+  * a UNet: the ordinary diffusers-style `models.unet.UNet2DConditionModel` plus a
+    `models.class_tokens.ClassTokens` table that turns class ids into its `encoder_hidden_states`;
+  * a DiT: diffusers' `DiTTransformer2DModel` (models/dit.py), which embeds class ids itself.
+`VARIANTS` names the models `dfjax train --model` offers: `default` is the shipped UNet, `dit` the
+shipped DiT, `tiny` and `dit-tiny` seconds-fast ones for tests.
 
 Shape letters: B batch, H rows, W columns, C image channels, T class tokens, D token width.
 """
@@ -20,6 +22,7 @@ from flax import nnx
 
 from models.class_tokens import ClassTokens
 from models.config import UNetConfig
+from models.dit_config import DiTConfig
 
 # Stable Diffusion's "scaled_linear" betas over 1000 steps, epsilon prediction; sampled with DDIM
 # by default ("trailing" spacing reaches the noisiest timestep, x0 clipped to the data range).
@@ -65,24 +68,76 @@ def _unet_config(block_out_channels, down_block_types, heads, *, groups: int, to
   }
 
 
+def _dit_config(width: int, heads: int, layers: int, *, patch: int, num_classes: int) -> dict[str, Any]:
+  """A diffusers DiTTransformer2DModel config for 64×64 RGB images (pixel space, noise only: no learned
+  variance, whose training needs the variational bound)."""
+  return {
+      "_class_name": "DiTTransformer2DModel",
+      "in_channels": 3,
+      "out_channels": 3,
+      "sample_size": 64,
+      "patch_size": patch,
+      "num_attention_heads": heads,
+      "attention_head_dim": width // heads,
+      "num_layers": layers,
+      "num_embeds_ada_norm": num_classes,  # the class-embedding table; id num_classes is the null class
+      "activation_fn": "gelu-approximate",
+      "norm_type": "ada_norm_zero",
+      "norm_elementwise_affine": False,
+      "norm_eps": 1e-5,
+  }
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """What to build: the UNet's diffusers config and the class-token table's size.
+  """What to build: a class-conditional denoiser of one model family (`UNetSpec`, `DiTSpec`).
 
   Attributes:
-    unet_config: diffusers `config.json` contents of the UNet (its cross_attention_dim is the
-      token width).
-    num_classes: real classes (the null class is one more id).
-    num_tokens: context tokens per class.
     fast_compile: compile the init and train step without backend optimisation (quick to
       compile, slow to run: for models trained for a few steps, as in tests). Results differ
       in the last bits from the optimised programs', so this is part of the variant.
   """
 
+  fast_compile: bool = dataclasses.field(default=False, kw_only=True)
+
+  @property
+  def scheduler_config(self) -> dict[str, Any]:
+    """The noise schedule and prediction target it is trained with (a diffusers scheduler config)."""
+    return SCHEDULER_CONFIG
+
+  @property
+  def denoiser_config(self) -> dict[str, Any]:
+    """The denoiser's diffusers `config.json` contents."""
+    raise NotImplementedError
+
+  @property
+  def num_classes(self) -> int:
+    """Real classes (the null class is one more id)."""
+    raise NotImplementedError
+
+  def build(self, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The trainable module: `module(x_bhwc, timesteps_b, labels_b)` → prediction, with attributes
+    `denoiser` (what is exported and sampled) and `class_tokens` (a ClassTokens, or None)."""
+    raise NotImplementedError
+
+  def to_json(self) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetSpec(ModelSpec):
+  """A UNet2DConditionModel and the class-token table that feeds its cross-attention.
+
+  Attributes:
+    unet_config: diffusers `config.json` contents of the UNet (its cross_attention_dim is the
+      token width).
+    classes: real classes (the null class is one more id).
+    num_tokens: context tokens per class.
+  """
+
   unet_config: dict[str, Any]
-  num_classes: int
+  classes: int
   num_tokens: int = 4
-  fast_compile: bool = False
 
   def __post_init__(self):
     config = UNetConfig.from_diffusers_config(self.unet_config)  # raises on a bad config
@@ -92,12 +147,58 @@ class ModelSpec:
                        f"({config.addition_embed_type})")
 
   @property
+  def denoiser_config(self) -> dict[str, Any]:
+    return self.unet_config
+
+  @property
+  def num_classes(self) -> int:
+    return self.classes
+
+  @property
   def token_dim(self) -> int:
     return UNetConfig.from_diffusers_config(self.unet_config).encoder_dim
 
+  def build(self, *, rngs: nnx.Rngs) -> nnx.Module:
+    return ClassConditionalUNet(self, rngs=rngs)
+
   def to_json(self) -> dict[str, Any]:
-    return {"unet_config": copy.deepcopy(self.unet_config), "num_classes": self.num_classes,
+    return {"unet_config": copy.deepcopy(self.unet_config), "num_classes": self.classes,
             "num_tokens": self.num_tokens}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTSpec(ModelSpec):
+  """A class-conditional DiTTransformer2DModel: it embeds the class ids itself (no class tokens).
+
+  Attributes:
+    dit_config: diffusers `config.json` contents of the DiT; `num_embeds_ada_norm` is the class count.
+  """
+
+  dit_config: dict[str, Any]
+
+  def __post_init__(self):
+    DiTConfig.from_diffusers_config(self.dit_config)  # raises on a bad config
+
+  @property
+  def scheduler_config(self) -> dict[str, Any]:
+    # The clean image, not the noise: at high noise levels ε ≈ the input, and a token narrower than
+    # its patch's pixel values (128 < 8·8·3) cannot carry that i.i.d. noise through (the ε loss of
+    # such a DiT stalls near 0.37); the clean image of a patch is smooth and fits.
+    return {**SCHEDULER_CONFIG, "prediction_type": "sample"}
+
+  @property
+  def denoiser_config(self) -> dict[str, Any]:
+    return self.dit_config
+
+  @property
+  def num_classes(self) -> int:
+    return DiTConfig.from_diffusers_config(self.dit_config).num_embeds_ada_norm
+
+  def build(self, *, rngs: nnx.Rngs) -> nnx.Module:
+    return ClassConditionalDiT(self, rngs=rngs)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"dit_config": copy.deepcopy(self.dit_config)}
 
 
 def _variants() -> dict[str, ModelSpec]:
@@ -108,11 +209,16 @@ def _variants() -> dict[str, ModelSpec]:
       # 4 levels (64, 32, 16, 8 rows): 8 row patches keep 1 row each at the lowest level.
       # Self- and cross-attention at 16×16 and 8×8 (and the mid block). The 64×64 and 32×32
       # levels are narrow (8, 16 channels): per-pixel work there dominates a CPU training step.
-      "default": ModelSpec(_unet_config((8, 16, 32, 64), (plain, plain, attn, attn), (1, 1, 1, 2),
-                                        groups=4, token_dim=64), data.num_classes, 4),
+      "default": UNetSpec(_unet_config((8, 16, 32, 64), (plain, plain, attn, attn), (1, 1, 1, 2),
+                                       groups=4, token_dim=64), data.num_classes, 4),
       # Seconds to compile and run: the tests' model.
-      "tiny": ModelSpec(_unet_config((8, 16), (plain, plain), (1, 1), groups=4, token_dim=16),
-                        data.num_classes, 2, fast_compile=True),
+      "tiny": UNetSpec(_unet_config((8, 16), (plain, plain), (1, 1), groups=4, token_dim=16),
+                       data.num_classes, 2, fast_compile=True),
+      # 8×8-pixel patches: 8×8 = 64 tokens, 8 token rows (row patches of 2, 4 or 8 devices); 8
+      # heads, so that ulysses splits them over 2, 4 or 8 devices. Few tokens keep a CPU training
+      # step cheap; the final layer draws each patch's 192 pixel values from its 128-wide token.
+      "dit": DiTSpec(_dit_config(128, 8, 4, patch=8, num_classes=data.num_classes)),
+      "dit-tiny": DiTSpec(_dit_config(32, 8, 1, patch=8, num_classes=data.num_classes), fast_compile=True),
   }
 
 
@@ -122,7 +228,7 @@ VARIANTS: dict[str, ModelSpec] = _variants()
 class ClassConditionalUNet(nnx.Module):
   """The trained pair: `unet` (diffusers' UNet2DConditionModel) and `class_tokens`."""
 
-  def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+  def __init__(self, spec: UNetSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32):
     from models.unet import UNet2DConditionModel
 
@@ -130,7 +236,38 @@ class ClassConditionalUNet(nnx.Module):
     self.unet = UNet2DConditionModel(UNetConfig.from_diffusers_config(spec.unet_config), **kw)
     self.class_tokens = ClassTokens(spec.num_classes, spec.num_tokens, spec.token_dim, **kw)
 
+  @property
+  def denoiser(self) -> nnx.Module:
+    return self.unet
+
   def __call__(self, x_bhwc: jax.Array, timesteps_b: jax.Array, labels_b: jax.Array) -> jax.Array:
     """Predicted noise ε (B, H, W, C) of noisy images at `timesteps_b` for class ids `labels_b`."""
     tokens_btd = self.class_tokens(labels_b)  # B, T, D
     return self.unet(x_bhwc, timesteps_b, tokens_btd)  # B, H, W, C
+
+
+class ClassConditionalDiT(nnx.Module):
+  """A DiT trained from scratch with the DiT paper's adaLN-Zero initialisation: every block's
+  modulation and the final layer start at zero, so each block starts as the identity and the
+  prediction as 0 (diffusers' own init, meant for loading weights, leaves them random)."""
+
+  class_tokens = None  # the DiT embeds the class ids itself
+
+  def __init__(self, spec: DiTSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32):
+    from models.dit import DiTTransformer2DModel
+
+    self.dit = DiTTransformer2DModel(DiTConfig.from_diffusers_config(spec.dit_config), rngs=rngs, dtype=dtype,
+                                     param_dtype=param_dtype)
+    zeroed = [block.norm1.linear for block in self.dit.transformer_blocks]
+    for linear in (*zeroed, self.dit.proj_out_1, self.dit.proj_out_2):
+      for weight in (linear.kernel, linear.bias):
+        weight.set_value(jnp.zeros_like(weight.get_value()))
+
+  @property
+  def denoiser(self) -> nnx.Module:
+    return self.dit
+
+  def __call__(self, x_bhwc: jax.Array, timesteps_b: jax.Array, labels_b: jax.Array) -> jax.Array:
+    """Predicted noise ε (B, H, W, C) of noisy images at `timesteps_b` for class ids `labels_b`."""
+    return self.dit(x_bhwc, timesteps_b, class_labels=labels_b)  # B, H, W, C
