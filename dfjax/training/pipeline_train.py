@@ -22,6 +22,7 @@ import jax
 from dfjax import data
 from dfjax.training.checkpointed import CHECKPOINTS, run_steps
 from dfjax.training.loop import TrainConfig, export_run, make_optimizer
+from dfjax.training.model import VARIANTS, UNetSpec
 from dfjax.training.pipeline_chart import describe, draw
 from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, make_plan
 from dfjax.training.pipeline_step import executor_for
@@ -57,6 +58,10 @@ class Pipelined:
 
 def plan_for(cfg: TrainConfig, pipeline: PipelineConfig) -> PipelinePlan:
   """The plan of `dfjax train`'s pipelined step (its batch of `data.IMAGE_SIZE`² RGB images)."""
+  if not isinstance(VARIANTS[cfg.model], UNetSpec):
+    raise ValueError(f"the pipelined step cuts a class-conditional UNet at its segments; --model {cfg.model} "
+                     f"is not one: train it without --pipeline-stages, or pick a UNet ("
+                     f"{', '.join(n for n, s in VARIANTS.items() if isinstance(s, UNetSpec))})")
   return make_plan(pipeline, cfg.model, cfg.batch, (data.IMAGE_SIZE, data.IMAGE_SIZE, 3))
 
 
