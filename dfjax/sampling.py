@@ -29,6 +29,7 @@ from models.parallel import call_recording
 from sharding.axes import DATA, PATCH
 from sharding.mesh import axis_sizes, single_device_mesh
 from sharding.partitioning import param_specs, shard_layout
+from sharding.stage_carry import CarryLayout
 from sharding.stage_params import StagedParams, params_by_segment
 from sharding.varying import varying_like
 from sharding.strategies import Guidance, Phase, Strategy
@@ -122,6 +123,7 @@ class _Plan:
   guidance: Guidance
   model_config: Any  # the model's (hashable) config: what the denoiser needs, whatever holds its params
   staged: StagedParams | None  # pipeline strategies' per-stage param layout; None: by the rule table
+  layout: CarryLayout | None  # and what crosses each of their cuts
   scheduler: str
   scheduler_config: schedulers.SchedulerConfig
   num_steps: int
@@ -199,8 +201,8 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
 
   graphdef, params = nnx.split(model)
   params = shard_layout(params, strategy.param_rules(), sizes)  # chunked widths: each device's slice of each part
-  staged = _staged_params(model, params, noise, cond, strategy, sizes)
-  plan = _Plan(mesh, strategy, guidance, model.config, staged, scheduler, scheduler_config, num_steps,
+  staged, layout = _staged_params(model, params, noise, pair, strategy, guidance, sizes)
+  plan = _Plan(mesh, strategy, guidance, model.config, staged, layout, scheduler, scheduler_config, num_steps,
                check_finite)
   placed = params if staged is None else staged.pack(params)
   place = lambda tree, specs: jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
@@ -209,14 +211,23 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
                     jnp.float32(guidance_scale)), plan
 
 
-def _staged_params(model, params, noise, cond: Conditioning, strategy: Strategy, sizes) -> StagedParams | None:
-  """The per-stage param layout of a pipeline strategy (None for the others), traced on this run's shapes."""
-  _, height, width, _ = noise.shape
+def _staged_params(model, params, noise, pair: Conditioning, strategy: Strategy, guidance: Guidance,
+                   sizes) -> tuple[StagedParams | None, CarryLayout | None]:
+  """A pipeline strategy's per-stage param layout and carry layout (None for the others), traced on this
+  run's shapes: the carry's at the batch one device's model call runs. The conditioning embeddings'
+  params are on every stage, which makes its own conditioning."""
+  batch, height, width, channels = noise.shape
   stages = strategy.stage_of_segment(model.config, height, width, sizes)
   if stages is None:
-    return None
-  read = params_by_segment(model, noise[:1], jnp.float32(0), **jax.tree.map(lambda a: a[:1], cond).as_kwargs())
-  return StagedParams.plan(params, read, stages)
+    return None, None
+  share, local = guidance.pair_size // guidance.groups, batch // sizes[DATA]
+  x = jax.ShapeDtypeStruct((share * local, height // sizes[PATCH], width, channels), noise.dtype)
+  cond = {name: jax.ShapeDtypeStruct((share * local, *a.shape[2:]), a.dtype) for name, a in pair.as_kwargs().items()}
+  layout = CarryLayout.trace(model, x, jnp.float32(0), cond, stages)
+  read = params_by_segment(model, noise[:1], jnp.float32(0), **jax.tree.map(lambda a: a[0, :1], pair).as_kwargs())
+  staged = StagedParams.plan(params, read, stages, shared=layout.conditioning_params,
+                             devices=strategy.stage_of_device(sizes))
+  return staged, layout
 
 
 def _prepare_like_sample(args, kwargs):
@@ -381,7 +392,7 @@ class _DeviceRun:
   """One device's whole run: its rows of its batch share, through every phase.
 
   Besides the loop, what a phase's own step program (sharding/strategies/base.py `StepProgram`) uses:
-  `sched`, `config`, `model`, `model_inputs` and `guided`.
+  `sched`, `config`, `model`, `model_inputs`, `guided` and `layout`.
   """
 
   def __init__(self, graphdef, params, pair: Conditioning, guidance_scale, plan: _Plan):
@@ -404,6 +415,11 @@ class _DeviceRun:
   def config(self):
     """The model's config."""
     return self.plan.model_config
+
+  @property
+  def layout(self) -> CarryLayout | None:
+    """What crosses each cut of a staged model (sharding/stage_carry.py); None unless params are placed by stage."""
+    return self.plan.layout
 
   def model(self, stage: int | None = None) -> nnx.Module:
     """The model merged from this device's params; under a staged layout, stage `stage`'s (the other
@@ -446,11 +462,17 @@ class _DeviceRun:
       def body(carry, i, phase=phase):
         x, sched_state, stale, first_bad_step = carry
         x, sched_state, record = self.denoise(x, sched_state, stale, i, phase)
-        if self.plan.check_finite:
-          newly_bad = (first_bad_step < 0) & ~jnp.isfinite(x).all()
-          first_bad_step = jnp.where(newly_bad, i, first_bad_step)
-        return (x, sched_state, record if phase.records else stale, first_bad_step), None
+        return (x, sched_state, record if phase.records else stale, self._track(first_bad_step, x, i)), None
 
-      steps = jnp.arange(phase.start, phase.stop, dtype=jnp.int32)
+      steps = jnp.arange(phase.start, phase.stop, phase.stride, dtype=jnp.int32)
       (x, sched_state, stale, first_bad_step), _ = lax.scan(body, (x, sched_state, stale, first_bad_step), steps)
+      if phase.finish is not None:
+        x, sched_state = phase.finish(self, x, sched_state, stale)
+        first_bad_step = self._track(first_bad_step, x, phase.stop - 1)
     return x, first_bad_step
+
+  def _track(self, first_bad_step, x, i):
+    """The first step whose latents were not finite, updated with step i's (with check_finite)."""
+    if not self.plan.check_finite:
+      return first_bad_step
+    return jnp.where((first_bad_step < 0) & ~jnp.isfinite(x).all(), i, first_bad_step)

@@ -3,10 +3,12 @@
 Pipeline methods (AsyncDiff, PipeFusion, DiffusionPipe) cut a model at its segments
 (models/unet.py, models/dit.py) into consecutive stages on the mesh axis `stage`. SPMD wants one
 array shape on every device, but the stages' parameters differ in structure, so each stage's
-leaves are packed, by dtype, into row s of one (stages, n) buffer sharded over `stage`: a
+leaves are packed, by dtype, into one row of a (devices, n) buffer sharded over `stage`: a
 device's row is its stage's parameters and nothing else (n is the largest stage's size, so a
-balanced cut wastes little). A leaf that segments of several stages read (none in the UNet or
-DiT) is replicated instead. Inside the `shard_map`, `unpack(local, s)` rebuilds the model state
+balanced cut wastes little; a stage that runs on several devices, as AsyncDiff's last component
+with stride 2, has its row on each). A leaf that segments of several stages read (none in the
+UNet or DiT), or that every stage reads (`shared`: the conditioning embeddings each stage
+computes for itself, sharding/stage_carry.py), is replicated instead. Inside the `shard_map`, `unpack(local, s)` rebuilds the model state
 with stage s's leaves and zeros for the others: the branch that runs stage s's segments reads
 only its own leaves, so XLA never materialises the zeros.
 
@@ -84,21 +86,28 @@ class StagedParams:
   stages: int
   treedef: jax.tree_util.PyTreeDef  # the state's structure (Variables and their metadata)
   slots: tuple[_Slot, ...]  # one per leaf, in jax.tree order
-  row_lengths: tuple[tuple[str, int], ...]  # (dtype, n) of each (stages, n) buffer
+  row_lengths: tuple[tuple[str, int], ...]  # (dtype, n) of each (devices, n) buffer
+  devices: tuple[int, ...]  # the stage each device along `stage` runs: whose row it holds
 
   @classmethod
-  def plan(cls, state: nnx.State, segment_params: Sequence[frozenset[int]],
-           stage_of_segment: Sequence[int]) -> StagedParams:
+  def plan(cls, state: nnx.State, segment_params: Sequence[frozenset[int]], stage_of_segment: Sequence[int],
+           *, shared: frozenset[int] = frozenset(), devices: Sequence[int] | None = None) -> StagedParams:
     """The layout putting each param on the stage of the segment that reads it.
 
     Args:
       state: the model's state (`nnx.split(model)[1]`).
       segment_params: the leaves each segment reads (`params_by_segment`).
       stage_of_segment: the stage running each segment.
+      shared: leaves every stage reads (replicated).
+      devices: the stage each device along the `stage` axis runs (default: device s runs stage s).
     """
     if len(stage_of_segment) != len(segment_params):
       raise ValueError(f"{len(stage_of_segment)} segment stages for a model of {len(segment_params)} segments.")
-    readers: dict[int, set[int]] = {}
+    stages = max(stage_of_segment) + 1
+    devices = tuple(range(stages)) if devices is None else tuple(devices)
+    if sorted(set(devices)) != list(range(stages)):
+      raise ValueError(f"devices {devices} must run each of the {stages} stages at least once.")
+    readers: dict[int, set[int]] = {leaf: set(range(stages)) for leaf in shared}
     for stage, read in zip(stage_of_segment, segment_params):
       for leaf in read:
         readers.setdefault(leaf, set()).add(stage)
@@ -116,17 +125,18 @@ class StagedParams:
     lengths: dict[str, int] = {}
     for (dtype, _), used in filled.items():
       lengths[dtype] = max(lengths.get(dtype, 0), used)
-    return cls(max(stage_of_segment) + 1, treedef, tuple(slots), tuple(sorted(lengths.items())))
+    return cls(stages, treedef, tuple(slots), tuple(sorted(lengths.items())), devices)
 
   def pack(self, state: nnx.State) -> dict:
-    """The host state as placed on the mesh: {"rows": {dtype: (stages, n)}, "shared": {index: leaf}}."""
-    rows = {dtype: np.zeros((self.stages, n), dtype) for dtype, n in self.row_lengths}
+    """The host state as placed on the mesh: {"rows": {dtype: (devices, n)}, "shared": {index: leaf}}."""
+    devices = np.asarray(self.devices)
+    rows = {dtype: np.zeros((len(devices), n), dtype) for dtype, n in self.row_lengths}
     shared = {}
     for index, (slot, leaf) in enumerate(zip(self.slots, jax.tree.leaves(state))):
       if slot.stage is None:
         shared[str(index)] = leaf
       else:
-        rows[slot.dtype][slot.stage, slot.start:slot.start + slot.size] = np.asarray(leaf).reshape(-1)
+        rows[slot.dtype][devices == slot.stage, slot.start:slot.start + slot.size] = np.asarray(leaf).reshape(-1)
     return {"rows": rows, "shared": shared}
 
   def specs(self) -> dict:
@@ -135,8 +145,9 @@ class StagedParams:
             "shared": {str(i): P() for i, slot in enumerate(self.slots) if slot.stage is None}}
 
   def unpack(self, local: Mapping, stage: int) -> nnx.State:
-    """Inside the shard_map: the model state with stage `stage`'s leaves (from this device's row) and
-    the shared ones; zeros for every other stage's, which stage `stage`'s segments never read."""
+    """Inside the shard_map: the model state with stage `stage`'s leaves (from this device's row: call it
+    only on a device that runs `stage`) and the shared ones; zeros for every other stage's, which stage
+    `stage`'s segments never read."""
     values = []
     for index, slot in enumerate(self.slots):
       if slot.stage is None:

@@ -1,4 +1,4 @@
-"""Transfers along the `stage` axis: a carry handed to the next stage, a value broadcast from one stage.
+"""Transfers along the `stage` axis: a carry handed to the next stage(s), a value broadcast from one stage.
 
 Pipeline methods run different model segments on different stages; what crosses a cut is a
 pytree of activations (the UNet's hidden state and skips, a DiT's tokens), sent point to point.
@@ -21,6 +21,16 @@ def to_next_stage(tree, stages: int, *, wrap: bool = False):
 def send(tree, source: int, destination: int):
   """`tree` of stage `source` delivered to stage `destination` (every other stage receives zeros)."""
   return jax.tree.map(lambda a: lax.ppermute(a, STAGE, [(source, destination)]), tree)
+
+
+def deliver(tree, source: int, destinations):
+  """`tree` of stage `source` delivered to each of `destinations` (one permute each; every other stage
+  receives zeros)."""
+  first, *rest = destinations
+  received = send(tree, source, first)
+  for destination in rest:  # a permute has one destination per source: the others' arrive apart
+    received = jax.tree.map(jnp.add, received, send(tree, source, destination))
+  return received
 
 
 def broadcast_from_stage(tree, source: int):

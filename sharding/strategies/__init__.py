@@ -10,9 +10,10 @@ from sharding.strategies import ulysses  # isort: skip  (after the row-patch str
 from sharding.strategies import ring  # isort: skip
 from sharding.strategies import pipefusion  # isort: skip
 from sharding.strategies import tensor  # isort: skip
+from sharding.strategies import asyncdiff  # isort: skip  (after the patch family)
 from sharding.strategies.base import (Phase, Strategy, option_names, strategy_class, strategy_names,
                                       with_shared_options)
 from sharding.strategies.cfg import Guidance
 
-__all__ = ["Guidance", "Phase", "Strategy", "option_names", "patch", "pipefusion", "ring", "single", "strategy_class",
-           "strategy_names", "tensor", "ulysses", "with_shared_options"]
+__all__ = ["Guidance", "Phase", "Strategy", "asyncdiff", "option_names", "patch", "pipefusion", "ring", "single",
+           "strategy_class", "strategy_names", "tensor", "ulysses", "with_shared_options"]

@@ -8,10 +8,10 @@ this package with one subclass of `Strategy`, which owns everything about the me
   * `phases`: consecutive steps that share one parallel context and so one `lax.scan` body
     (the same phases with simulated collectives for `bench simulate`); a phase that is not one
     model call under one context (a pipeline over `stage`) brings its own `step` program;
-  * `stage_of_segment`: pipeline methods place each model segment's params on one stage
-    (sharding/stage_params.py) instead of by the rule table of `param_rules`;
+  * `stage_of_segment` (and `stage_of_device`): pipeline methods place each model segment's params
+    on one stage (sharding/stage_params.py) instead of by the rule table of `param_rules`;
   * `expected_traffic` and `stale_bytes`: its analytic bytes per step and stale state per device;
-  * `summary`: one line naming it with its options, for reports.
+  * `summary`: one line naming it with its options, for reports (`detail`: what it makes of a model).
 Subclassing registers the class under its `name` (`Strategy.from_name`, the CLI's choices), and
 as a constructor on the base class: `Strategy.displaced(warmup_steps=4)` is the `Displaced` class
 called with those options. Code outside `sharding/` asks these methods and never branches on a
@@ -42,7 +42,8 @@ class StepProgram(Protocol):
   next step). `run` is the device's run (dfjax/sampling.py): `run.sched` the scheduler, `run.config`,
   `run.model(stage)` the model merged from this device's params (its stage's, under a staged
   layout), `run.model_inputs(x)` the guidance pair's batch and conditioning, `run.guided(out, x)`
-  the guided noise prediction of a model output for latents `x`.
+  the guided noise prediction of a model output for latents `x`, `run.layout` what crosses each cut
+  of a staged model (sharding/stage_carry.py; None unless params are placed by stage).
   """
 
   def __call__(self, run, x, sched_state, stale: Stale | None, i) -> tuple[Any, Any, Stale]:
@@ -59,6 +60,10 @@ class Phase:
     uses_stale: the steps consume the previous step's exchanges (the scan carry).
     records: the steps send exchanges for the next step.
     step: instead of that model call under `context`, the phase's own step program (pipelines).
+    stride: steps one call of `step` advances (called at start, start + stride, …; AsyncDiff's stride 2).
+    finish: `finish(run, x, sched_state, stale)` → (x, sched_state), run after the phase's last step:
+      the work a step program leaves to the next step (a scheduler update it defers, so that no step
+      consumes what it sent), done once the phase has no next step.
   """
 
   start: int
@@ -67,10 +72,14 @@ class Phase:
   uses_stale: bool = False
   records: bool = False
   step: StepProgram | None = None
+  stride: int = 1
+  finish: Callable[..., tuple[Any, Any]] | None = None
 
   def __post_init__(self):
     if (self.context is None) == (self.step is None):
       raise ValueError("a Phase runs either its model call under `context` or its own `step`: give one.")
+    if self.stride != 1 and self.step is None:
+      raise ValueError(f"stride={self.stride}: only a phase's own `step` program advances several steps per call.")
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -173,6 +182,15 @@ class Strategy:
     placed there alone (sharding/stage_params.py); every phase then brings its `step`. None (the
     default): params placed by `param_rules`."""
     return None
+
+  def stage_of_device(self, sizes: Mapping[str, int]) -> tuple[int, ...] | None:
+    """Pipeline methods: the stage each device along `stage` runs, whose params it holds. None (the
+    default): device s runs stage s."""
+    return None
+
+  def detail(self, config, height: int, width: int, sizes: Mapping[str, int]) -> str:
+    """What the strategy makes of this model, size and mesh, in words (e.g. a pipeline's cuts); '' by default."""
+    return ""
 
   def summary(self) -> str:
     options = self.options()

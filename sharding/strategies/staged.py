@@ -21,16 +21,17 @@ from models.build import segment_costs, segment_names
 from models.layers import Workload
 from models.parallel import call_recording
 from sharding.axes import STAGE
-from sharding.exchange.stages import broadcast_from_stage, to_next_stage
+from sharding.exchange.stages import broadcast_from_stage, deliver
+from sharding.stage_carry import run_stage
 from sharding.strategies.base import Strategy
 from sharding.varying import varying_like
 
 
 def segment_flops(config, height: int, width: int, text_tokens: int = 77) -> tuple[float, ...]:
-  """Each segment's FLOPs per sample for an `height` × `width` latent and `text_tokens` text tokens, in
-  call order (the cost model)."""
+  """Each segment's FLOPs per sample (all kinds summed) for an `height` × `width` latent and
+  `text_tokens` text tokens, in call order (the cost model)."""
   latent = Workload(rows=height, cols=width, text_tokens=text_tokens)
-  return tuple(cost.flops for cost in segment_costs(config, latent).values())
+  return tuple(float(sum(cost.flops.values())) for cost in segment_costs(config, latent).values())
 
 
 def balanced_cuts(costs: Sequence[float], stages: int) -> tuple[int, ...]:
@@ -82,46 +83,63 @@ class Staged(Strategy):
     """The cut indices for `stages` stages of this model at this latent size."""
     raise NotImplementedError
 
+  def stage_count(self, sizes) -> int:
+    """How many stages the model is cut into on a mesh of `sizes` (default: one per `stage` device)."""
+    return sizes[STAGE]
+
   def stage_of_segment(self, config, height, width, sizes):
-    return stages_of(self.cuts_for(config, height, width, sizes[STAGE]), len(segment_names(config)))
+    return stages_of(self.cuts_for(config, height, width, self.stage_count(sizes)), len(segment_names(config)))
 
 
-def run_stage(model, carry, stage_of_segment: Sequence[int], stage: int, ctx):
-  """Stage `stage`'s segments of `model`, in order, on `carry`."""
-  for segment, owner in zip(model.segments(), stage_of_segment):
-    if owner == stage:
-      carry = segment(carry, ctx=ctx)
-  return carry
+def on_stage(here, compute, *operands):
+  """`compute(*operands)` on the devices where `here` (a traced bool) holds, zeros of its shapes elsewhere
+  (`lax.cond`: each device runs one branch; the zeros marked varying as the result would be)."""
+  shapes = jax.eval_shape(compute, *operands)
+  idle = lambda *_: jax.tree.map(lambda s: varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)  # noqa: E731
+  return lax.cond(here, compute, idle, *operands)
 
 
-def synchronous_forward(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx, *, record=None):
-  """The model's output for `x_in` with every stage in order: stage s runs its segments on the carry
-  stage s − 1 sent, and sends its own on; the last stage's output is broadcast to every stage.
+def synchronous_forward(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx, *, record=None,
+                        devices: Sequence[int] | None = None):
+  """The model's output for `x_in` with every stage in order (see `synchronous_stages`), on every device;
+  with `record`, (output, this device's own stage's record)."""
+  out, _, kept = synchronous_stages(run, stage_of_segment, x_in, t, cond, ctx, record=record, devices=devices)
+  return out if record is None else (out, kept)
+
+
+def synchronous_stages(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx, *, record=None,
+                       devices: Sequence[int] | None = None):
+  """Every stage in order: stage s runs its segments on the carry stage s − 1 sent, and sends its own on;
+  the last stage's output is broadcast to every device.
 
   Exact (the same maths as one device), and every stage but one waits at each cut: the warm-up of
   the asynchronous methods. Each device runs only its own stage's branch (`lax.cond` on its index).
 
   Args:
     record: optional `record(stage, sent)` turning what stage `stage`'s layers sent (their context
-      requests' `sent`, models/parallel.py) into one pytree shape shared by every stage; then the
-      result is (output, this device's own stage's record).
+      requests' `sent`, models/parallel.py) into one pytree shape shared by every stage.
+    devices: the stage each device along `stage` runs (default: device s runs stage s); a stage on
+      several devices runs on each, and the carry before it reaches each.
+  Returns:
+    (the model output's hidden state on every device; the carry each stage received: entry s is stage
+    s's input carry, meaningful on its devices, entry 0 None; this device's own stage's record, or
+    None without `record`).
   """
   stages = max(stage_of_segment) + 1
-  here = lax.axis_index(STAGE)
+  devices = tuple(range(stages)) if devices is None else tuple(devices)
+  mine = jnp.asarray(devices)[lax.axis_index(STAGE)]  # the stage this device runs
   carry = run.model(0).first_carry(x_in, t, **cond)  # no params: any stage's model builds it
-  kept = None
+  received, kept = [None], None
   for stage in range(stages):
     def compute(c, stage=stage):
       segments = lambda model, c: run_stage(model, c, stage_of_segment, stage, ctx)  # noqa: E731
       out, sent = call_recording(segments, run.model(stage), c)
       return out, (None if record is None else record(stage, sent))
 
-    shapes = jax.eval_shape(compute, carry)
-    idle = lambda c, shapes=shapes: jax.tree.map(lambda s: varying_like(jnp.zeros(s.shape, s.dtype), s), shapes)
-    carry, recorded = lax.cond(here == stage, compute, idle, carry)
+    carry, recorded = on_stage(mine == stage, compute, carry)
     if record is not None:
-      kept = recorded if kept is None else jax.tree.map(lambda k, r: jnp.where(here == stage, r, k), kept, recorded)
+      kept = recorded if kept is None else jax.tree.map(lambda k, r: jnp.where(mine == stage, r, k), kept, recorded)
     if stage < stages - 1:
-      carry = to_next_stage(carry, stages)
-  out = broadcast_from_stage(carry.h, stages - 1)
-  return out if record is None else (out, kept)
+      carry = deliver(carry, devices.index(stage), [d for d, s in enumerate(devices) if s == stage + 1])
+      received.append(carry)
+  return broadcast_from_stage(carry.h, devices.index(stages - 1)), tuple(received), kept
