@@ -36,9 +36,12 @@ def test_bench_strategies_measures_traffic_and_stale_memory_equal_to_analytic(tm
   out = capsys.readouterr().out
   assert "comm MiB/step" in out and f"on {device_name()}" in out  # the table is printed, the machine named
   by_name = {run.strategy: run for run in runs[0]}
-  assert list(by_name) == ["single", "exact", "displaced", "naive", "ulysses", "ring"]
-  assert by_name["exact"].patch == 2
-  for name in ("exact", "displaced"):  # bytes read from the compiled program == the analytic figure
+  assert list(by_name) == ["single", "exact", "displaced", "naive", "ulysses", "ring", "asyncdiff"]
+  assert by_name["exact"].patch == 2 and "stage=2" in by_name["asyncdiff"].mesh
+  assert "asyncdiff on cfg=1×stage=2×patch=1: N2S1: components start at" in out  # the cut, per-component FLOPs
+  # each asyncdiff device holds its component's params, not the model
+  assert 0 < by_name["asyncdiff"].param_bytes < by_name["single"].param_bytes
+  for name in ("exact", "displaced", "asyncdiff"):  # bytes read from the compiled program == the analytic figure
     assert by_name[name].comm_bytes == by_name[name].analytic_bytes > 0
     assert by_name[name].stale_bytes == by_name[name].analytic_stale_bytes
   assert by_name["displaced"].stale_bytes > 0 and by_name["exact"].stale_bytes == 0

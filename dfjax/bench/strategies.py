@@ -4,6 +4,8 @@ For every patch count, runs single and every registered strategy that splits row
 (exact, displaced, naive, …) on the same inputs in one process, reads each compiled program's
 per-step collectives (sharding/accounting/comm.py) and its stale buffers, and prints them beside
 the strategy's analytic figures (`expected_traffic`, `stale_bytes`, and the guidance gather).
+Every strategy that cuts the model into stages (asyncdiff) runs beside them on as many `stage`
+devices, where the model's segments allow it, its cut printed with each component's FLOPs.
 With a hybrid mesh (`--mesh data=1,cfg=2,patch=2,tensor=2`), runs instead every strategy that
 splits an image over that mesh's axes, beside the pure strategies on as many devices per image
 (every patch strategy over `patch` alone, `tensor` over `tensor` alone); each row also shows the
@@ -86,7 +88,8 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   expected |= Guidance.for_mesh(True, sizes).expected_traffic(prediction_values, dtype_bytes)
   expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
   params = nnx.state(model)
-  param_bytes = local_param_bytes(params, param_specs(params, strategy.param_rules(), sizes), sizes)
+  param_bytes = (local_param_bytes(params, param_specs(params, strategy.param_rules(), sizes), sizes)
+                 if program.plan.staged is None else program.plan.staged.bytes_per_device())
   return StrategyRun(strategy.name, sizes[PATCH], compile_s, run_s / steps,
                      traffic[-1].total_bytes if traffic else 0, sum(expected.values()),
                      sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)), sum(expected_stale.values()),
@@ -146,6 +149,11 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
     plans = _patch_plans(row_strategies, patches, cfg)
     for strategy, plan_mesh in plans:  # bad patch counts, before `single`
       strategy.validate(unet_config, side, side, axis_sizes(plan_mesh))
+    stage_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
+                        for name in strategy_names() if STAGE in strategy_class(name).axes]
+    for patch in patches:  # the pipeline strategies on as many stage devices, where the model allows
+      stage_mesh = make_mesh(1, cfg, 1, stage=patch)
+      plans += [(strategy, stage_mesh) for strategy in stage_strategies if _fits(strategy, unet_config, side, stage_mesh)]
   else:
     every = [with_shared_options(name, {"warmup_steps": warmup_steps}) for name in strategy_names()]
     plans = _hybrid_plans(every, mesh, unet_config, side)
@@ -159,6 +167,10 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
   dtype_bytes = np.dtype(jdtype).itemsize
   print(f"strategies, UNet {config} at {resolution}² ({side}² latent), {steps} DDIM steps with CFG, "
         f"{dtype}, displaced warm-up {warmup_steps}, on {device_name()}")
+  for strategy, plan_mesh in plans:
+    detail = strategy.detail(unet_config, side, side, axis_sizes(plan_mesh))
+    if detail:
+      print(f"  {strategy.name} on {describe(plan_mesh)}: {detail}")
   single_mesh = make_mesh(data, cfg, 1)
   single = _measure(model, noise, cond, uncond, single_mesh, Strategy.single(), steps, iters, dtype_bytes)
   printed = columns(single.step_s)
@@ -170,7 +182,10 @@ def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, 
     print(table.line(printed, runs[-1]))
   print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "
         "phase), read from the compiled HLO (by axis: each collective under the mesh axes its device groups "
-        "span; an all-reduce counts its payload); stale: the displaced carry per device.")
+        "span; an all-reduce counts its payload); stale: the displaced carry per device. asyncdiff: its "
+        "asynchronous phase's point-to-point sends summed over the devices that receive them and the model "
+        "output's broadcast; every device carries one buffer of each; params: its component's and the "
+        "conditioning embeddings.")
   return runs
 
 
