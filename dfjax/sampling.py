@@ -213,19 +213,21 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
 
 def _staged_params(model, params, noise, pair: Conditioning, strategy: Strategy, guidance: Guidance,
                    sizes) -> tuple[StagedParams | None, CarryLayout | None]:
-  """A pipeline strategy's per-stage param layout and carry layout (None for the others), traced on this
-  run's shapes: the carry's at the batch one device's model call runs. The conditioning embeddings'
-  params are on every stage, which makes its own conditioning."""
+  """A pipeline strategy's per-stage param layout (None for the others) and, when its stages make their
+  own conditioning (`stages_make_conditioning`), its carry layout, with the conditioning embeddings'
+  params on every stage; traced on this run's shapes (the carry's: one device's model-call batch)."""
   batch, height, width, channels = noise.shape
   stages = strategy.stage_of_segment(model.config, height, width, sizes)
   if stages is None:
     return None, None
-  share, local = guidance.pair_size // guidance.groups, batch // sizes[DATA]
-  x = jax.ShapeDtypeStruct((share * local, height // sizes[PATCH], width, channels), noise.dtype)
-  cond = {name: jax.ShapeDtypeStruct((share * local, *a.shape[2:]), a.dtype) for name, a in pair.as_kwargs().items()}
-  layout = CarryLayout.trace(model, x, jnp.float32(0), cond, stages)
+  layout = None
+  if strategy.stages_make_conditioning:
+    share, local = guidance.pair_size // guidance.groups, batch // sizes[DATA]
+    x = jax.ShapeDtypeStruct((share * local, height // sizes[PATCH], width, channels), noise.dtype)
+    cond = {name: jax.ShapeDtypeStruct((share * local, *a.shape[2:]), a.dtype) for name, a in pair.as_kwargs().items()}
+    layout = CarryLayout.trace(model, x, jnp.float32(0), cond, stages)
   read = params_by_segment(model, noise[:1], jnp.float32(0), **jax.tree.map(lambda a: a[0, :1], pair).as_kwargs())
-  staged = StagedParams.plan(params, read, stages, shared=layout.conditioning_params,
+  staged = StagedParams.plan(params, read, stages, shared=layout.conditioning_params if layout else frozenset(),
                              devices=strategy.stage_of_device(sizes))
   return staged, layout
 
@@ -418,7 +420,8 @@ class _DeviceRun:
 
   @property
   def layout(self) -> CarryLayout | None:
-    """What crosses each cut of a staged model (sharding/stage_carry.py); None unless params are placed by stage."""
+    """What crosses each cut of a staged model (sharding/stage_carry.py); None unless the strategy's
+    `stages_make_conditioning`."""
     return self.plan.layout
 
   def model(self, stage: int | None = None) -> nnx.Module:

@@ -72,6 +72,7 @@ class AsyncDiff(Staged):
   cuts: tuple[int, ...] | None = None
 
   name = "asyncdiff"
+  stages_make_conditioning = True  # each component runs its own step's timestep
   description = "AsyncDiff: model components in parallel on the previous step's activations, after a warm-up"
 
   def __post_init__(self):
@@ -153,8 +154,8 @@ class AsyncDiff(Staged):
     asynchronous steps' first inputs) and room for the model outputs they defer."""
     layout = run.layout
     x_in, cond = run.model_inputs(run.sched.scale_model_input(x, i))
-    out, received = synchronous_stages(run, layout.stage_of_segment, x_in, run.sched.model_timestep(i), cond,
-                                       SINGLE_DEVICE, self.stage_of_device(sizes))
+    out, received, _ = synchronous_stages(run, layout.stage_of_segment, x_in, run.sched.model_timestep(i), cond,
+                                       SINGLE_DEVICE, devices=self.stage_of_device(sizes))
     x_next, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
     if not records:
       return x_next, sched_state, {}

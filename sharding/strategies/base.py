@@ -43,7 +43,7 @@ class StepProgram(Protocol):
   `run.model(stage)` the model merged from this device's params (its stage's, under a staged
   layout), `run.model_inputs(x)` the guidance pair's batch and conditioning, `run.guided(out, x)`
   the guided noise prediction of a model output for latents `x`, `run.layout` what crosses each cut
-  of a staged model (sharding/stage_carry.py; None unless params are placed by stage).
+  of a staged model (sharding/stage_carry.py; None unless `stages_make_conditioning`).
   """
 
   def __call__(self, run, x, sched_state, stale: Stale | None, i) -> tuple[Any, Any, Stale]:
@@ -93,6 +93,9 @@ class Strategy:
   name: ClassVar[str] = ""
   description: ClassVar[str] = ""
   axes: ClassVar[frozenset[str]] = frozenset()
+  # Pipeline methods whose stages each embed their own step's conditioning: the conditioning
+  # embeddings' params go on every stage, and the run traces what crosses each cut (`run.layout`).
+  stages_make_conditioning: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
