@@ -8,10 +8,11 @@ from sharding.strategies import single  # isort: skip  (first: the reference of 
 from sharding.strategies import patch  # isort: skip
 from sharding.strategies import ulysses  # isort: skip  (after the row-patch strategies)
 from sharding.strategies import ring  # isort: skip
+from sharding.strategies import usp  # isort: skip
 from sharding.strategies import pipefusion  # isort: skip
 from sharding.strategies.base import (Phase, Strategy, option_names, strategy_class, strategy_names,
                                       with_shared_options)
 from sharding.strategies.cfg import Guidance
 
 __all__ = ["Guidance", "Phase", "Strategy", "option_names", "patch", "pipefusion", "ring", "single", "strategy_class",
-           "strategy_names", "ulysses", "with_shared_options"]
+           "strategy_names", "ulysses", "usp", "with_shared_options"]
