@@ -8,7 +8,7 @@ from __future__ import annotations
 from dfjax.bench import fidelity, simulate, strategies, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
-from models.presets import PRESETS
+from models.presets import FAMILIES, PRESETS
 from models.vae_config import VAE_PRESETS
 from sharding.axes import PATCH
 
@@ -47,9 +47,14 @@ def _add_unet(benches) -> None:
 def _add_strategies(benches) -> None:
   parser = benches.add_parser(
       "strategies", help=f"single and {strategies_over(PATCH)}: step time, traffic, stale memory")
-  parser.add_argument("--config", default="tiny-sdxl", help="preset or config.json")
+  parser.add_argument("--model", choices=list(FAMILIES), default="unet",
+                      help="model family: every strategy that runs it is compared")
+  presets = "; ".join(f"{family}: {', '.join(names)} (default {default})" for family, (names, default) in FAMILIES.items())
+  parser.add_argument("--config", default=None, help=f"preset of the --model family ({presets}), or a UNet "
+                      "config.json")
   parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
-  parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts to compare")
+  parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8],
+                      help="devices per image to compare (usp: every ring × Ulysses split of them)")
   parser.add_argument("--cfg", type=int, choices=[1, 2], default=1,
                       help="split guidance over 2 device groups")
   parser.add_argument("--num-steps", "--steps", type=int, default=10, help="DDIM steps (default 10)")
@@ -58,7 +63,7 @@ def _add_strategies(benches) -> None:
   parser.add_argument("--iters", type=int, default=3)
   parser.set_defaults(run=lambda args: strategies.run(args.config, args.resolution, args.patch, args.cfg,
                                                       args.num_steps, args.warmup_steps, args.dtype,
-                                                      args.iters))
+                                                      args.iters, args.model))
 
 
 def _add_fidelity(benches) -> None:

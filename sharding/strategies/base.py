@@ -158,9 +158,10 @@ class Strategy:
 
   # -------------------------------------------------------------------------- shared behaviour
 
-  def supports(self, config) -> bool:
+  @classmethod
+  def supports(cls, config) -> bool:
     """Whether it runs the model of `config` (a UNetConfig, DiTConfig, PixArtConfig)."""
-    return type(config) in self.families
+    return type(config) in cls.families
 
   def validate(self, config, height: int, width: int, sizes: Mapping[str, int]) -> None:
     """Raises ValueError, naming the fix, when the model, latent size or mesh do not fit."""
