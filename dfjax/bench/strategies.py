@@ -19,11 +19,10 @@ import numpy as np
 from dfjax.bench import table
 from dfjax.bench.table import Column
 from dfjax.bench.timing import compile_and_time, device_name
-from dfjax.bench.unet import DTYPES, latent_size, load_config, random_unet
+from dfjax.bench.models import config_name, model_config
+from dfjax.bench.unet import DTYPES, latent_size, random_unet
 from dfjax.inputs import standin_conditioning
 from dfjax.sampling import prepare_sample, stale_buffer_shapes
-from models.config import UNetConfig
-from models.presets import FAMILIES, transformer_config
 from sharding.accounting import comm
 from sharding.axes import CFG, DATA, PATCH
 from sharding.mesh import axis_sizes, describe, make_mesh
@@ -55,19 +54,6 @@ def columns(single_s: float) -> tuple[Column, ...]:
           Column("analytic", "analytic_bytes", ".3f", 9, 1 / MIB),
           Column("stale MiB", "stale_bytes", ".3f", 9, 1 / MIB),
           Column("analytic", "analytic_stale_bytes", ".3f", 9, 1 / MIB))
-
-
-def model_config(model: str, config: str | None):
-  """The config of `--model` (unet, dit, pixart) named by `--config` (default: the family's tiny preset)."""
-  if model not in FAMILIES:
-    raise ValueError(f"unknown model family {model!r}; valid: {', '.join(FAMILIES)}.")
-  presets, default = FAMILIES[model]
-  name = config or default
-  if model == "unet":  # a UNet preset or a diffusers config.json
-    return UNetConfig.from_diffusers_config(load_config(name))
-  if name not in presets:
-    raise ValueError(f"--config {name!r} is not a {model} preset; valid: {', '.join(presets)}.")
-  return transformer_config(name)
 
 
 def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes) -> StrategyRun:
@@ -128,7 +114,7 @@ def run(config: str | None, resolution: int, patches: list[int], cfg: int, steps
   cond, uncond = (standin_conditioning(model_config_, 1, (resolution, resolution), seed=seed, zeros=zeros)
                   for seed, zeros in ((1, False), (2, True)))
   dtype_bytes = np.dtype(jdtype).itemsize
-  print(f"strategies, {type(model_config_).__name__.removesuffix('Config')} {config or FAMILIES[model][1]} at "
+  print(f"strategies, {config_name(model, config)} at "
         f"{resolution}² ({side}² latent), {steps} DDIM steps with CFG, {dtype}, displaced warm-up "
         f"{warmup_steps}, on {device_name()}")
   single = _measure(denoiser, noise, cond, uncond, make_mesh(1, cfg, 1), Strategy.single(), steps, iters,

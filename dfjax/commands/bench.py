@@ -47,11 +47,7 @@ def _add_unet(benches) -> None:
 def _add_strategies(benches) -> None:
   parser = benches.add_parser(
       "strategies", help=f"single and {strategies_over(PATCH)}: step time, traffic, stale memory")
-  parser.add_argument("--model", choices=list(FAMILIES), default="unet",
-                      help="model family: every strategy that runs it is compared")
-  presets = "; ".join(f"{family}: {', '.join(names)} (default {default})" for family, (names, default) in FAMILIES.items())
-  parser.add_argument("--config", default=None, help=f"preset of the --model family ({presets}), or a UNet "
-                      "config.json")
+  _add_model(parser, "every strategy that runs it is compared")
   parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8],
                       help="devices per image to compare (usp: every ring × Ulysses split of them)")
@@ -64,6 +60,14 @@ def _add_strategies(benches) -> None:
   parser.set_defaults(run=lambda args: strategies.run(args.config, args.resolution, args.patch, args.cfg,
                                                       args.num_steps, args.warmup_steps, args.dtype,
                                                       args.iters, args.model))
+
+
+def _add_model(parser, what: str) -> None:
+  """--model (a family) and --config (one of its presets, or a UNet config.json)."""
+  parser.add_argument("--model", choices=list(FAMILIES), default="unet", help=f"model family: {what}")
+  presets = "; ".join(f"{family}: {', '.join(names)} (default {default})" for family, (names, default) in FAMILIES.items())
+  parser.add_argument("--config", default=None, help=f"preset of the --model family ({presets}), or a UNet "
+                      "config.json")
 
 
 def _add_fidelity(benches) -> None:
@@ -89,14 +93,14 @@ def _add_fidelity(benches) -> None:
 
 def _add_simulate(benches) -> None:
   parser = benches.add_parser(
-      "simulate", help="per-device cost of patch parallelism on one device, projected over NVLink",
+      "simulate", help="per-device cost of patch and sequence parallelism on one device, projected over NVLink",
       description="Runs, on one device, exactly the program one device of an N-device patch mesh runs "
-      "(its rows, the halo/K/V/moment shapes of N devices, collectives replaced by local stand-ins), "
-      "times it, and projects the step time and speedup over A100 and H100 NVLink (max(compute, the "
-      "communication the strategy overlaps) + the communication it waits for), beside DistriFusion's "
-      "measured speedups. "
+      "(its rows, the halo/K/V/moment/all-to-all/ring shapes of N devices, collectives replaced by local "
+      "stand-ins), times it, and projects the step time and speedup over A100 and H100 NVLink (max(compute, "
+      "the communication the strategy overlaps) + the communication it waits for), beside published "
+      "measurements (DistriFusion's SDXL speedups; PixArt-α's 8-A100 seconds). "
       "Configurations that do not fit are skipped.")
-  parser.add_argument("--config", default="tiny-sdxl", help=_PRESET_HELP)
+  _add_model(parser, "a UNet, DiT or PixArt (e.g. --model pixart --config pixart-alpha-1024)")
   parser.add_argument("--resolution", type=int, nargs="+", default=[512],
                       help="image side(s) in pixels (latent = /8)")
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
@@ -113,7 +117,7 @@ def _add_simulate(benches) -> None:
                       "(default 0: bandwidth only)")
   parser.set_defaults(run=lambda args: simulate.run(args.config, args.resolution, args.patch, args.dtype,
                                                     args.iters, args.strategies, args.groupnorm,
-                                                    args.hlo_comm, args.latency_us))
+                                                    args.hlo_comm, args.latency_us, args.model))
 
 
 def _add_vae(benches) -> None:
