@@ -123,7 +123,8 @@ def single(model):
 UNET_RUNS = {  # id: (strategy, cfg, patch, ulysses)
     "ulysses-2": ("ulysses", 1, 2, 1), "ulysses-4": ("ulysses", 1, 4, 1), "cfg2-ulysses-2": ("ulysses", 2, 2, 1),
     "ring-2": ("ring", 1, 2, 1), "ring-4": ("ring", 1, 4, 1), "cfg2-ring-2": ("ring", 2, 2, 1),
-    "usp-2x2": ("usp", 1, 2, 2), "cfg2-usp-2x2": pytest.param("usp", 2, 2, 2, marks=pytest.mark.slow)}
+    **{name: pytest.param(*run, marks=pytest.mark.slow) for name, run in {  # usp: the transformers' default cases
+        "usp-2x2": ("usp", 1, 2, 2), "cfg2-usp-2x2": ("usp", 2, 2, 2)}.items()}}
 
 
 @pytest.mark.parametrize("name,cfg,patch,ulysses", UNET_RUNS.values(), ids=UNET_RUNS.keys())
@@ -219,9 +220,10 @@ def _hlo_expected(expected, guidance, ring_degree):
 TRANSFORMER_RUNS = {  # id: (family, strategy, cfg, patch, ulysses)
     "dit-exact-2": ("dit", "exact", 1, 2, 1), "dit-ulysses-2": ("dit", "ulysses", 1, 2, 1),
     "dit-ring-2": ("dit", "ring", 1, 2, 1), "dit-usp-2x4": ("dit", "usp", 1, 2, 4),
-    "dit-cfg2-usp-2x2": ("dit", "usp", 2, 2, 2), "pixart-cfg2-usp-2x2": ("pixart", "usp", 2, 2, 2),
+    "pixart-cfg2-usp-2x2": ("pixart", "usp", 2, 2, 2),
     **{name: pytest.param(*run, marks=pytest.mark.slow) for name, run in {
-        "pixart-ulysses-4": ("pixart", "ulysses", 1, 4, 1), "dit-exact-4": ("dit", "exact", 1, 4, 1), "dit-ulysses-4": ("dit", "ulysses", 1, 4, 1),
+        "pixart-ulysses-4": ("pixart", "ulysses", 1, 4, 1), "dit-exact-4": ("dit", "exact", 1, 4, 1),
+        "dit-cfg2-usp-2x2": ("dit", "usp", 2, 2, 2), "dit-ulysses-4": ("dit", "ulysses", 1, 4, 1),
         "dit-ring-4": ("dit", "ring", 1, 4, 1), "dit-ring-8": ("dit", "ring", 1, 8, 1),
         "dit-usp-4x2": ("dit", "usp", 1, 4, 2), "dit-cfg2-ring-4": ("dit", "ring", 2, 4, 1),
         "pixart-cfg2-exact-2": ("pixart", "exact", 2, 2, 1), "pixart-ring-4": ("pixart", "ring", 1, 4, 1),
