@@ -24,7 +24,7 @@ from dfjax.bench.unet import DTYPES, latent_size, random_unet
 from dfjax.inputs import standin_conditioning
 from dfjax.sampling import prepare_sample, stale_buffer_shapes
 from sharding.accounting import comm
-from sharding.axes import CFG, DATA, PATCH
+from sharding.axes import CFG, DATA, MESH_AXES, PATCH
 from sharding.mesh import axis_sizes, describe, make_mesh
 from sharding.strategies import Strategy, strategy_class, strategy_names, with_shared_options
 
@@ -41,7 +41,7 @@ class StrategyRun:
   analytic_bytes: int
   stale_bytes: int       # measured from the model's exchanges
   analytic_stale_bytes: int
-  mesh: str = ""         # the split, e.g. "patch=2×ulysses=4"
+  mesh: str = ""         # the split over the strategy's axes, e.g. "patch=2×ulysses=4" ('' for single)
 
 
 def columns(single_s: float) -> tuple[Column, ...]:
@@ -73,7 +73,7 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   return StrategyRun(strategy.name, devices, compile_s, run_s / steps,
                      traffic[-1].total_bytes if traffic else 0, sum(expected.values()),
                      sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)), sum(expected_stale.values()),
-                     describe(mesh).removeprefix(f"cfg={sizes[CFG]}×"))
+                     "×".join(f"{axis}={sizes[axis]}" for axis in MESH_AXES if axis in strategy.axes))
 
 
 def runs_that_fit(config, side: int, device_counts: list[int], cfg: int, strategies: list[Strategy]):
