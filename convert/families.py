@@ -10,8 +10,10 @@ out of: its `norm_type` tells them apart, as diffusers' own remapping does (`ada
   abstract_model(model config)                            the model without weights: its param paths/shapes
   convert_state_dict(tensors, param shapes) → (params, notes)   the strict keymap
 
-The notes say what conversion decided or merged; the manifest records them. A whole-pipeline
-conversion (issue 13) adds the VAE and text encoders as entries of the same table.
+The notes say what conversion decided or merged; the manifest records them. A whole pipeline's VAE
+and text encoders are entries of the same table: a transformers `config.json` names its class under
+`architectures` (`CLIPTextModel`, `CLIPTextModelWithProjection`, `T5EncoderModel`) and its config is
+read with `from_transformers_config`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ import numpy as np
 from flax import nnx
 
 from convert import keymap
+from convert.clip_keymap import convert_clip_state_dict
 from convert.dit_keymap import convert_transformer_state_dict
 from convert.format import read_json
+from convert.t5_keymap import convert_t5_state_dict
+from convert.vae_keymap import convert_vae_state_dict
 from models.build import ParamPath, Shape, abstract_model
+from models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from models.config import UNetConfig
 from models.dit_config import DiTConfig, PixArtConfig
+from models.t5 import T5Config, T5EncoderModel
+from models.vae_config import VAEConfig
 
 Notes = list[str]
 
@@ -39,9 +47,10 @@ class Family:
   """One model family: how its diffusers config and weights become a dfjax model.
 
   Attributes:
-    model_class: the diffusers class it ports (the manifest's "model").
-    component: its diffusers pipeline component name ("unet", "transformer").
-    config_class: the strict dfjax config, built with `from_diffusers_config`.
+    model_class: the diffusers (or transformers) class it ports (the manifest's "model").
+    component: its diffusers pipeline component name ("unet", "transformer", "text_encoder").
+    config_class: the strict dfjax config, built with `from_diffusers_config` (transformers models:
+      `from_transformers_config`).
     resolve_config: (diffusers config, source tensor keys) → (config with what the weights decide, notes).
     convert_state_dict: (diffusers tensors, target param shapes) → (dfjax params, notes).
     abstract_model: model config → the model built abstractly (`nnx.eval_shape`), no weights.
@@ -57,8 +66,9 @@ class Family:
 
   def model_config(self, config: Mapping[str, Any], origin: str):
     """The dfjax config of the diffusers `config`, with `origin` (a file) named in its errors."""
+    read = getattr(self.config_class, "from_diffusers_config", None) or self.config_class.from_transformers_config
     try:
-      return self.config_class.from_diffusers_config(dict(config))
+      return read(dict(config))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{origin}: {e}") from e
 
@@ -98,20 +108,38 @@ UNET = Family("UNet2DConditionModel", "unet", UNetConfig, _as_given, _unet_state
 DIT = Family("DiTTransformer2DModel", "transformer", DiTConfig, _as_given, convert_transformer_state_dict)
 PIXART = Family("PixArtTransformer2DModel", "transformer", PixArtConfig, _pixart_additional_conditions,
                 convert_transformer_state_dict)
-FAMILIES = {f.model_class: f for f in (UNET, DIT, PIXART)}
+
+
+def _abstract(model_type: type) -> Callable[..., nnx.Module]:
+  """The abstract builder of a model class taking (config, *, rngs, dtype, param_dtype)."""
+  def build(config, *, dtype: Any = None, param_dtype: Any = None) -> nnx.Module:
+    kwargs = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    return nnx.eval_shape(lambda: model_type(config, rngs=nnx.Rngs(0), **kwargs))
+  return build
+
+
+CLIP_TEXT = Family("CLIPTextModel", "text_encoder", CLIPTextConfig, _as_given, convert_clip_state_dict,
+                   _abstract(CLIPTextModel))
+CLIP_TEXT_PROJECTION = Family("CLIPTextModelWithProjection", "text_encoder_2", CLIPTextConfig, _as_given,
+                              convert_clip_state_dict, _abstract(CLIPTextModelWithProjection))
+T5_ENCODER = Family("T5EncoderModel", "text_encoder", T5Config, _as_given, convert_t5_state_dict,
+                    _abstract(T5EncoderModel))
+VAE = Family("AutoencoderKL", "vae", VAEConfig, _as_given, convert_vae_state_dict)
+FAMILIES = {f.model_class: f for f in (UNET, DIT, PIXART, VAE, CLIP_TEXT, CLIP_TEXT_PROJECTION, T5_ENCODER)}
 TRANSFORMER_2D_BY_NORM = {"ada_norm_zero": DIT, "ada_norm_single": PIXART}
 """diffusers' remapping of hub `Transformer2DModel` configs with patch input, by `norm_type`."""
 
 
 def family_of(config: Mapping[str, Any], origin: str) -> tuple[Family, Notes]:
   """The family that builds the diffusers `config` (read from `origin`), and a note when a hub
-  `Transformer2DModel` config was mapped by its norm_type. A config without `_class_name` is a UNet's
-  (dfjax's own exports before it recorded the class).
+  `Transformer2DModel` config was mapped by its norm_type. A transformers config names its class under
+  `architectures`; a config with neither is a UNet's (dfjax's own exports before it recorded the class).
 
   Raises:
     ValueError: a class dfjax does not build, or a Transformer2DModel norm_type it does not map.
   """
-  name = config.get("_class_name", UNET.model_class)
+  architectures = config.get("architectures") or []
+  name = config.get("_class_name") or (architectures[0] if len(architectures) == 1 else UNET.model_class)
   if name in FAMILIES:
     return FAMILIES[name], []
   if name == "Transformer2DModel":

@@ -1,11 +1,12 @@
 """Reading one diffusers model folder from disk: which files hold it, and their tensors as numpy arrays.
 
 A model folder (a pipeline's `unet/`, `transformer/`…, or one saved alone) holds `config.json` and
-weights, safetensors only:
+weights, safetensors only, named by diffusers (STEM `diffusion_pytorch_model`) or, for the text
+encoders, by transformers (STEM `model`):
 
-  diffusion_pytorch_model[.VARIANT].safetensors               one file
-  diffusion_pytorch_model.safetensors.index[.VARIANT].json     shards named by the index
-  diffusion_pytorch_model.VARIANT.safetensors.index.json       (older spelling of the same)
+  STEM[.VARIANT].safetensors               one file
+  STEM.safetensors.index[.VARIANT].json     shards named by the index
+  STEM.VARIANT.safetensors.index.json       (older spelling of the same)
 
 Full precision is preferred when both it and a variant are present, unless a variant is asked for.
 Every problem (no weights, `.bin` only, a missing shard, a corrupted file) is a `ValueError` naming
@@ -24,10 +25,12 @@ import numpy as np
 from safetensors import safe_open
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
-_SINGLE_RE = re.compile(rf"^{WEIGHTS_STEM}(?:\.(?P<variant>\w+))?\.safetensors$")
+TRANSFORMERS_STEM = "model"  # what transformers' save_pretrained writes (a pipeline's text_encoder/)
+_STEMS = f"(?:{WEIGHTS_STEM}|{TRANSFORMERS_STEM})"
+_SINGLE_RE = re.compile(rf"^{_STEMS}(?:\.(?P<variant>\w+))?\.safetensors$")
 _INDEX_RES = (
-    re.compile(rf"^{WEIGHTS_STEM}\.safetensors\.index(?:\.(?P<variant>\w+))?\.json$"),
-    re.compile(rf"^{WEIGHTS_STEM}\.(?P<variant>\w+)\.safetensors\.index\.json$"),
+    re.compile(rf"^{_STEMS}\.safetensors\.index(?:\.(?P<variant>\w+))?\.json$"),
+    re.compile(rf"^{_STEMS}\.(?P<variant>\w+)\.safetensors\.index\.json$"),
 )
 SAFETENSORS_HINT = (
     "dfjax reads safetensors only. Re-save the model with diffusers: "
@@ -62,10 +65,10 @@ class ModelFiles:
 
 
 def find_weights(folder: Path, variant: str | None = None) -> ModelFiles:
-  """The config and safetensors weights of the diffusers model folder `folder`.
+  """The config and safetensors weights of the diffusers (or transformers) model folder `folder`.
 
   Args:
-    folder: holds `config.json` and `diffusion_pytorch_model*.safetensors`.
+    folder: holds `config.json` and `diffusion_pytorch_model*.safetensors` (or `model*.safetensors`).
     variant: the weights variant to read (`"fp16"`…); None prefers full precision, falling back
       to the one variant present.
   Raises:
@@ -101,8 +104,8 @@ def _choose_weights(folder: Path, variant: str | None
       raise ValueError(f"{folder} holds only PyTorch pickle weights ({', '.join(bins)}). "
                        + SAFETENSORS_HINT)
     listing = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-    raise ValueError(f"{folder}: no {WEIGHTS_STEM}*.safetensors weights (the folder holds "
-                     f"{listing})")
+    raise ValueError(f"{folder}: no {WEIGHTS_STEM}*.safetensors weights (nor transformers' "
+                     f"{TRANSFORMERS_STEM}*.safetensors; the folder holds {listing})")
   available = ", ".join(_variant_name(v) for v in sorted(sets, key=lambda v: (v is not None, v or "")))
   if variant is None and None not in sets:
     if len(sets) > 1:

@@ -4,7 +4,9 @@ The same noise and conditioning go through `dfjax.sample` once per strategy: `si
 device (per guidance half), the patch strategies on a `cfg × patch` mesh. Each strategy's
 program is compiled first and then run, so compile and sampling times are measured apart. The
 images of every strategy, a side-by-side sheet with the amplified difference from `single`, and
-the raw arrays are written to the output folder, with PSNR and SSIM against `single`. The
+the raw arrays are written to the output folder, with PSNR and SSIM against `single` and, for a
+class-conditional model of the shapes dataset, each strategy's class accuracy (the share of its
+images the shipped classifier names with the class asked for, dfjax/eval/quality.py). The
 command (dfjax/commands/generate.py) only parses flags and prints the report.
 
 What is sampled (`Source`):
@@ -41,6 +43,7 @@ from tqdm.auto import tqdm
 
 from dfjax import data, images, metrics
 from dfjax.bench.timing import compile_and_time
+from dfjax.eval.quality import QualityJudge
 from dfjax.inputs import initial_noise, standin_conditioning
 from dfjax.loading import load_model, load_scheduler_config
 from dfjax.sampling import Conditioning, prepare_sample
@@ -119,6 +122,8 @@ class Source:
     captions: one caption per image (its class name, or its seed).
     pixel_space: the UNet outputs RGB images in [-1, 1]; False: latents (no VAE to decode them).
     description: one line naming the model, for the report.
+    labels: (B,) the dataset class of each image, for a class-conditional model of `dfjax.data`;
+      None otherwise (nothing to judge the class of).
   """
 
   unet: Any
@@ -128,6 +133,7 @@ class Source:
   captions: list[str]
   pixel_space: bool
   description: str
+  labels: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +147,11 @@ class StrategyRun:
   pictures: np.ndarray            # (B, H, W, 3) in [-1, 1], as written
   psnr_db: np.ndarray | None      # (B,) against single; None without a single run
   ssim: np.ndarray | None
+  correct: np.ndarray | None = None  # (B,) the classifier names the class asked for; None without classes
+
+  @property
+  def accuracy(self) -> float | None:
+    return None if self.correct is None else float(np.mean(self.correct))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +192,8 @@ def _class_source(trained, count: int | None, description: str) -> Source:
   names = data.class_names if num_classes == data.num_classes else [f"class {k}" for k in range(num_classes)]
   return Source(unet, scheduler_config, Conditioning(tokens(jnp.asarray(labels_b, jnp.int32))),
                 Conditioning(tokens.null(labels_b.size)), [names[k] for k in labels_b],
-                _is_pixel_space(unet.config), f"{description}, {num_classes} classes")
+                _is_pixel_space(unet.config), f"{description}, {num_classes} classes",
+                labels=labels_b if num_classes == data.num_classes else None)
 
 
 def _is_pixel_space(config) -> bool:
@@ -271,6 +283,7 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   bar.set_description("write images")
 
   reference = outputs.get(REFERENCE)
+  judge = QualityJudge() if can_judge(source, size) else None
   runs = []
   for strategy in strategies:
     out = outputs[strategy.name]
@@ -280,8 +293,9 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
       ref_pictures = reference if source.pixel_space else images.latents_to_images(reference, reference)
       unit, ref_unit = metrics.to_unit_range(pictures), metrics.to_unit_range(ref_pictures)
       psnr_b, ssim_b = metrics.psnr(unit, ref_unit), metrics.ssim(unit, ref_unit)
+    correct_b = None if judge is None else judge.accuracy(pictures, source.labels)
     runs.append(StrategyRun(strategy.name, _describe(strategy, meshes[strategy.name]),
-                            *times[strategy.name], pictures, psnr_b, ssim_b))
+                            *times[strategy.name], pictures, psnr_b, ssim_b, correct_b))
   files = write_outputs(Path(config.out), runs, source.captions)
   bar.update()
   description = (f"{source.description}; {len(source.captions)} images of {size}×{size}, "
@@ -295,6 +309,11 @@ def _model_size(unet_config) -> int:
   if size is None:
     raise ValueError("the model's config has no sample_size: pass the size (--size)")
   return size if isinstance(size, int) else size[0]
+
+
+def can_judge(source: Source, size: int) -> bool:
+  """Whether the classifier can judge the pictures: dataset classes, RGB pixels at the dataset's size."""
+  return source.labels is not None and source.pixel_space and size == data.IMAGE_SIZE
 
 
 def _mesh_for(strategy: Strategy, cfg: int, patch: int):
@@ -332,11 +351,14 @@ def write_outputs(out: Path, runs: list[StrategyRun], captions: list[str]) -> li
 
 
 def _metrics_json(run: StrategyRun) -> dict:
-  """PSNR (null for an image identical to single's, flagged in `identical`) and SSIM, as valid JSON."""
+  """PSNR (null for an image identical to single's, flagged in `identical`), SSIM and class accuracy
+  (null without classes), as valid JSON."""
+  quality = {"accuracy": run.accuracy,
+             "correct": None if run.correct is None else [bool(c) for c in run.correct]}
   if run.psnr_db is None:
-    return {"psnr_db": None, "identical": None, "ssim": None}
+    return {"psnr_db": None, "identical": None, "ssim": None, **quality}
   return {"psnr_db": metrics.json_values(run.psnr_db), "identical": metrics.identical(run.psnr_db),
-          "ssim": metrics.json_values(run.ssim)}
+          "ssim": metrics.json_values(run.ssim), **quality}
 
 
 def check_output_path(path: Path, *, folder: bool) -> None:

@@ -32,15 +32,18 @@ _RECONVERT = "re-run dfjax convert (or dfjax train --export) to write it again"
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
-               sharding: jax.sharding.Sharding | None = None, verify: bool = True):
+               sharding: jax.sharding.Sharding | None = None, verify: bool = True, component: str | None = None):
   """Loads a dfjax checkpoint as the model its config.json describes (with `model.config`).
 
   A UNet2DConditionModel config gives a `models.unet.UNet2DConditionModel`, a DiTTransformer2DModel
   one a `models.dit.DiTTransformer2DModel`, a PixArtTransformer2DModel one a
-  `models.dit.PixArtTransformer2DModel` (hub `Transformer2DModel` configs by their norm_type).
+  `models.dit.PixArtTransformer2DModel` (hub `Transformer2DModel` configs by their norm_type); a
+  pipeline's other components are the text encoders of models/clip.py and models/t5.py and the VAE.
 
   Args:
     path: a folder written by `dfjax convert` / `convert.convert_checkpoint`.
+    component: the pipeline component to load ("vae", "text_encoder"…, as the manifest's
+      "components" name them); None: the denoiser, at the checkpoint's root.
     dtype: computation dtype of the model (None: the model's default); "bf16", "fp16"… as for
       `param_dtype`.
     param_dtype: dtype the params are restored in (None: as stored, when all share one dtype).
@@ -49,15 +52,19 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any =
     verify: check params/ and config.json against the manifest's sha256s and the params for
       NaN/inf (a checkpoint written before dfjax recorded hashes loads with a warning).
   Raises:
-    ValueError: `path` is not a dfjax checkpoint (e.g. a diffusers folder), a file of it is
-      missing, unreadable, damaged or edited, a param is not finite, its config.json is not one of a
-      model dfjax builds or does not describe its stored weights, or a dtype is not a float dtype.
+    ValueError: `path` is not a dfjax checkpoint (e.g. a diffusers folder), it holds no such
+      `component`, a file of it is missing, unreadable, damaged or edited, a param is not finite, its
+      config.json is not one of a model dfjax builds or does not describe its stored weights, or a
+      dtype is not a float dtype.
   """
   path = Path(path)
   manifest = _checked_manifest(path)
   dtype = None if dtype is None else as_float_dtype(dtype, "dtype")
   param_dtype = None if param_dtype is None else as_float_dtype(param_dtype, "param_dtype")
-  changed = verify_files(path, manifest, (PARAMS_DIR, CONFIG)) if verify else []
+  relative = "" if component is None else component_folder(path, manifest, component)
+  entries = (os.path.join(relative, PARAMS_DIR), os.path.join(relative, CONFIG))
+  changed = verify_files(path, manifest, entries) if verify else []
+  path = path / relative
   family, config = read_model_config(path / CONFIG)
   stored = _stored_params(path / PARAMS_DIR)
   param_dtype = _param_dtype(param_dtype, stored)
@@ -81,6 +88,17 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any =
   return nnx.merge(graphdef, abstract_params, rest)
 
 
+def component_folder(path: Path, manifest: Mapping[str, Any], component: str) -> str:
+  """Where the checkpoint `path` holds `component`, relative to it ("" for the denoiser at its root)."""
+  records = manifest.get("components") or {}
+  if component not in records:
+    held = ", ".join(records) or "only its denoiser (written before dfjax recorded components)"
+    raise ValueError(f"{path} holds no {component} (it holds {held}); convert the whole diffusers pipeline "
+                     f"folder (`dfjax convert PIPELINE {path} --overwrite`) to include it")
+  folder = records[component].get("folder", ".")
+  return "" if folder in (".", "") else folder
+
+
 def load_scheduler_config(path: str | os.PathLike) -> dict | None:
   """The scheduler config the checkpoint was converted with, or None when it had none."""
   path = Path(path)
@@ -93,7 +111,7 @@ def verify_files(folder: Path, manifest: Mapping[str, Any], entries: Iterable[st
   """Checks the files under `entries` against the sha256s the manifest recorded.
 
   Returns:
-    ["config.json"] when that alone changed (the caller first explains how it no longer fits the
+    [its path] when a config.json alone changed (the caller first explains how it no longer fits the
     weights, if it does not), else [].
   Raises:
     ValueError: a recorded file is missing, or another one changed; names the checkpoint and files.
@@ -107,8 +125,9 @@ def verify_files(folder: Path, manifest: Mapping[str, Any], entries: Iterable[st
   if missing:
     raise ValueError(f"checkpoint params are unreadable or incomplete: {folder} lacks "
                      + ", ".join(m.removesuffix(": missing") for m in missing) + f"; {_RECONVERT}")
-  if [p.split(":")[0] for p in problems] == [CONFIG]:
-    return [CONFIG]
+  names = [p.split(":")[0] for p in problems]
+  if len(names) == 1 and Path(names[0]).name == CONFIG:
+    return names
   if problems:
     raise ValueError(f"checkpoint {folder} is damaged, its files differ from what was written ("
                      + "; ".join(problems) + f"); {_RECONVERT}, or pass verify=False to load it anyway")

@@ -28,7 +28,7 @@ from dfjax import schedulers
 from models.parallel import call_recording
 from sharding.axes import DATA, PATCH
 from sharding.mesh import axis_sizes, single_device_mesh
-from sharding.partitioning import param_specs
+from sharding.partitioning import param_specs, shard_layout
 from sharding.stage_params import StagedParams, params_by_segment
 from sharding.varying import varying_like
 from sharding.strategies import Guidance, Phase, Strategy
@@ -198,6 +198,7 @@ def _prepare(model, noise, cond, uncond, scheduler, scheduler_config, num_steps,
   pair = _guidance_pair(cond, uncond)
 
   graphdef, params = nnx.split(model)
+  params = shard_layout(params, strategy.param_rules(), sizes)  # chunked widths: each device's slice of each part
   staged = _staged_params(model, params, noise, cond, strategy, sizes)
   plan = _Plan(mesh, strategy, guidance, model.config, staged, scheduler, scheduler_config, num_steps,
                check_finite)

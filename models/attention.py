@@ -13,14 +13,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (EMBED, HEADS, MLP, Conv2d, Cost, Dtype, Exchange, GroupNorm, LayerNorm, Linear,
-                           Workload, total)
+from models.layers import (CONV_IN, CONV_OUT, EMBED, HEADS, MLP, Conv2d, Cost, Dtype, Exchange, GroupNorm,
+                           LayerNorm, Linear, Workload, total)
 from models.parallel import SINGLE_DEVICE, ParallelContext, keep_for_next_step
 
 
 class Attention(nnx.Module):
   """Multi-head attention with `to_q`, `to_k`, `to_v` (biases with `bias`, diffusers' `attention_bias`)
   and `to_out`. Cross-attention takes an optional keep-mask over the context tokens.
+
+  Under tensor parallelism the q/k/v projections write this device's heads (HEADS is split) and
+  `to_out` sums their contributions (`ctx.reduce_partial_sums`): heads are whole per device, so
+  every shape below counts this device's heads.
 
   Scores and softmax are fp32 for any activation dtype (`jax.nn.dot_product_attention`
   accumulates the scores in fp32 and takes the softmax in fp32). `upcast` (diffusers'
@@ -40,6 +44,7 @@ class Attention(nnx.Module):
     self.to_v = Linear(context_dim or query_dim, inner, use_bias=bias, axes=(EMBED, HEADS), **kw)
     self.to_out = Linear(inner, query_dim, axes=(HEADS, EMBED), **kw)
     self.heads = heads
+    self.head_dim = head_dim
     self.is_self_attention = context_dim is None
     self.upcast = upcast
     self.dtype = dtype
@@ -63,20 +68,20 @@ class Attention(nnx.Module):
           (1.0 - context_mask_bs.astype(jnp.float32)) * -10000.0)[:, None, None, :]  # B, 1, 1, S
       o_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh, v_bsnh, bias=bias_b11s)  # B, T, N, H
     o_bti = o_btnh.astype(self.dtype).reshape(b, t, -1)  # B, T, I
-    return self.to_out(o_bti)  # B, T, C
+    return self.to_out(o_bti, ctx=ctx)  # B, T, C
 
   def cost(self, at: Workload) -> Cost:
     """Queries from `at.tokens` image tokens, keys from them (self) or from `at.text_tokens` (cross)."""
     t, s = at.tokens, at.tokens if self.is_self_attention else at.text_tokens
     inner = self.to_q.kernel.shape[1]
-    kv = ((Exchange("kv", self.ctx_key, at.rows, at.cols, inner, heads=self.heads),)
+    kv = ((Exchange("kv", self.ctx_key, at.rows, at.cols, inner, heads=self.heads, axis=HEADS),)
           if self.is_self_attention else ())
     attend = Cost({"attention": 2 * 2 * t * s * inner}, kv)  # Q·Kᵀ and P·V
     return self.to_q.cost(t) + self.to_k.cost(s) + self.to_v.cost(s) + attend + self.to_out.cost(t)
 
   def _heads(self, x_bsi: jax.Array) -> jax.Array:
     b, s, _ = x_bsi.shape
-    return x_bsi.reshape(b, s, self.heads, -1)  # B, S, N, H
+    return x_bsi.reshape(b, s, -1, self.head_dim)  # B, S, N, H (N: this device's heads)
 
 
 FEED_FORWARD_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")  # diffusers' `activation_fn` names
@@ -87,7 +92,10 @@ class FeedForward(nnx.Module):
   "geglu" (`proj_in` C → 2·F, value · gelu(gate), exact erf: the UNet's), "gelu" (exact) or
   "gelu-approximate" (tanh: DiT's and PixArt's), both with `proj_in` C → F.
 
-  Shape letters: B batch, T tokens, C channels, F inner width.
+  Under tensor parallelism `proj_in` writes this device's slice of the inner width (GEGLU: the same
+  slice of the value and of the gate, `out_chunks=2`) and `proj_out` sums the slices' contributions.
+
+  Shape letters: B batch, T tokens, C channels, F inner width (this device's).
   """
 
   def __init__(self, dim: int, inner_dim: int, *, activation: str = "geglu", dtype: Dtype = jnp.float32,
@@ -95,16 +103,17 @@ class FeedForward(nnx.Module):
     if activation not in FEED_FORWARD_ACTIVATIONS:
       raise ValueError(f"feed-forward activation {activation!r}; supported: {', '.join(FEED_FORWARD_ACTIVATIONS)}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.proj_in = Linear(dim, (2 if activation == "geglu" else 1) * inner_dim, axes=(EMBED, MLP), **kw)
+    chunks = 2 if activation == "geglu" else 1
+    self.proj_in = Linear(dim, chunks * inner_dim, axes=(EMBED, MLP), out_chunks=chunks, **kw)
     self.proj_out = Linear(inner_dim, dim, axes=(MLP, EMBED), **kw)
     self.activation = activation
 
-  def __call__(self, x_btc: jax.Array) -> jax.Array:
+  def __call__(self, x_btc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     if self.activation == "geglu":
       value_btf, gate_btf = jnp.split(self.proj_in(x_btc), 2, axis=-1)  # B, T, F each
-      return self.proj_out(value_btf * jax.nn.gelu(gate_btf, approximate=False))  # B, T, C
+      return self.proj_out(value_btf * jax.nn.gelu(gate_btf, approximate=False), ctx=ctx)  # B, T, C
     h_btf = jax.nn.gelu(self.proj_in(x_btc), approximate=self.activation == "gelu-approximate")  # B, T, F
-    return self.proj_out(h_btf)  # B, T, C
+    return self.proj_out(h_btf, ctx=ctx)  # B, T, C
 
   def cost(self, tokens: int) -> Cost:
     return self.proj_in.cost(tokens) + self.proj_out.cost(tokens)
@@ -134,7 +143,7 @@ class BasicTransformerBlock(nnx.Module):
                ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     x_btc = x_btc + self.attn1(self.norm1(x_btc), ctx=ctx)  # B, T, C
     x_btc = x_btc + self.attn2(self.norm2(x_btc), context_bse, ctx=ctx)  # B, T, C
-    return x_btc + self.ff(self.norm3(x_btc))  # B, T, C
+    return x_btc + self.ff(self.norm3(x_btc), ctx=ctx)  # B, T, C
 
   def cost(self, at: Workload) -> Cost:
     return self.attn1.cost(at) + self.attn2.cost(at) + self.ff.cost(at.tokens)
@@ -156,9 +165,9 @@ class Transformer2DModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * head_dim
     self.norm = GroupNorm(groups, in_channels, epsilon=1e-6, **kw)
-    if use_linear_projection:
-      self.proj_in = Linear(in_channels, inner, **kw)
-      self.proj_out = Linear(inner, in_channels, **kw)
+    if use_linear_projection:  # kept whole under tensor parallelism: the blocks' residual stream is whole
+      self.proj_in = Linear(in_channels, inner, axes=(CONV_IN, EMBED), **kw)
+      self.proj_out = Linear(inner, in_channels, axes=(EMBED, CONV_OUT), **kw)
     else:
       self.proj_in = Conv2d(in_channels, inner, 1, **kw)
       self.proj_out = Conv2d(inner, in_channels, 1, **kw)

@@ -26,7 +26,7 @@ from flax import nnx
 from models.dit_blocks import (AdaLayerNormSingle, CombinedTimestepLabelEmbeddings, DiTBlock, PatchEmbed,
                                PixArtAlphaTextProjection, PixArtBlock)
 from models.dit_config import DiTConfig, PixArtConfig, TransformerConfig
-from models.layers import (CONV_OUT, EMBED, MLP, MODULATION, Cost, Dtype, LayerNorm, Linear, Workload,
+from models.layers import (CONV_OUT, EMBED, EMBED_INNER, MODULATION, Cost, Dtype, LayerNorm, Linear, Workload,
                            assign_ctx_keys, param, param_key)
 from models.parallel import SINGLE_DEVICE, ParallelContext
 from models.unet import Segment
@@ -127,7 +127,7 @@ class DiTTransformer2DModel(_PatchTransformer):
     super().__init__(config, **kw)
     dim = config.inner_dim
     self.emb = CombinedTimestepLabelEmbeddings(config.num_embeds_ada_norm, dim, **kw)
-    self.proj_out_1 = Linear(dim, 2 * dim, axes=(EMBED, MLP), **kw)
+    self.proj_out_1 = Linear(dim, 2 * dim, axes=(EMBED, EMBED_INNER), **kw)
     self.proj_out_2 = Linear(dim, config.patch_size ** 2 * config.out_channels, axes=(EMBED, CONV_OUT), **kw)
     assign_ctx_keys(self)
 

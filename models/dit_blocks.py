@@ -18,7 +18,7 @@ from flax import nnx
 
 from models.attention import Attention, FeedForward
 from models.dit_config import PixArtConfig, TransformerConfig
-from models.layers import (CONV_IN, EMBED, MLP, MODULATION, Conv2d, Cost, Dtype, Embed, LayerNorm, Linear,
+from models.layers import (CONV_IN, EMBED, EMBED_INNER, MODULATION, Conv2d, Cost, Dtype, Embed, LayerNorm, Linear,
                            TimestepEmbedding, Workload, param, param_key, timestep_embedding)
 from models.parallel import SINGLE_DEVICE, ParallelContext
 
@@ -145,7 +145,7 @@ class AdaLayerNormSingle(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     dim = config.inner_dim
     self.emb = PixArtAlphaCombinedTimestepSizeEmbeddings(dim, config.use_additional_conditions, **kw)
-    self.linear = Linear(dim, 6 * dim, axes=(EMBED, MLP), **kw)
+    self.linear = Linear(dim, 6 * dim, axes=(EMBED, EMBED_INNER), **kw)
 
   def __call__(self, t_b, resolution_b2, aspect_ratio_b1) -> tuple[jax.Array, jax.Array]:
     emb_bd = self.emb(t_b, resolution_b2, aspect_ratio_b1)  # B, D
@@ -161,8 +161,8 @@ class PixArtAlphaTextProjection(nnx.Module):
   def __init__(self, in_features: int, dim: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_1 = Linear(in_features, dim, axes=(EMBED, MLP), **kw)
-    self.linear_2 = Linear(dim, dim, axes=(MLP, EMBED), **kw)
+    self.linear_1 = Linear(in_features, dim, axes=(EMBED, EMBED_INNER), **kw)
+    self.linear_2 = Linear(dim, dim, axes=(EMBED_INNER, EMBED), **kw)
 
   def __call__(self, caption_bse: jax.Array) -> jax.Array:
     return self.linear_2(jax.nn.gelu(self.linear_1(caption_bse), approximate=True))  # B, S, D
@@ -194,7 +194,7 @@ class AdaLayerNormZero(nnx.Module):
   """DiT's per-block modulation: `linear`(SiLU(conditioning)) → 6 × (B, 1, D), and `norm` (no affine, ε 1e-6)."""
 
   def __init__(self, dim: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    self.linear = Linear(dim, 6 * dim, axes=(EMBED, MLP), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear = Linear(dim, 6 * dim, axes=(EMBED, EMBED_INNER), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = LayerNorm(dim, epsilon=1e-6, elementwise_affine=False, dtype=dtype, rngs=rngs)
 
   def __call__(self, cond_bd: jax.Array) -> list[jax.Array]:
@@ -215,7 +215,7 @@ class DiTBlock(_TransformerBlock):
   def __call__(self, x_btd: jax.Array, cond_bd: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(cond_bd)  # B, 1, D each
     x_btd = x_btd + gate_msa * self.attn1(_modulate(self.norm1.norm(x_btd), shift_msa, scale_msa), ctx=ctx)
-    return x_btd + gate_mlp * self.ff(_modulate(self.norm3(x_btd), shift_mlp, scale_mlp))  # B, T, D
+    return x_btd + gate_mlp * self.ff(_modulate(self.norm3(x_btd), shift_mlp, scale_mlp), ctx=ctx)  # B, T, D
 
   def cost(self, at: Workload) -> Cost:
     return self.norm1.linear.cost(1) + self.attn1.cost(at) + self.ff.cost(at.tokens)
@@ -246,7 +246,7 @@ class PixArtBlock(_TransformerBlock):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods_b6d, 6, axis=1)  # B, 1, D
     x_btd = x_btd + gate_msa * self.attn1(_modulate(self.norm1(x_btd), shift_msa, scale_msa), ctx=ctx)
     x_btd = x_btd + self.attn2(x_btd, context_bse, context_mask_bs=context_mask_bs, ctx=ctx)
-    return x_btd + gate_mlp * self.ff(_modulate(self.norm2(x_btd), shift_mlp, scale_mlp))  # B, T, D
+    return x_btd + gate_mlp * self.ff(_modulate(self.norm2(x_btd), shift_mlp, scale_mlp), ctx=ctx)  # B, T, D
 
   def cost(self, at: Workload) -> Cost:
     return self.attn1.cost(at) + self.attn2.cost(at) + self.ff.cost(at.tokens)

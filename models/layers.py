@@ -26,31 +26,58 @@ Dtype = Any
 
 # Logical param axes. Every param names each of its axes by its role (NNX `out_sharding`
 # metadata, see `param`), and a strategy's rule table (sharding/partitioning.py) maps the names
-# to mesh axes; by default every param is replicated. Tensor parallelism splits the widths a layer
-# creates (HEADS, MLP, CONV_OUT: column-parallel); a projection back names that width on its input
-# ((HEADS, EMBED), (MLP, EMBED): row-parallel), so a column/row pair needs no gather between them.
+# to mesh axes; by default every param is replicated.
+#
+# Tensor parallelism (Megatron) splits the INNER_WIDTHS: the widths a block creates inside itself
+# and reduces back before its residual add. A column-parallel layer writes an inner width
+# ((EMBED, HEADS), (EMBED, MLP), (CONV_IN, CONV_HIDDEN)), the row-parallel layer that reads it
+# ((HEADS, EMBED), (MLP, EMBED), (CONV_HIDDEN, CONV_OUT)) holds a slice of its input and so
+# computes a partial sum, which it asks the context to reduce (`ctx.reduce_partial_sums`) before
+# adding its bias. Every pair needs no exchange between its two layers and one reduce after them:
+#   attention  to_q/to_k/to_v (heads split) → attend per head → to_out;
+#   feed-forward  proj_in (inner width split) → activation → proj_out;
+#   UNet resnet  conv1 (channels split) → + time_emb_proj (split alike) → norm2 (GroupNorm of the
+#                split channels) → conv2 → + shortcut. The block's input, its norm1 and shortcut
+#                stay whole: in a UNet every block boundary (resnet and transformer outputs, the
+#                skips concatenated in the up path) is a whole activation, so a concatenation never
+#                mixes two splits.
+# Everything else is kept whole on every device (replicated): the 1×1/linear projections into and
+# out of a transformer, the resamplers, conv_in/conv_out, and EMBED_INNER, the inner width of the
+# conditioning MLPs and adaLN modulations: one vector per sample (or per text token), too little
+# work to pay a reduce for.
 EMBED = "embed"  # the width a layer reads (and a projection back writes): tokens, embeddings
 HEADS = "heads"  # attention inner width, heads × head width
-MLP = "mlp"  # a Linear's output width: feed-forward and embedding-MLP inner widths
+MLP = "mlp"  # a feed-forward's inner width
+EMBED_INNER = "embed_inner"  # conditioning MLPs' inner width and adaLN modulation outputs (kept whole)
 CONV_IN = "conv_in"  # the channels a conv reads (and GroupNorm normalises)
 CONV_OUT = "conv_out"  # the channels a conv writes
+CONV_HIDDEN = "conv_hidden"  # a resnet's channels between conv1 and conv2
 KERNEL_H = "kernel_h"  # conv taps: rows
 KERNEL_W = "kernel_w"  # conv taps: columns
 VOCAB = "vocab"  # embedding table rows
 MODULATION = "modulation"  # rows of a learned modulation table (PixArt's shift/scale/gate `scale_shift_table`)
-PARAM_AXES = (EMBED, HEADS, MLP, CONV_IN, CONV_OUT, KERNEL_H, KERNEL_W, VOCAB, MODULATION)
+PARAM_AXES = (EMBED, HEADS, MLP, EMBED_INNER, CONV_IN, CONV_OUT, CONV_HIDDEN, KERNEL_H, KERNEL_W, VOCAB,
+              MODULATION)
+INNER_WIDTHS = (HEADS, MLP, CONV_HIDDEN)  # what tensor parallelism splits; their readers reduce
 
 
-def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+def param(value: jax.Array, axes: tuple[str, ...], chunks: tuple[int, ...] | None = None) -> nnx.Param:
   """An `nnx.Param` whose axes carry the logical names `axes`, one per axis.
 
   The names go in NNX's own sharding metadata (`out_sharding`); `eager_sharding=False` because
   they are logical, not mesh axes: NNX must not place the value when it is created, the
   strategy's rule table does when a run starts (`sharding.partitioning.param_specs`).
+  `chunks` (one count per axis, default all 1) says that an axis is k equal parts the layer splits
+  apart after the matmul (GEGLU's value and gate): a device holding a slice of that axis must hold
+  the same slice of each part (`sharding.partitioning.shard_layout`).
   """
   if len(axes) != value.ndim:
     raise ValueError(f"param of shape {tuple(value.shape)} needs {value.ndim} axis names, got {axes}")
-  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+  chunks = (1,) * value.ndim if chunks is None else tuple(chunks)
+  if len(chunks) != value.ndim or any(n % k for n, k in zip(value.shape, chunks)):
+    raise ValueError(f"param of shape {tuple(value.shape)}: chunks {chunks} must give each axis a count "
+                     "that divides it")
+  return nnx.Param(value, out_sharding=tuple(axes), chunks=chunks, eager_sharding=False)
 
 
 def param_key(rngs: nnx.Rngs) -> jax.Array:
@@ -116,13 +143,17 @@ class Workload:
 class Exchange:
   """One request of a layer to the parallel context in one sample's forward, at whole-image size."""
 
-  kind: str      # "halo" (conv_halo), "input_halo" (input_halo), "kv" (attend) or "moments" (norm_moments)
+  kind: str      # "halo" (conv_halo), "input_halo" (input_halo), "kv" (attend), "moments" (norm_moments)
+                 # or "partial_sums" (reduce_partial_sums)
   key: str       # the asking layer's ctx_key
-  rows: int      # rows and columns of the layer's input
+  rows: int      # rows and columns of the layer's input (partial_sums: of its output; tokens × 1 for a Linear)
   cols: int
-  channels: int  # halo: the conv's input channels; kv: heads × head width; moments: groups
+  channels: int  # halo: the conv's input channels; kv: heads × head width; moments: groups;
+                 # partial_sums: the layer's output width
   halo_rows: int = 0  # halo: rows asked for above and below
   heads: int = 0      # kv: attention heads (Ulysses splits them over devices)
+  axis: str = ""      # the logical axis of `channels`: tensor parallelism splits the INNER_WIDTHS
+  group_size: int = 0  # moments: channels per group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,29 +182,52 @@ def _taps(size: int, kernel: int, stride: int, padded: bool, pad: int) -> int:
   return sum(min(i * stride - pad + kernel, size) - max(i * stride - pad, 0) for i in range(outputs))
 
 
+def _reduce_partial_sums(layer: nnx.Module, y: jax.Array, ctx: ParallelContext) -> jax.Array:
+  """A row-parallel layer's output before its bias: summed over the devices holding the other slices
+  of its input width (a no-op for a layer reading a whole width, or on one device)."""
+  if not layer.reads_inner_width:
+    return y
+  y, sent = ctx.reduce_partial_sums(y, layer.ctx_key)
+  keep_for_next_step(layer, sent)
+  return y
+
+
+def _axis_names(variable: nnx.Variable) -> tuple[str, ...]:
+  return variable.get_metadata("out_sharding")
+
+
 class Linear(nnx.Module):
   """y = x·kernel + bias, `kernel` (C, D) (torch's (D, C) transposed), optional `bias` (D,).
 
   `axes` names the (input, output) feature axes of `kernel`; `bias` is named by the output's.
+  `out_chunks`: the output is that many equal parts the caller splits apart (GEGLU's value, gate).
+  A Linear reading an inner width (INNER_WIDTHS: row-parallel under tensor parallelism) asks
+  `ctx.reduce_partial_sums` for the sum of its partial products before adding the bias.
 
   Shape letters: C input features, D output features (any leading axes).
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               axes: tuple[str, str] = (EMBED, MLP), dtype: Dtype = jnp.float32,
+               axes: tuple[str, str] = (EMBED, MLP), out_chunks: int = 1, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.kernel = param(_lecun_normal(param_key(rngs), (in_features, out_features), param_dtype), axes)
-    self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
+    self.kernel = param(_lecun_normal(param_key(rngs), (in_features, out_features), param_dtype), axes,
+                        (1, out_chunks))
+    self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:], (out_chunks,)) if use_bias else None
+    self.reads_inner_width = axes[0] in INNER_WIDTHS
     self.dtype = dtype
+    self.ctx_key = ""
 
-  def __call__(self, x_c: jax.Array) -> jax.Array:
+  def __call__(self, x_c: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     y_d = jnp.einsum("...c,cd->...d", x_c.astype(self.dtype), self.kernel[...].astype(self.dtype))  # ..., D
+    y_d = _reduce_partial_sums(self, y_d, ctx)  # ..., D
     return y_d if self.bias is None else y_d + self.bias[...].astype(self.dtype)  # ..., D
 
   def cost(self, tokens: int) -> Cost:
     """Applied to `tokens` feature vectors."""
     c_in, c_out = self.kernel.shape
-    return Cost({"linear": 2 * tokens * c_in * c_out})
+    reduce = ((Exchange("partial_sums", self.ctx_key, tokens, 1, c_out, axis=_axis_names(self.kernel)[1]),)
+              if self.reads_inner_width else ())
+    return Cost({"linear": 2 * tokens * c_in * c_out}, reduce)
 
 
 class _AffineNorm(nnx.Module):
@@ -246,7 +300,8 @@ class Conv2d(nnx.Module):
   the full-image conv. 1×1 convs and patch convs (on patches of whole k-row bands) need no other
   rows. `pad_after_only` asks for the same one-row halo and drops the rows from above. `axes` names
   the (input, output) channel axes of `kernel` (its taps are KERNEL_H, KERNEL_W); `bias` is named
-  by the output's.
+  by the output's. A conv reading an inner width (a resnet's conv2) asks `ctx.reduce_partial_sums`
+  for the sum of its partial outputs before adding the bias.
 
   Shape letters: B batch, H rows, W columns, C input channels, D output channels, s stride.
   """
@@ -269,6 +324,7 @@ class Conv2d(nnx.Module):
     self.pad = 0 if stride == kernel_size else kernel_size // 2
     self.pad_after_only = pad_after_only
     self.model_input = model_input
+    self.reads_inner_width = axes[0] in INNER_WIDTHS
     self.dtype = dtype
     self.ctx_key = ""
 
@@ -285,17 +341,21 @@ class Conv2d(nnx.Module):
         x_bhwc.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=((0, 0), columns),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))  # B, H/s, W/s, D
+    y_bhwd = _reduce_partial_sums(self, y_bhwd, ctx)  # B, H/s, W/s, D
     return y_bhwd + self.bias[...].astype(self.dtype)  # B, H/s, W/s, D
 
   def cost(self, at: Workload) -> Cost:
     """On an input of `at.rows` × `at.cols`: every kernel tap, or only those inside the image."""
     k, _, c_in, c_out = self.kernel.shape
+    axis_in, axis_out = _axis_names(self.kernel)[2:]
     before = 0 if self.pad_after_only else self.pad  # zero padding before the image; `_taps` clips after it
     taps = (_taps(at.rows, k, self.stride, at.padded, before)
             * _taps(at.cols, k, self.stride, at.padded, before))
     kind = "input_halo" if self.model_input else "halo"
-    halo = (Exchange(kind, self.ctx_key, at.rows, at.cols, c_in, self.pad),) if self.pad else ()
-    return Cost({"conv": 2 * taps * c_in * c_out}, halo)
+    halo = (Exchange(kind, self.ctx_key, at.rows, at.cols, c_in, self.pad, axis=axis_in),) if self.pad else ()
+    reduce = ((Exchange("partial_sums", self.ctx_key, at.rows // self.stride, at.cols // self.stride, c_out,
+                        axis=axis_out),) if self.reads_inner_width else ())
+    return Cost({"conv": 2 * taps * c_in * c_out}, halo + reduce)
 
 
 class GroupNorm(_AffineNorm):
@@ -303,9 +363,15 @@ class GroupNorm(_AffineNorm):
 
   Per-group E[x] and E[x²] of this device's rows are computed in fp32, made image-wide by
   `ctx.norm_moments`, and the normalisation and affine run in fp32 before the cast to
-  `dtype`. Params `scale`, `bias` (C,).
+  `dtype`. Params `scale`, `bias` (C,), named `axis`.
 
-  Shape letters: B batch, H rows, W columns, C channels, G groups, K channels per group.
+  Under tensor parallelism a GroupNorm of an inner width (a resnet's norm2) sees a slice of the
+  channels. Its moments are then taken over parts of groups: runs of channels that lie on one
+  device and in one group (a whole group when the slice holds whole groups); when a group's parts
+  lie on several devices, `ctx.norm_group_moments` makes each part's moments its group's.
+
+  Shape letters: B batch, H rows, W columns, C channels (this device's), G groups (or group parts
+  here), K channels per group (or part).
   """
 
   def __init__(self, num_groups: int, num_channels: int, *, epsilon: float, axis: str = CONV_IN,
@@ -315,16 +381,21 @@ class GroupNorm(_AffineNorm):
       raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
     super().__init__(num_channels, epsilon=epsilon, axis=axis, dtype=dtype, param_dtype=param_dtype)
     self.num_groups = num_groups
+    self.group_size = num_channels // num_groups
     self.ctx_key = ""
 
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
     b, h, w, c = x_bhwc.shape
-    g = self.num_groups
-    x_bhwgk = x_bhwc.astype(jnp.float32).reshape(b, h, w, g, c // g)  # B, H, W, G, K
+    k = math.gcd(c, self.group_size)  # channels per part: a whole group unless c slices groups
+    g = c // k
+    x_bhwgk = x_bhwc.astype(jnp.float32).reshape(b, h, w, g, k)  # B, H, W, G, K
     mean_bg = jnp.mean(x_bhwgk, axis=(1, 2, 4))  # B, G
     meansq_bg = jnp.mean(jnp.square(x_bhwgk), axis=(1, 2, 4))  # B, G
     moments_bg2, sent = ctx.norm_moments(jnp.stack([mean_bg, meansq_bg], -1), self.ctx_key)  # B, G, 2
     keep_for_next_step(self, sent)
+    if k < self.group_size:  # this device holds parts of groups: their moments are the groups'
+      moments_bg2, sent = ctx.norm_group_moments(moments_bg2, self.group_size // k, self.ctx_key)  # B, G, 2
+      keep_for_next_step(self, sent)
     mean_bg, meansq_bg = moments_bg2[..., 0], moments_bg2[..., 1]  # B, G each
     var_bg = jnp.maximum(meansq_bg - jnp.square(mean_bg), 0.0)  # B, G
     inv_bg = lax.rsqrt(var_bg + self.epsilon)  # B, G
@@ -333,7 +404,9 @@ class GroupNorm(_AffineNorm):
 
   def cost(self, at: Workload) -> Cost:
     """No matrix work; one request for the moments of its groups."""
-    return Cost(exchanges=(Exchange("moments", self.ctx_key, at.rows, at.cols, self.num_groups),))
+    moments = Exchange("moments", self.ctx_key, at.rows, at.cols, self.num_groups, axis=_axis_names(self.scale)[0],
+                       group_size=self.group_size)
+    return Cost(exchanges=(moments,))
 
 
 def timestep_embedding(t_b: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -365,9 +438,9 @@ class TimestepEmbedding(nnx.Module):
 
   def __init__(self, in_features: int, embed_dim: int, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.linear_1 = Linear(in_features, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.linear_2 = Linear(embed_dim, embed_dim, axes=(MLP, EMBED), dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_1 = Linear(in_features, embed_dim, axes=(EMBED, EMBED_INNER), **kw)
+    self.linear_2 = Linear(embed_dim, embed_dim, axes=(EMBED_INNER, EMBED), **kw)
 
   def __call__(self, x_bf: jax.Array) -> jax.Array:
     h_bd = nnx.silu(self.linear_1(x_bf))  # B, D
@@ -390,13 +463,15 @@ class ResnetBlock2D(nnx.Module):
                eps: float, output_scale_factor: float = 1.0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # conv1 column-parallel, conv2 row-parallel over CONV_HIDDEN (see the axis names above): the
+    # block's one reduce is conv2's; its input, norm1 and shortcut stay whole.
     self.norm1 = GroupNorm(groups, in_channels, epsilon=eps, **kw)
-    self.conv1 = Conv2d(in_channels, out_channels, 3, **kw)
+    self.conv1 = Conv2d(in_channels, out_channels, 3, axes=(CONV_IN, CONV_HIDDEN), **kw)
     # its output adds to conv1's, so it is named (and split) as conv1's output channels
     self.time_emb_proj = (None if temb_channels is None else
-                          Linear(temb_channels, out_channels, axes=(EMBED, CONV_OUT), **kw))
-    self.norm2 = GroupNorm(groups, out_channels, epsilon=eps, **kw)
-    self.conv2 = Conv2d(out_channels, out_channels, 3, **kw)
+                          Linear(temb_channels, out_channels, axes=(EMBED, CONV_HIDDEN), **kw))
+    self.norm2 = GroupNorm(groups, out_channels, epsilon=eps, axis=CONV_HIDDEN, **kw)
+    self.conv2 = Conv2d(out_channels, out_channels, 3, axes=(CONV_HIDDEN, CONV_OUT), **kw)
     self.conv_shortcut = Conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
     self.output_scale_factor = output_scale_factor
 

@@ -5,6 +5,10 @@ context passed to the model at call time:
   conv_halo(x, rows, key)      a k×k conv's `rows` = k//2 neighbour rows above and below;
   input_halo(x, rows, key)     the same for a conv on the model's input, always this step's rows;
   norm_moments(m, key)         GroupNorm's image-wide E[x], E[x²] from this device's;
+  norm_group_moments(m, parts, key)  a group's moments from those of its `parts` channel parts,
+                               when a device holds only some of a group's channels (tensor parallel);
+  reduce_partial_sums(y, key)  a row-parallel layer's output from this device's partial sum, when
+                               the width it reads is split over devices (tensor parallelism);
   attend(q, k, v, key)         self-attention over every token of the image (the context gathers
                                K/V, or later runs Ulysses or ring attention behind the same call);
   token_extent(rows)           which global rows this device holds (DiT positional embeddings).
@@ -21,7 +25,7 @@ records it with NNX's own `sow`, and the caller collects every layer's `sent` wi
 Python container, and the model runs unchanged under `nnx.remat`, `nnx.scan` and `jax.checkpoint`.
 
 Shape letters: B batch, H rows, W columns, C channels, T query tokens, S key tokens, N heads,
-D head width, G groups.
+D head width, G groups (or group parts).
 """
 
 from __future__ import annotations
@@ -86,6 +90,23 @@ class ParallelContext:
     del key
     return moments_bg2, None
 
+  def norm_group_moments(self, moments_bg2: jax.Array, parts: int, key: str) -> tuple[jax.Array, Sent | None]:
+    """Each channel part's moments → its group's, where every `parts` consecutive parts form a group.
+
+    The parts have equal sizes, so a group's moments are the mean of its parts'. Here every part
+    is local; a tensor-parallel context first gathers the parts that other devices hold.
+    """
+    del key
+    return merge_group_parts(moments_bg2, parts), None  # B, G, 2
+
+  def reduce_partial_sums(self, y: jax.Array, key: str) -> tuple[jax.Array, Sent | None]:
+    """The output of a layer whose input width is split over devices, from this device's partial sum.
+
+    One device holds the whole width, so its product already is the sum.
+    """
+    del key
+    return y, None
+
   def attend(self, q_btnd: jax.Array, k_btnd: jax.Array, v_btnd: jax.Array,
              key: str) -> tuple[jax.Array, Sent | None]:
     """Self-attention of this device's queries over every token of the image, (B, T, N, D).
@@ -98,6 +119,13 @@ class ParallelContext:
   def token_extent(self, local_rows: int) -> tuple[jax.Array | int, int]:
     """(global index of this device's first row, rows of the whole image) for `local_rows` here."""
     return 0, local_rows
+
+
+def merge_group_parts(moments_bg2: jax.Array, parts: int) -> jax.Array:
+  """(B, G, 2) moments of equal channel parts, `parts` consecutive ones per group → each part's group's."""
+  b, g, _ = moments_bg2.shape
+  groups_bg2 = moments_bg2.reshape(b, g // parts, parts, 2).mean(axis=2)  # B, G/parts, 2
+  return jnp.repeat(groups_bg2, parts, axis=1)  # B, G, 2
 
 
 SINGLE_DEVICE = ParallelContext()

@@ -51,6 +51,20 @@ def make_mesh(data: int = 1, cfg: int = 1, patch: int | None = None, *, stage: i
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Explicit,) * len(MESH_AXES))
 
 
+def parse_degrees(text: str) -> dict[str, int]:
+  """'data=1,cfg=2,patch=2,tensor=2' → {axis: size}, the keyword degrees of `make_mesh`; unnamed axes are 1."""
+  degrees = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, _, value = item.partition("=")
+    if name not in MESH_AXES or not value.strip().isdigit():
+      raise ValueError(f"mesh degree {item!r}: write AXIS=SIZE, comma-separated, with AXIS one of "
+                       f"{', '.join(MESH_AXES)} (e.g. data=1,cfg=2,patch=2,tensor=2).")
+    if name in degrees:
+      raise ValueError(f"mesh degrees name {name!r} twice in {text!r}.")
+    degrees[name] = int(value)
+  return {name: degrees.get(name, 1) for name in MESH_AXES}
+
+
 def axis_sizes(mesh: Mesh) -> dict[str, int]:
   """{axis name: size} of a dfjax mesh; a clear error for any other mesh."""
   if tuple(mesh.axis_names) != MESH_AXES:

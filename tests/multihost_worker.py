@@ -1,8 +1,8 @@
 """One process of a multi-process run (started by test_multihost.py, not collected by pytest).
 
-Usage: python multihost_worker.py OUT.npy  with DFJAX_COORDINATOR / DFJAX_NUM_PROCESSES /
-DFJAX_PROCESS_ID set. Importing it has no side effects: the test computes the single-process
-reference with `exact_latents` in its own 8-device process.
+Usage: python multihost_worker.py OUT.npz  with DFJAX_COORDINATOR / DFJAX_NUM_PROCESSES /
+DFJAX_PROCESS_ID set; process 0 writes the `RUNS`' latents under their names. Importing it has
+no side effects: the test computes the single-process references in its own 8-device process.
 """
 
 import os
@@ -27,21 +27,41 @@ UNET = {
 }
 
 
-def exact_latents() -> np.ndarray:
-  """A 4-step exact run over a cfg=2 × patch=4 mesh of all devices, gathered to every process."""
+def _latents(mesh, strategy: Strategy) -> np.ndarray:
+  """A 4-step run over `mesh` (all 8 devices, whichever processes hold them), gathered to every process."""
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(UNET), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)  # the same inputs in every process
   noise = rng.standard_normal((1, 32, 8, 4), np.float32)
   cond, uncond = (Conditioning(rng.standard_normal((1, 5, 32), np.float32)) for _ in range(2))
-  mesh = make_mesh(1, 2, 4)  # all 8 devices, whichever processes hold them
   jax.config.update("jax_default_matmul_precision", "highest")
-  latents = sample(model, noise, cond, uncond=uncond, num_steps=4, mesh=mesh, strategy=Strategy.exact(),
+  latents = sample(model, noise, cond, uncond=uncond, num_steps=4, mesh=mesh, strategy=strategy,
                    scheduler_config={"clip_sample": False})
   return multihost_utils.process_allgather(latents, tiled=True)
 
 
+def exact_latents() -> np.ndarray:
+  """exact over cfg=2 × patch=4: the guidance halves split between the processes."""
+  return _latents(make_mesh(1, 2, 4), Strategy.exact())
+
+
+def _patch_neighbours_apart() -> list:
+  """The 8 devices ordered so that a cfg=2 × patch=2 × tensor=2 mesh puts each pair of patch neighbours
+  in different processes (the halves of the device list stand for the processes in one process)."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  first, second = devices[:4], devices[4:]
+  return [*first[:2], *second[:2], *first[2:], *second[2:]]  # mesh order: cfg, patch, tensor (outer first)
+
+
+def hybrid_latents() -> np.ndarray:
+  """exact over cfg=2 × patch=2 × tensor=2, the halos, K/V and moments crossing the process boundary."""
+  return _latents(make_mesh(1, 2, 2, tensor=2, devices=_patch_neighbours_apart()), Strategy.exact())
+
+
+RUNS = {"exact": exact_latents, "hybrid": hybrid_latents}
+
+
 if __name__ == "__main__":
   initialize(ProcessGroup.from_env(), timeout_s=int(os.environ.get("DFJAX_TIMEOUT_S", "60")))
-  latents = exact_latents()
+  latents = {name: run() for name, run in RUNS.items()}
   if jax.process_index() == 0:
-    np.save(sys.argv[1], latents)
+    np.savez(sys.argv[1], **latents)

@@ -282,12 +282,13 @@ def test_bench_strategies_on_a_dit_measures_every_sequence_strategy(capsys, retu
   out = capsys.readouterr().out
   assert "tiny-dit" in out and "pipefusion on cfg=1×stage=4×patch=1 skipped: 2 blocks cannot fill 4 stages" in out
   by_name = {(run.strategy, run.mesh): run for run in runs[0]}
-  sequence_and_patch = [("exact", "patch=4"), ("displaced", "patch=4"), ("naive", "patch=4"), ("ulysses", "patch=4"),
-                        ("ring", "patch=4"), ("usp", "patch=2×ulysses=2")]
-  assert list(by_name) == [("single", ""), *sequence_and_patch]  # every DiT strategy that fits 4 devices
+  four, usp = "cfg=1×patch=4", "cfg=1×patch=2×ulysses=2"
+  sequence_and_patch = [("exact", four), ("displaced", four), ("naive", four), ("ulysses", four), ("ring", four),
+                        ("usp", usp)]
+  assert list(by_name) == [("single", "cfg=1×patch=1"), *sequence_and_patch]  # every DiT strategy that fits 4 devices
   for run in (by_name[key] for key in sequence_and_patch):  # bytes read from the compiled program == analytic
-    assert run.comm_bytes == run.analytic_bytes and run.stale_bytes == run.analytic_stale_bytes
-  assert by_name["displaced", "patch=4"].stale_bytes > 0 and by_name["usp", "patch=2×ulysses=2"].comm_bytes > 0
+    assert run.comm_bytes == run.analytic_bytes and run.stale_bytes == run.analytic_stale_bytes and run.patch == 4
+  assert by_name["displaced", four].stale_bytes > 0 and by_name["usp", usp].comm_bytes > 0
 
 
 @pytest.mark.slow

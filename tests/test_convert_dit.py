@@ -56,7 +56,7 @@ def dit_pipeline(dit, tmp_path_factory):
   diffusers.DDIMScheduler(**SCHEDULER).save_pretrained(root / "scheduler")
   (root / "model_index.json").write_text(json.dumps(
       {"_class_name": "DiTPipeline", "transformer": ["diffusers", "Transformer2DModel"],
-       "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+       "scheduler": ["diffusers", "DDIMScheduler"]}))
   return root
 
 
@@ -175,7 +175,7 @@ def test_strict_dit_keymap_lists_every_problem(dit_pipeline, tmp_path):
     return tensors
   message = refusal(dit_folder_with(dit_pipeline, tmp_path, edit), tmp_path / "ckpt")
   assert "1 unknown source keys:\n  pos_embed.extra.weight (3,)" in message
-  assert "1 missing params:\n  proj_out_2.bias (32,) (from diffusers key proj_out_2.bias)" in message
+  assert "1 missing params:\n  proj_out_2.bias (32,) (from checkpoint key proj_out_2.bias)" in message
   assert "proj_out_1.weight (32, 4) → proj_out_1.kernel: got (4, 32)" in message
 
 
@@ -183,9 +183,10 @@ def test_strict_dit_keymap_lists_every_problem(dit_pipeline, tmp_path):
     ({"_class_name": "Transformer2DModel", "norm_type": "layer_norm"},
      r"Transformer2DModel with norm_type='layer_norm', which dfjax does not map .*'ada_norm_zero' → "
      r"DiTTransformer2DModel, 'ada_norm_single' → PixArtTransformer2DModel"),
-    ({"_class_name": "AutoencoderKL"},
-     r"describes a AutoencoderKL, which dfjax does not build; it converts UNet2DConditionModel, "
-     r"DiTTransformer2DModel, PixArtTransformer2DModel and Transformer2DModel configs"),
+    ({"_class_name": "ControlNetModel"},
+     r"describes a ControlNetModel, which dfjax does not build; it converts UNet2DConditionModel, "
+     r"DiTTransformer2DModel, PixArtTransformer2DModel, .*CLIPTextModel.*T5EncoderModel and Transformer2DModel "
+     r"configs"),
     ({"_class_name": "DiTTransformer2DModel", "norm_type": "ada_norm_single"},
      r"DiT config norm_type='ada_norm_single' is not supported by dfjax; supported values: 'ada_norm_zero'"),
 ], ids=["norm_type", "class", "dit-norm"])

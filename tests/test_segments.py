@@ -138,6 +138,10 @@ class Requests(ParallelContext):
     self.seen.append(("moments", key, moments_bg2.shape[1]))
     return super().norm_moments(moments_bg2, key)
 
+  def reduce_partial_sums(self, y, key):
+    self.seen.append(("partial_sums", key, y.shape[-1]))
+    return super().reduce_partial_sums(y, key)
+
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_each_segment_reports_the_requests_its_layers_make(name):

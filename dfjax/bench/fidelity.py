@@ -4,7 +4,10 @@ How close do patch-parallel images come to the one-device image? For every patch
 every GroupNorm mode, `displaced` (DistriFusion) and `naive` (independent patches) sample the
 same seeds as `single`, and each image's PSNR and SSIM against its `single` twin is reported as
 mean ± std over the seeds. A second table ablates the displaced warm-up steps with a 10-step
-DPM-Solver++(2M) run, where a warm-up step is a larger share of the run.
+DPM-Solver++(2M) run, where a warm-up step is a larger share of the run. A third judges every run,
+`single` included, without reference to `single`: the class accuracy of its images and their
+Fréchet classifier distance to dataset images of the same classes (dfjax/eval/quality.py), with
+the distance the dataset's own images score at the same sample count beside it.
 
 All seeds go through one `dfjax.sample` call per configuration (batch = seeds); seed i samples
 class i mod K from noise that depends only on i. On a CPU the devices are virtual: the
@@ -28,8 +31,9 @@ from dfjax import metrics
 from dfjax.bench import table
 from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
-from dfjax.generation import (DEFAULT_GUIDANCE, Source, check_output_path, checkpoint_source, embedded_source,
-                              resolve_patch, timed_sample)
+from dfjax.eval.quality import Quality, QualityJudge
+from dfjax.generation import (DEFAULT_GUIDANCE, REFERENCE, Source, can_judge, check_output_path, checkpoint_source,
+                              embedded_source, resolve_patch, timed_sample)
 from dfjax.inputs import initial_noise
 from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import make_mesh
@@ -76,26 +80,30 @@ class FidelityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One configuration's per-seed metrics against `single`."""
+  """One configuration's per-seed metrics: against `single` (None for `single` itself) and on their own."""
 
   table: str             # "main" or "warmup"
   strategy: str
   groupnorm: str | None
   patch: int
   warmup_steps: int | None
-  psnr_db: np.ndarray     # (seeds,)
-  ssim: np.ndarray
+  psnr_db: np.ndarray | None  # (seeds,)
+  ssim: np.ndarray | None
   compile_s: float
   sample_s: float
+  quality: Quality | None = None  # None: a model without the dataset's classes
 
   def to_json(self) -> dict:
     """The row as valid JSON: a PSNR of ∞ (an image identical to single's) is null, flagged in `identical`."""
+    fields = {**{k: getattr(self, k) for k in ("table", "strategy", "groupnorm", "patch", "warmup_steps",
+                                               "compile_s", "sample_s")},
+              "quality": None if self.quality is None else self.quality.to_json()}
+    if self.psnr_db is None:
+      return fields
     with np.errstate(invalid="ignore"):  # the std of values with an ∞ is NaN: null
       (psnr_mean, psnr_std), (ssim_mean, ssim_std) = (metrics.json_values([np.mean(v), np.std(v)])
                                                       for v in (self.psnr_db, self.ssim))
-    return {**{k: getattr(self, k) for k in ("table", "strategy", "groupnorm", "patch", "warmup_steps",
-                                             "compile_s", "sample_s")},
-            "psnr_db": metrics.json_values(self.psnr_db), "identical": metrics.identical(self.psnr_db),
+    return {**fields, "psnr_db": metrics.json_values(self.psnr_db), "identical": metrics.identical(self.psnr_db),
             "ssim": metrics.json_values(self.ssim), "psnr_mean": psnr_mean, "psnr_std": psnr_std,
             "ssim_mean": ssim_mean, "ssim_std": ssim_std}
 
@@ -136,6 +144,7 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
   samplers = {"main": dict(scheduler="ddim", num_steps=config.steps),
               "warmup": dict(scheduler=ABLATION_SCHEDULER, num_steps=ABLATION_STEPS)}
   tables = sorted({table for table, *_ in runs}, key=["main", "warmup"].index)
+  judge = QualityJudge() if can_judge(source, size) else None
 
   bar = tqdm(total=len(tables) + len(runs), unit="run", disable=not progress)
 
@@ -145,26 +154,31 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
         unet, noise, source.cond, source.uncond, mesh=make_mesh(1, 1, patch), strategy=strategy,
         scheduler_config=source.scheduler_config, guidance_scale=config.guidance_scale, **samplers[table])
     bar.update()
-    return metrics.to_unit_range(out), compile_s, sample_s
+    return out, compile_s, sample_s, None if judge is None else judge(out, source.labels)
 
-  references = {table: run(table, 1, Strategy.single())[0] for table in tables}
-  rows = []
+  rows, references = [], {}
+  for name in tables:
+    out, compile_s, sample_s, quality = run(name, 1, Strategy.single())
+    references[name] = metrics.to_unit_range(out)
+    rows.append(Row(name, REFERENCE, None, 1, None, None, None, compile_s, sample_s, quality))
   for table, patch, strategy, groupnorm, warmup_steps in runs:
-    images, compile_s, sample_s = run(table, patch, strategy)
-    reference = references[table]
+    out, compile_s, sample_s, quality = run(table, patch, strategy)
+    images, reference = metrics.to_unit_range(out), references[table]
     rows.append(Row(table, strategy.name, groupnorm, patch, warmup_steps, metrics.psnr(images, reference),
-                    metrics.ssim(images, reference), compile_s, sample_s))
+                    metrics.ssim(images, reference), compile_s, sample_s, quality))
   bar.close()
   return rows, source
 
 
 def _cell(values: np.ndarray, digits: int) -> str:
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+  with np.errstate(invalid="ignore"):  # the std of PSNRs with an ∞ (identical images) is NaN
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def format_tables(rows: list[Row], config: FidelityConfig) -> str:
-  """The main table (PSNR and SSIM by method × patch count) and the warm-up ablation."""
-  main = [r for r in rows if r.table == "main"]
+  """The main table (PSNR and SSIM by method × patch count), the warm-up ablation, and the quality of
+  every run."""
+  main = [r for r in rows if r.table == "main" and r.psnr_db is not None]
   patches = sorted({r.patch for r in main})
   by_patch = (Column("method", lambda line: line[0], width=10, align="<"),
               Column("groupnorm", lambda line: line[1], width=16, align="<"),
@@ -181,14 +195,29 @@ def format_tables(rows: list[Row], config: FidelityConfig) -> str:
       cells += [("paper", f"SDXL {name}", {p: str(v) for p, v in PAPER_PSNR[name].items()})
                 for name in ("displaced", "naive")]
     lines += [table.render(by_patch, cells, indent="  "), ""]
-  warmup = [r for r in rows if r.table == "warmup"]
+  warmup = [r for r in rows if r.table == "warmup" and r.psnr_db is not None]
   if warmup:
     lines.append(f"Warm-up ablation: {ABLATION_STEPS}-step DPM-Solver++(2M), displaced corrected_async, "
                  f"patch={warmup[0].patch}, vs single with the same sampler:")
     lines.append(table.render((Column("warm-up", "warmup_steps", width=7),
                                Column("PSNR dB", lambda r: _cell(r.psnr_db, 2), width=15),
                                Column("SSIM", lambda r: _cell(r.ssim, 3), width=15)), warmup, indent="  "))
+  judged = [r for r in rows if r.quality is not None]
+  if judged:
+    q = judged[0].quality
+    lines += ["", f"Class accuracy and Fréchet classifier distance (FID analogue; ± bootstrap std) of each run's "
+              f"{q.samples} images against {q.reference_images:,} dataset images of the same classes; "
+              f"{q.samples} fresh dataset images score {q.dataset_floor:.2f}, the floor at this sample count:",
+              table.render(QUALITY_COLUMNS, judged, indent="  ")]
   return "\n".join(lines).rstrip()
+
+
+QUALITY_COLUMNS = (
+    Column("table", "table", width=6, align="<"), Column("method", "strategy", width=10, align="<"),
+    Column("groupnorm", "groupnorm", width=16, align="<", missing="–"), Column("patch", "patch", width=5),
+    Column("warm-up", "warmup_steps", width=7, missing="–"),
+    Column("class acc", lambda r: r.quality.accuracy, ".0%", 9),
+    Column("Fréchet", lambda r: f"{r.quality.frechet:.2f} ± {r.quality.frechet_std:.2f}", width=15))
 
 
 def run(config: FidelityConfig, json_out: str | None = None, command: str = "dfjax bench fidelity") -> list[Row]:

@@ -5,12 +5,13 @@ The measurements themselves live in dfjax/bench/; this module only parses flags 
 
 from __future__ import annotations
 
-from dfjax.bench import fidelity, simulate, strategies, unet, vae
+from dfjax.bench import fidelity, simulate, strategies, train, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
 from models.presets import FAMILIES, PRESETS
 from models.vae_config import VAE_PRESETS
 from sharding.axes import PATCH
+from sharding.mesh import parse_degrees
 
 _DTYPES = list(unet.DTYPES)
 _PRESET_HELP = f"preset ({', '.join(PRESETS)}) or config.json"
@@ -25,6 +26,7 @@ def register(commands) -> None:
   _add_fidelity(benches)
   _add_simulate(benches)
   _add_vae(benches)
+  _add_train(benches)
 
 
 def _add_unet(benches) -> None:
@@ -53,13 +55,19 @@ def _add_strategies(benches) -> None:
                       help="devices per image to compare (usp: every ring × Ulysses split of them)")
   parser.add_argument("--cfg", type=int, choices=[1, 2], default=1,
                       help="split guidance over 2 device groups")
+  parser.add_argument("--mesh", type=parse_degrees, metavar="AXIS=N,…",
+                      help="a hybrid mesh, e.g. data=1,cfg=2,patch=2,tensor=2 (instead of --patch/--cfg): every "
+                      "strategy over its axes, beside the pure strategies on as many devices per image")
+  parser.add_argument("--paper-table", action="store_true",
+                      help="only print the analytic communication of tensor and patch parallelism on 8 devices "
+                      "beside DistriFusion's Table 2 (use with --model unet --config sdxl), running nothing")
   parser.add_argument("--num-steps", "--steps", type=int, default=10, help="DDIM steps (default 10)")
   parser.add_argument("--warmup-steps", type=int, default=4)
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=3)
-  parser.set_defaults(run=lambda args: strategies.run(args.config, args.resolution, args.patch, args.cfg,
-                                                      args.num_steps, args.warmup_steps, args.dtype,
-                                                      args.iters, args.model))
+  parser.set_defaults(run=lambda args: strategies.paper_table(args.config, model=args.model) if args.paper_table
+                      else strategies.run(args.config, args.resolution, args.patch, args.cfg, args.num_steps,
+                                          args.warmup_steps, args.dtype, args.iters, args.model, args.mesh))
 
 
 def _add_model(parser, what: str) -> None:
@@ -136,3 +144,17 @@ def _add_vae(benches) -> None:
       "iters": Flag("timed decodes per configuration (median)"),
       "compile_only": Flag("only compile and read each program's memory analysis (full-size VAEs on a CPU)")})
   parser.set_defaults(run=lambda args: vae.run(config_from_args(vae.VAEBenchConfig, args)))
+
+
+def _add_train(benches) -> None:
+  parser = benches.add_parser(
+      "train", help="data parallel, GPipe, 1F1B, DiffusionPipe training: steps/s, idle per device, projection",
+      description=train.__doc__.split("\n\n")[1])
+  parser.add_argument("--model", default="tiny", help="a `dfjax train --model` variant")
+  parser.add_argument("--batch", type=int, default=8, help="global batch, the same for every method")
+  parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+  parser.add_argument("--devices", type=int, default=4, help="pipeline stages, and data-parallel replicas")
+  parser.add_argument("--micro-batches", type=int, default=4)
+  parser.add_argument("--iters", type=int, default=3)
+  parser.set_defaults(run=lambda args: train.run(args.model, args.batch, args.image_size, args.devices,
+                                                 args.micro_batches, args.iters))

@@ -1,4 +1,5 @@
-"""`dfjax generate`: its flags, and the report of a `dfjax.generation` run (times, PSNR/SSIM, files)."""
+"""`dfjax generate`: its flags, and the report of a `dfjax.generation` run (times, PSNR/SSIM, class
+accuracy, files)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 import numpy as np
 
 from dfjax.bench import table
+from dfjax.commands import prompt
 from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
 from dfjax.commands.options import (Flag, add_config_arguments, config_from_args, groupnorm_flag,
@@ -22,7 +24,8 @@ def register(commands) -> None:
       "generate", help=f"sample with {'/'.join(d.strategies)}, write PNGs, print times and PSNR",
       description="Samples one batch with each strategy on the same noise, writes each strategy's "
       f"images and a side-by-side sheet with the amplified difference from `{REFERENCE}` to --out, and "
-      f"prints compile and sampling time and PSNR/SSIM against `{REFERENCE}`. With no checkpoint it runs "
+      f"prints compile and sampling time, PSNR/SSIM against `{REFERENCE}` and the class accuracy the shipped "
+      "shapes classifier gives each strategy's images. With no checkpoint it runs "
       "the embedded model (class-conditional, 64×64 RGB, one image per class). On a CPU the devices "
       "are virtual and share the cores: times show cost, not speed-up.")
   add_config_arguments(parser, GenerateConfig, {
@@ -46,7 +49,15 @@ def register(commands) -> None:
       "out": Flag("output folder")})
   parser.add_argument("--devices", type=int, default=None,
                       help="virtual CPU devices (same as the global --cpu-devices; ignored on accelerators)")
-  parser.set_defaults(run=lambda args: run(config_from_args(GenerateConfig, args), command=args.command_line))
+  prompt.add_arguments(parser)
+  parser.set_defaults(run=_run_args)
+
+
+def _run_args(args):
+  config = config_from_args(GenerateConfig, args)
+  if args.prompt is not None:
+    return prompt.run(args, config)
+  return run(config, command=args.command_line)
 
 
 def run(config: GenerateConfig, command: str = "dfjax generate") -> GenerateResult:
@@ -71,4 +82,5 @@ def _against_reference(metric: str):
 COLUMNS = (Column("strategy", "name", width=10, align="<"), Column("mesh", "mesh", width=42, align="<"),
            Column("compile s", "compile_s", ".1f", 9), Column("sample s", "sample_s", ".1f", 9),
            Column("PSNR dB", _against_reference("psnr_db"), ".2f", 8),
-           Column("SSIM", _against_reference("ssim"), ".3f", 6))
+           Column("SSIM", _against_reference("ssim"), ".3f", 6),
+           Column("class acc", "accuracy", ".0%", 9))

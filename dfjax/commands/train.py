@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dfjax.commands.options import Flag, add_config_arguments, config_from_args
+from dfjax.eval.train_classifier import ClassifierTrainConfig, train_classifier
 from dfjax.training.loop import TrainConfig, train
 from dfjax.training.model import VARIANTS
+from dfjax.training.pipeline_plan import PipelineConfig
+from dfjax.training.pipeline_schedule import Schedule
+from dfjax.training.pipeline_train import train_pipelined
 
 
 def register(commands) -> None:
@@ -15,7 +21,7 @@ def register(commands) -> None:
       "dfjax.data's procedural 64×64 shapes; orbax checkpoints every --save-every steps, a final "
       "dfjax model folder (OUT/model or --export) with the loss curve. Fixed --seed: the same "
       "command gives the same weights, also when interrupted and continued with --resume.")
-  add_config_arguments(parser, TrainConfig, {
+  flags = {
       "out": Flag("run folder: checkpoints/, train_config.json, model/"),
       "model": Flag("model size", choices=list(VARIANTS)),
       "steps": Flag("optimiser steps"),
@@ -31,17 +37,68 @@ def register(commands) -> None:
       "seed": Flag("fixes the init, the data, the noise and the label drops"),
       "save_every": Flag("checkpoint interval (steps)"),
       "log_every": Flag("loss-curve interval (steps)"),
-      "export": Flag("final model folder (default: OUT/model)")})
+      "export": Flag("final model folder (default: OUT/model)")}
+  add_config_arguments(parser, TrainConfig, flags)
+  add_config_arguments(parser, PipelineConfig, {
+      "stages": Flag("pipeline stages on the `stage` mesh axis (DiffusionPipe training; 1: no pipeline)",
+                     name="pipeline_stages"),
+      "microbatches": Flag("micro-batches per data shard's batch (pipelined training)", name="micro_batches"),
+      "data": Flag("data-parallel degree beside the pipeline (the mesh is data × stages devices)"),
+      "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the frozen class tokens in its bubbles)",
+                       choices=[s.value for s in Schedule])})
+  _resumable(parser)
+  # argparse hands `train classifier --out X` to the subcommand and would then find --out missing
+  # on `train` itself: `run` checks it instead.
+  next(a for a in parser._actions if a.dest == "out").required = False
+  parser.set_defaults(run=run)
+  _register_classifier(parser, flags)
+
+
+def _register_classifier(parser, unet_flags: dict[str, Flag]) -> None:
+  """`dfjax train classifier`: the flags it shares with `train` read the same."""
+  targets = parser.add_subparsers(dest="target", metavar="{classifier}", title="other models")
+  classifier = targets.add_parser(
+      "classifier", help="train the shapes classifier that judges sample quality (resumable)",
+      description="Cross-entropy training of dfjax.eval.classifier's small CNN on dfjax.data's "
+      "procedural shapes (fresh images every step, light noise augmentation); orbax checkpoints every "
+      "--save-every steps; the exported folder (OUT/model or --export) records its accuracy on "
+      "--eval-images fresh held-out images in training.json and MODEL_CARD.md.")
+  fields = {f.name for f in dataclasses.fields(ClassifierTrainConfig)}
+  add_config_arguments(classifier, ClassifierTrainConfig, {
+      **{name: flag for name, flag in unet_flags.items() if name in fields},
+      "seed": Flag("fixes the init, the data and the noise augmentation"),
+      "channels": Flag("conv widths of the stages (each halves the image)"),
+      "features": Flag("width of the penultimate layer (the Fréchet distance's features)"),
+      "noise_augment": Flag("largest std of the Gaussian noise added to training images"),
+      "eval_images": Flag("fresh held-out images the exported accuracy is measured on")})
+  _resumable(classifier)
+  classifier.set_defaults(run=run_classifier)
+
+
+def _resumable(parser) -> None:
   parser.add_argument("--constant-lr", dest="cosine", action="store_false", help="the same as --no-cosine")
   parser.add_argument("--resume", action="store_true",
                       help="continue from OUT's latest checkpoint (starts fresh when there is none)")
   parser.add_argument("--stop-at", type=int, default=None,
                       help="checkpoint and exit after this step; finish later with --resume")
-  parser.set_defaults(run=run)
 
 
 def run(args) -> None:
-  folder = train(config_from_args(TrainConfig, args), resume=args.resume, stop_at=args.stop_at)
+  if args.out is None:
+    raise ValueError("train needs --out, the run folder (checkpoints/, train_config.json, model/)")
+  cfg, pipeline = config_from_args(TrainConfig, args), config_from_args(PipelineConfig, args)
+  if pipeline == PipelineConfig():  # no pipeline flag given: the single-device step
+    _report(train(cfg, resume=args.resume, stop_at=args.stop_at), args)
+  else:
+    _report(train_pipelined(cfg, pipeline, resume=args.resume, stop_at=args.stop_at), args)
+
+
+def run_classifier(args) -> None:
+  _report(train_classifier(config_from_args(ClassifierTrainConfig, args), resume=args.resume,
+                           stop_at=args.stop_at), args)
+
+
+def _report(folder, args) -> None:
   if folder is None:
     print(f"stopped at step {args.stop_at}; continue with the same command and --resume")
   else:

@@ -86,7 +86,7 @@ def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
       "| step | loss | learning rate |",
       "|---:|---:|---:|",
   ]
-  lines += [f"| {s} | {l:.4f} | {r:.2e} |" for s, l, r in _subsample(loss_rows, _CURVE_ROWS)]
+  lines += [f"| {s} | {l:.4f} | {r:.2e} |" for s, l, r in subsample(loss_rows, _CURVE_ROWS)]
   lines += [
       "",
       "## Use",
@@ -110,7 +110,7 @@ def model_card(training: Mapping[str, Any], unet_config: Mapping[str, Any],
   return "\n".join(lines)
 
 
-def _subsample(rows: Sequence[tuple[int, float, float]], count: int) -> list[tuple[int, float, float]]:
+def subsample(rows: Sequence[tuple[int, float, float]], count: int) -> list[tuple[int, float, float]]:
   """About `count` rows, evenly spaced, always with the first and the last."""
   if len(rows) <= count:
     return list(rows)

@@ -10,9 +10,7 @@ an uninterrupted one.
 
 Output folder:
   train_config.json   the run's settings; resuming checks the command still matches
-  checkpoints/        orbax CheckpointManager: {state, history} every `save_every` steps; Ctrl-C
-                      or SIGTERM lets the checkpoint being written finish first, and what a
-                      `kill -9` cut short is removed by the next run
+  checkpoints/        {state, history} every `save_every` steps (dfjax/training/checkpointed.py)
   model/              the final model (EMA params when `ema_decay` > 0), `export.write_model`
 
 Shape letters: B batch, H rows, W columns, C channels.
@@ -20,19 +18,9 @@ Shape letters: B batch, H rows, W columns, C channels.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
-import os
-import platform
-import shlex
-import signal
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +28,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from convert.atomic import signals_deferred
 from dfjax import data
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import export
+from dfjax.training.checkpointed import RunFields, loss_rows, run_record, run_steps
 from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
 from models.class_tokens import drop_labels
 
-CHECKPOINTS = "checkpoints"
 MODEL = "model"
-TRAIN_CONFIG = "train_config.json"
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # a third of the compile time, slower code
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RunFields):
   """Settings of one training run (`dfjax train` flags).
 
   Attributes:
@@ -92,23 +78,10 @@ class TrainConfig:
   def __post_init__(self):
     if self.model not in VARIANTS:
       raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(VARIANTS)}")
-    for name in ("steps", "batch", "save_every", "log_every"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-    if not self.lr > 0 or self.warmup_steps < 0:
-      raise ValueError(f"need lr > 0 and warmup_steps >= 0; got lr={self.lr}, "
-                       f"warmup_steps={self.warmup_steps}")
+    self.check_run_fields()
     for name in ("ema_decay", "label_drop", "final_lr_fraction"):
       if not 0.0 <= getattr(self, name) < 1.0 + (name == "final_lr_fraction"):
         raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-
-  def static(self) -> TrainConfig:
-    """The settings that shape the compiled step (paths blanked): its jit cache key."""
-    return dataclasses.replace(self, out="", export=None)
-
-  def resumable_fields(self) -> dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the checkpoints."""
-    return dataclasses.asdict(self.static())
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -210,133 +183,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
     ValueError: `cfg.out` holds checkpoints and `resume` is False, or it holds a run with
       different settings.
   """
-  import orbax.checkpoint as ocp
-  from tqdm.auto import tqdm
-
-  began = time.perf_counter()
-  out = Path(cfg.out).absolute()
-  _check_out(out, cfg, resume)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-  spec, static = VARIANTS[cfg.model], cfg.static()
-  init = _init_state_fast_compile if spec.fast_compile else _init_state
+  spec = VARIANTS[cfg.model]
   schedule = make_optimizer(cfg)[1]
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1, create=True,
-                                         cleanup_tmp_directories=True)
-  with _sigterm_unwinds(), ocp.CheckpointManager(out / CHECKPOINTS, options=options) as manager:
-    start = manager.latest_step() or 0
-    if start:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                              jax.eval_shape(functools.partial(init_state, cfg=static), jnp.int32(0)))
-      restored = manager.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-      state, history = restored["state"], restored["history"]
-    else:
-      state = init(jnp.int32(cfg.seed), cfg=static)
-      history = {"step": [], "loss": [], "pending": [], "seconds": 0.0}
-
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train",
-               unit="step", dynamic_ncols=True)
-    # Losses of the logging interval under way (a checkpoint keeps them, as float64).
-    losses, seconds_before = list(history.pop("pending", [])), float(history["seconds"])
-    stop = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    for step in range(start, stop):
-      images, labels = data.batch((cfg.seed, step), cfg.batch)
-      state, loss = train_step(state, jnp.asarray(images), jnp.asarray(labels), cfg=static)
-      losses.append(loss)
-      done = step + 1
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        mean = float(np.mean(_floats(losses)))
-        losses = []
-        history["step"].append(done)
-        history["loss"].append(mean)
-        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(schedule(done)):.1e}")
-      bar.update(1)
-      if done % cfg.save_every == 0 or done == stop:
-        losses = _floats(losses)
-        saved = {**history, "pending": losses,
-                 "seconds": seconds_before + time.perf_counter() - began}
-        with signals_deferred(f"finishing the checkpoint of step {done}, then stopping (continue "
-                              "with --resume)"):
-          manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     history=ocp.args.JsonSave(saved)))
-        history["seconds"] = saved["seconds"]
-    bar.close()
-    manager.wait_until_finished()
-  if stop < cfg.steps:
+  finished = run_steps(cfg, init_state=init_state, train_step=train_step, resume=resume, stop_at=stop_at,
+                       jitted_init=_init_state_fast_compile if spec.fast_compile else _init_state,
+                       schedule=schedule, progress=progress)
+  if finished is None:
     return None
-
+  state, history = finished
   model = nnx.merge(_graphdef(cfg.model), state["ema"] if cfg.ema_decay > 0 else state["params"])
-  rows = [(s, l, float(schedule(s))) for s, l in zip(history["step"], history["loss"])]
-  training = {
-      "command": command if command is not None else shlex.join(["dfjax", *sys.argv[1:]]),
-      "config": dataclasses.asdict(cfg),
-      "model": spec.to_json(),
-      "steps": cfg.steps,
-      "images_seen": cfg.steps * cfg.batch,
-      "final_loss": history["loss"][-1] if history["loss"] else None,
-      "wall_seconds": round(float(history["seconds"]), 1),
-      "exported_weights": "ema" if cfg.ema_decay > 0 else "params",
-      "machine": machine_description(),
-      "data": {"module": "dfjax.data", "image_size": data.IMAGE_SIZE,
-               "class_names": list(data.class_names)},
-  }
+  return export_run(cfg, model, history, command)
+
+
+def export_run(cfg: TrainConfig, model: ClassConditionalUNet, history: dict, command: str | None) -> Path:
+  """The finished run's model folder (cfg.export or OUT/model) with its loss curve and training.json."""
+  spec, schedule = VARIANTS[cfg.model], make_optimizer(cfg)[1]
+  out = Path(cfg.out).absolute()
+  rows = loss_rows(history, schedule)
+  training = {**run_record(cfg, history, command), "model": spec.to_json(),
+              "exported_weights": "ema" if cfg.ema_decay > 0 else "params"}
   return export.write_model(cfg.export or out / MODEL, model.unet, model.class_tokens,
                             unet_config=spec.unet_config, scheduler_config=SCHEDULER_CONFIG,
                             class_names=data.class_names, training=training, loss_rows=rows)
-
-
-def machine_description() -> dict[str, Any]:
-  """Where the run happened: CPU model and cores, jax devices and versions."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-  except OSError:
-    pass
-  device = jax.devices()[0]
-  return {"cpu": cpu, "cpu_cores": os.cpu_count(), "platform": device.platform,
-          "device_kind": device.device_kind, "jax": jax.__version__, "python": platform.python_version()}
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-  """SIGTERM raises SystemExit(143) instead of ending the process at once, so the checkpoint
-  manager's `with` waits for its background writes as it does on Ctrl-C (a handler someone else
-  installed is kept)."""
-  if threading.current_thread() is not threading.main_thread() or \
-     signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-    yield
-    return
-
-  def unwind(signum, frame):
-    raise SystemExit(128 + signum)
-  signal.signal(signal.SIGTERM, unwind)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _floats(losses: list) -> list[float]:
-  """Per-step losses (device scalars or floats) as Python floats."""
-  return [float(x) for x in jax.device_get(losses)]
-
-
-def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> None:
-  """Refuses to mix runs: checkpoints of another run, or any checkpoints without `resume`."""
-  has_checkpoints = (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir())
-  if has_checkpoints and not resume:
-    raise ValueError(f"{out} already holds training checkpoints: pass --resume to continue that "
-                     "run, or choose another --out")
-  if has_checkpoints and (out / TRAIN_CONFIG).is_file():
-    before = TrainConfig(**json.loads((out / TRAIN_CONFIG).read_text())).resumable_fields()
-    now = cfg.resumable_fields()
-    changed = {k: (before[k], now[k]) for k in now if before[k] != now[k]}
-    if changed:
-      raise ValueError(f"cannot resume {out}: its run had different settings "
-                       + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
-                       + "; use the original flags or another --out")

@@ -11,6 +11,9 @@ devices get less), an all-reduce moves its payload.
 
 import dataclasses
 import re
+from collections.abc import Mapping
+
+import numpy as np
 
 from sharding.accounting import hlo
 
@@ -57,6 +60,50 @@ def _received_bytes(inst: hlo.Instruction, shapes: dict[str, str]) -> int:
       return out - out // _group_size(inst)
     case _:
       return out
+
+
+def _device_groups(inst: hlo.Instruction) -> list[list[int]]:
+  """The device groups a collective runs over: its replica groups, or each source→target pair of a permute.
+
+  Listed (`{{0,1},{2,3}}`) or iota (`[2,4]<=[8]`, `[4,2]<=[2,2,2]T(0,2,1)`: arange over the
+  reshape dims, transposed, reshaped to groups) forms; ids are the devices' places in the mesh.
+  """
+  pairs = re.search(r"source_target_pairs=\{(\{[\d,{}]*\})\}", inst.attributes)
+  listed = pairs or re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", inst.attributes)
+  if listed:
+    return [[int(i) for i in group.split(",") if i] for group in re.findall(r"\{([\d,]*)\}", listed.group(1))]
+  iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", inst.attributes)
+  if iota:
+    shape, dims = [int(d) for d in iota.group(1).split(",")], [int(d) for d in iota.group(2).split(",")]
+    ids = np.arange(np.prod(dims)).reshape(dims)
+    if iota.group(3):
+      ids = ids.transpose([int(d) for d in iota.group(3).split(",")])
+    return ids.reshape(shape).tolist()
+  raise ValueError(f"no replica groups in {inst.name}'s attributes: {inst.attributes[:200]}")
+
+
+def _mesh_axes_of(groups: list[list[int]], mesh_shape: Mapping[str, int]) -> str:
+  """The mesh axes a collective's groups span ('patch', or 'cfg+patch' for a group over two axes)."""
+  names, sizes = list(mesh_shape), tuple(mesh_shape.values())
+  varying = set()
+  for group in groups:
+    coords = np.array(np.unravel_index(group, sizes))  # axis, member
+    varying |= {names[a] for a in range(len(names)) if len(set(coords[a])) > 1}
+  return "+".join(name for name in names if name in varying) or "none"
+
+
+def traffic_by_axis(compiled_text: str, mesh_shape: Mapping[str, int]) -> list[dict[str, int]]:
+  """Per scan phase, {mesh axis: bytes one device receives per step} of a program over a mesh of
+  `mesh_shape` ({axis: size}, in the mesh's order), each collective under the axes its groups span."""
+  module = hlo.parse(compiled_text)
+  phases = []
+  for body in step_loops(module):
+    by_axis: dict[str, int] = {}
+    for inst, shapes in _collectives(module, body):
+      axis = _mesh_axes_of(_device_groups(inst), mesh_shape)
+      by_axis[axis] = by_axis.get(axis, 0) + _received_bytes(inst, shapes)
+    phases.append(by_axis)
+  return phases
 
 
 def _group_size(inst: hlo.Instruction) -> int:

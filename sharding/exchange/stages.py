@@ -27,3 +27,10 @@ def broadcast_from_stage(tree, source: int):
   """Stage `source`'s `tree` on every stage (an all-reduce of it masked to that stage)."""
   mine = lax.axis_index(STAGE) == source
   return jax.tree.map(lambda a: lax.psum(jnp.where(mine, a, jnp.zeros_like(a)), STAGE), tree)
+
+
+def to_previous_stage(tree, stages: int):
+  """Every stage's `tree` sent to the stage before it (a backward pass's gradients); the last
+  stage receives zeros."""
+  pairs = [(s + 1, s) for s in range(stages - 1)]
+  return jax.tree.map(lambda a: lax.ppermute(a, STAGE, pairs), tree)

@@ -10,9 +10,10 @@ from sharding.strategies import ulysses  # isort: skip  (after the row-patch str
 from sharding.strategies import ring  # isort: skip
 from sharding.strategies import usp  # isort: skip
 from sharding.strategies import pipefusion  # isort: skip
+from sharding.strategies import tensor  # isort: skip
 from sharding.strategies.base import (Phase, Strategy, option_names, strategy_class, strategy_names,
                                       with_shared_options)
 from sharding.strategies.cfg import Guidance
 
 __all__ = ["Guidance", "Phase", "Strategy", "option_names", "patch", "pipefusion", "ring", "single", "strategy_class",
-           "strategy_names", "ulysses", "usp", "with_shared_options"]
+           "strategy_names", "tensor", "ulysses", "usp", "with_shared_options"]

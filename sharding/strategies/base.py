@@ -2,7 +2,8 @@
 
 A strategy says how one image's denoising is spread over the mesh. Each method is one module of
 this package with one subclass of `Strategy`, which owns everything about the method:
-  * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg);
+  * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg;
+    `tensor` among them when its contexts compose with tensor parallelism, see tensor.py);
   * `families`: the model configs it runs (`supports`), and `image_splits`: the ways it can split
     one image over n devices;
   * `validate`: whether a model, latent size and mesh fit it, with the valid choices named;
@@ -33,8 +34,8 @@ from models.config import UNetConfig
 from models.dit_config import DiTConfig, PixArtConfig
 from models.parallel import ParallelContext
 from sharding.accounting import analytic
-from sharding.axes import CFG, DATA, MESH_AXES, PATCH
-from sharding.partitioning import AxisRules
+from sharding.axes import CFG, DATA, MESH_AXES, PATCH, TENSOR
+from sharding.partitioning import AxisRules, check_tensor_degree
 
 Stale = Mapping[str, Any]  # {layer key: what it sent the previous step}
 
@@ -148,13 +149,15 @@ class Strategy:
   def image_splits(self, num_devices: int) -> list[dict[str, int]]:
     """The ways it splits one image over `num_devices` devices, as {axis: size} of its `axes`.
 
-    One way for a strategy of one axis (all devices on it); strategies of several axes list theirs.
+    One way for a strategy of one axis (all devices on it; `tensor`, when it only composes with the
+    method's own axis, is not one of its splits); strategies of several axes list theirs.
     """
-    if not self.axes:
+    own = self.axes - {TENSOR} or self.axes
+    if not own:
       return [{}] if num_devices == 1 else []
-    if len(self.axes) > 1:
-      raise NotImplementedError(f"{type(self).__name__} splits over {sorted(self.axes)}: it lists its splits")
-    return [{next(iter(self.axes)): num_devices}]
+    if len(own) > 1:
+      raise NotImplementedError(f"{type(self).__name__} splits over {sorted(own)}: it lists its splits")
+    return [{next(iter(own)): num_devices}]
 
   # -------------------------------------------------------------------------- shared behaviour
 
@@ -179,6 +182,8 @@ class Strategy:
           f"strategy {self.name!r} does not split an image over the {axis!r} axis, but the mesh has "
           f"{axis}={sizes[axis]}: use a mesh with {axis}=1, or a strategy that uses it "
           f"({', '.join(users) or 'none yet'}).")
+    if TENSOR in self.axes and sizes.get(TENSOR, 1) > 1:
+      check_tensor_degree(config, sizes[TENSOR])
 
   def steady_phase(self, sizes: Mapping[str, int], *, simulated: bool = False) -> Phase:
     """The phase a run settles in once any warm-up is over: what each step of a long run costs.
@@ -193,8 +198,9 @@ class Strategy:
     return P(DATA, PATCH)
 
   def param_rules(self) -> AxisRules:
-    """Which mesh axis splits each logical param axis (sharding/partitioning.py); default: replicated."""
-    return AxisRules.replicated()
+    """Which mesh axis splits each logical param axis (sharding/partitioning.py): Megatron's table when the
+    strategy composes with tensor parallelism (a `tensor` axis of size 1 splits nothing), else replicated."""
+    return AxisRules.tensor() if TENSOR in self.axes else AxisRules.replicated()
 
   def stage_of_segment(self, config, height: int, width: int, sizes: Mapping[str, int]) -> tuple[int, ...] | None:
     """Pipeline methods: the `stage` index running each of the model's segments, whose params are

@@ -9,15 +9,17 @@ model's coarsest resolution (`config.row_granularity`).
              next, so no collective but the input conv's small halo (this step's latent rows, as
              in the authors' code) has a consumer inside the step.
   naive      independent patches, no communication: the quality baseline.
+Each composes with tensor parallelism on the same mesh (a `tensor` axis, sharding/contexts/tensor.py).
 """
 
 import dataclasses
 
 from models.parallel import SINGLE_DEVICE
 from sharding.accounting import analytic
-from sharding.axes import PATCH
+from sharding.axes import PATCH, TENSOR
 from sharding.contexts.patch import PatchContext
 from sharding.contexts.simulated import SimulatedPatchContext
+from sharding.contexts.tensor import over_tensor
 from sharding.exchange.groupnorm import GroupNormMode
 from sharding.strategies.base import Phase, Strategy
 
@@ -26,9 +28,9 @@ _STALE_MOMENT_MODES = (GroupNormMode.STALE, GroupNormMode.CORRECTED_ASYNC)  # mo
 
 @dataclasses.dataclass(frozen=True)
 class RowPatches(Strategy):
-  """What the row-patch strategies share: the `patch` axis and its row-split check."""
+  """What the row-patch strategies share: the `patch` axis (and `tensor`) and its row-split check."""
 
-  axes = frozenset({PATCH})
+  axes = frozenset({PATCH, TENSOR})
 
   def validate(self, config, height, width, sizes):
     super().validate(config, height, width, sizes)
@@ -38,7 +40,7 @@ class RowPatches(Strategy):
 def _patch_context(sizes, simulated: bool, groupnorm: GroupNormMode = GroupNormMode.SYNC, records: bool = False):
   """stale → the patch context of a mesh of `sizes` (or its one-device simulation)."""
   context = SimulatedPatchContext if simulated else PatchContext
-  return lambda stale: context(sizes[PATCH], groupnorm, stale, records or stale is not None)
+  return lambda stale: over_tensor(context(sizes[PATCH], groupnorm, stale, records or stale is not None), sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Exact(RowPatches):
     return [Phase(0, num_steps, _patch_context(sizes, simulated))]
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    return analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes)
+    return analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes,
+                                   tensor=sizes[TENSOR])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,8 @@ class Displaced(RowPatches):
     ]
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    volume = analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes)
+    volume = analytic.bytes_per_step(config, height, width, sizes[PATCH], batch, activation_bytes,
+                                     tensor=sizes[TENSOR])
     if self.groupnorm is GroupNormMode.SEPARATE:
       volume.pop("moments", None)
     return volume
@@ -93,7 +97,7 @@ class Displaced(RowPatches):
 
   def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
     return analytic.stale_bytes(config, height, width, sizes[PATCH], batch, activation_bytes,
-                                stale_moments=self.groupnorm in _STALE_MOMENT_MODES)
+                                stale_moments=self.groupnorm in _STALE_MOMENT_MODES, tensor=sizes[TENSOR])
 
   def options(self):
     return f"warm-up {self.warmup_steps}, {self.groupnorm.value}"
@@ -105,4 +109,9 @@ class Naive(RowPatches):
   description = "independent patches, no communication: the quality baseline"
 
   def phases(self, num_steps, sizes, *, simulated=False):
-    return [Phase(0, num_steps, lambda stale: SINGLE_DEVICE)]  # each patch is its own image
+    return [Phase(0, num_steps, lambda stale: over_tensor(SINGLE_DEVICE, sizes))]  # each patch is its own image
+
+  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):  # only the tensor reduces
+    if sizes[TENSOR] == 1:
+      return {}
+    return analytic.tensor_bytes(config, height, width, sizes[PATCH], batch, activation_bytes, sizes[TENSOR])

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from sharding.accounting import analytic
-from sharding.axes import PATCH
+from sharding.axes import PATCH, TENSOR
 from sharding.contexts.sequence import SequenceContext
+from sharding.contexts.tensor import over_tensor
 from sharding.strategies.base import Phase, Strategy
 
 
@@ -21,7 +22,7 @@ from sharding.strategies.base import Phase, Strategy
 class SequenceParallel(Strategy):
   """A sequence method: its context (and its one-device simulation) and its attention traffic kind."""
 
-  axes = frozenset({PATCH})
+  axes = frozenset({PATCH, TENSOR})  # a `tensor` axis composes (sharding/contexts/tensor.py)
   context: ClassVar[type[SequenceContext]]
   simulated_context: ClassVar[type[SequenceContext]]
   attention: ClassVar[str]
@@ -39,7 +40,7 @@ class SequenceParallel(Strategy):
     config.check_latent_size(height, width, row_splits=self.token_blocks(sizes))
 
   def _context(self, sizes, simulated: bool) -> SequenceContext:
-    return (self.simulated_context if simulated else self.context)(self.token_blocks(sizes))
+    return over_tensor((self.simulated_context if simulated else self.context)(self.token_blocks(sizes)), sizes)
 
   def phases(self, num_steps, sizes, *, simulated=False):
     context = self._context(sizes, simulated)
@@ -47,7 +48,7 @@ class SequenceParallel(Strategy):
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
     return analytic.bytes_per_step(config, height, width, self.token_blocks(sizes), batch, activation_bytes,
-                                   attention=self.attention, ulysses=self.ulysses_degree(sizes))
+                                   attention=self.attention, tensor=sizes[TENSOR], ulysses=self.ulysses_degree(sizes))
 
   def collectives_per_step(self, config, kinds, sizes):
     return analytic.collectives_per_step(config, kinds, self.token_blocks(sizes), self.ulysses_degree(sizes))

@@ -1,0 +1,207 @@
+"""What a pipelined training run executes: the stage cut, the schedule's ticks, the bubble pieces.
+
+`make_plan` turns a `PipelineConfig` (stages S, micro-batches M, data parallel D, schedule) and the
+model into a `PipelinePlan`: per-segment forward costs (analytic FLOPs, `segment_flops`, or timed
+once per segment) with the backward at twice the forward, the DP partition and the schedule's
+timeline (dfjax/training/pipeline_schedule.py), and the static tables the executor's `lax.scan`
+indexes by (tick, stage): which branch runs, on which micro-batch, and what arrives from the
+neighbouring stages.
+
+The frozen part (the class-token embedding, one layer) is a `FrozenJob` over a data shard's batch:
+DiffusionPipe's filler places pieces of it (runs of whole samples) into the bubbles, for the next
+step's batch; what does not fit, and all of it under GPipe / 1F1B, runs after the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+
+from dfjax.bench.flops import segment_flops
+from dfjax.training import pipeline_schedule as ps
+from dfjax.training.model import VARIANTS
+from models.build import segment_costs
+from models.config import UNetConfig
+from models.layers import Workload
+from sharding.mesh import make_mesh
+from sharding.strategies.staged import stages_of
+
+CLASS_TOKENS = "class_tokens"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """How `dfjax train` pipelines: `--pipeline-stages`, `--micro-batches`, `--data`, `--schedule`.
+
+  Attributes:
+    stages: pipeline stages S (consecutive UNet segments each).
+    microbatches: micro-batches M per data shard's batch.
+    data: data-parallel degree D (the mesh is D × S devices).
+    schedule: "gpipe", "1f1b" or "diffusionpipe" (1F1B with the frozen work in its bubbles).
+  """
+
+  stages: int = 1
+  microbatches: int = 1
+  data: int = 1
+  schedule: str = "diffusionpipe"
+
+  def __post_init__(self):
+    for name in ("stages", "microbatches", "data"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    ps.Schedule.parse(self.schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinePlan:
+  """A pipelined step, fully decided (hashable; the executor's tables come from here).
+
+  Attributes:
+    config: the PipelineConfig.
+    batch: the global batch B; image_shape: (H, W, C).
+    segment_names: the UNet's segments; stage_of_segment: the stage running each.
+    forward, backward: each segment's cost per micro-batch (FLOPs, or seconds when timed).
+    timeline: the schedule's ticked timeline (with the frozen pieces for DiffusionPipe).
+    frozen_pieces: (first sample, samples) of each frozen piece, in the order the filler placed them.
+    leftover_pieces: the same for the frozen work run after the pipeline.
+  """
+
+  config: PipelineConfig
+  batch: int
+  image_shape: tuple[int, int, int]
+  segment_names: tuple[str, ...]
+  stage_of_segment: tuple[int, ...]
+  forward: tuple[float, ...]
+  backward: tuple[float, ...]
+  timeline: ps.Timeline
+  frozen_pieces: tuple[tuple[int, int], ...]
+  leftover_pieces: tuple[tuple[int, int], ...]
+
+  @property
+  def stages(self) -> int:
+    return self.config.stages
+
+  @property
+  def microbatches(self) -> int:
+    return self.config.microbatches
+
+  @property
+  def shard_batch(self) -> int:
+    return self.batch // self.config.data
+
+  @property
+  def microbatch(self) -> int:
+    return self.shard_batch // self.config.microbatches
+
+  @property
+  def ticks(self) -> int:
+    return self.timeline.ticks()
+
+  def mesh(self):
+    return make_mesh(data=self.config.data, stage=self.stages, patch=1,
+                     devices=jax.devices()[:self.config.data * self.stages])
+
+  def describe_partition(self) -> str:
+    """One line per stage: its segments and its share of the forward cost."""
+    total = sum(self.forward) or 1.0
+    lines = []
+    for stage in range(self.stages):
+      names = [n for n, s in zip(self.segment_names, self.stage_of_segment) if s == stage]
+      cost = sum(f for f, s in zip(self.forward, self.stage_of_segment) if s == stage)
+      lines.append(f"stage {stage}: {', '.join(names)} ({100 * cost / total:.1f} % of the forward)")
+    return "\n".join(lines)
+
+  # -- the executor's tables: branch 0 idle, 1 + 2s forward on stage s, 2 + 2s backward, 1 + 2S + p piece p
+
+  def _grid(self, fill: int) -> list[list[int]]:
+    return [[fill] * self.stages for _ in range(self.ticks)]
+
+  def branch_table(self) -> list[list[int]]:
+    table, piece = self._grid(0), 0
+    for timed in self.timeline.actions:  # in placement order: the frozen pieces' order
+      a = timed.action
+      if a.kind == ps.FROZEN:
+        table[timed.tick][a.stage] = 1 + 2 * self.stages + piece
+        piece += 1
+      else:
+        table[timed.tick][a.stage] = 1 + 2 * a.stage + (a.kind == ps.BACKWARD)
+    return table
+
+  def microbatch_table(self) -> list[list[int]]:
+    table = self._grid(-1)
+    for timed in self.timeline.actions:
+      if timed.action.kind != ps.FROZEN:
+        table[timed.tick][timed.action.stage] = timed.action.microbatch
+    return table
+
+  def receives_forward(self) -> list[list[int]]:
+    """[tick][s]: the micro-batch whose activation stage s receives after that tick (−1: none)."""
+    return self._arrivals(ps.FORWARD, +1)
+
+  def receives_backward(self) -> list[list[int]]:
+    """[tick][s]: the micro-batch whose gradient stage s receives after that tick (−1: none)."""
+    return self._arrivals(ps.BACKWARD, -1)
+
+  def _arrivals(self, kind: str, direction: int) -> list[list[int]]:
+    table = self._grid(-1)
+    for timed in self.timeline.actions:
+      a = timed.action
+      if a.kind == kind and 0 <= a.stage + direction < self.stages:
+        table[timed.tick][a.stage + direction] = a.microbatch
+    return table
+
+
+def segment_names(model: str) -> tuple[str, ...]:
+  config = UNetConfig.from_diffusers_config(VARIANTS[model].unet_config)
+  return tuple(segment_costs(config, Workload(rows=8, cols=8, text_tokens=1)))
+
+
+def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(forward, backward) FLOPs per micro-batch of each segment; the backward at twice the forward."""
+  spec = VARIANTS[model]
+  config = UNetConfig.from_diffusers_config(spec.unet_config)
+  flops = segment_flops(config, *image_shape[:2], batch=microbatch, text_tokens=spec.num_tokens)
+  forward = tuple(float(f) for f in flops.values())
+  return forward, tuple(2.0 * f for f in forward)
+
+
+def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Sequence[int], *,
+              costs: tuple[Sequence[float], Sequence[float]] | None = None) -> PipelinePlan:
+  """The plan of a pipelined step for `model` on a global batch of `batch` images of `image_shape`.
+
+  Args:
+    costs: (forward, backward) per segment and micro-batch; default `analytic_costs`.
+  Raises:
+    ValueError: a batch the data × micro-batch split does not divide, more stages than segments,
+      or a mesh larger than the devices — each naming the valid choices.
+  """
+  names = segment_names(model)
+  s, m, d = pipeline.stages, pipeline.microbatches, pipeline.data
+  if s > len(names):
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
+    raise ValueError(f"--pipeline-stages {s}: the {model!r} UNet has {len(names)} segments ({listed}); "
+                     f"use 1 to {len(names)} stages")
+  if batch % (d * m):
+    valid = [k for k in range(1, batch // d + 1) if batch % (d * k) == 0] if batch % d == 0 else []
+    raise ValueError(f"a batch of {batch} does not split into {d} data shard(s) × {m} micro-batches; "
+                     + (f"valid --micro-batches for --data {d}: {valid}" if valid else
+                        f"--data must divide the batch ({[k for k in range(1, batch + 1) if batch % k == 0]})"))
+  devices = len(jax.devices())
+  if s * d > devices:
+    raise ValueError(f"--pipeline-stages {s} × --data {d} = {s * d} devices, but {devices} are available; "
+                     f"choose stages × data ≤ {devices} (on a CPU, --cpu-devices N)")
+  micro = batch // (d * m)
+  forward, backward = analytic_costs(model, image_shape, micro) if costs is None else map(tuple, costs)
+  spec = VARIANTS[model]
+  shard = batch // d
+  job = ps.FrozenJob(CLASS_TOKENS, (float(shard * spec.num_tokens * spec.token_dim),), shard)
+  timeline = ps.plan(pipeline.schedule, forward, backward, s, m, frozen=[job])
+  placed = [t.action.samples for t in timeline.actions if t.action.kind == ps.FROZEN]
+  pieces = tuple(zip((sum(placed[:i]) for i in range(len(placed))), placed))
+  done = sum(placed)
+  leftover = ((done, shard - done),) if done < shard else ()
+  return PipelinePlan(pipeline, batch, tuple(image_shape), names, stages_of(timeline.cuts, len(names)),
+                      tuple(forward), tuple(backward), timeline, pieces, leftover)

@@ -1,0 +1,351 @@
+"""DiffusionPipe's pipelined training step: one `jax.jit` over a (data D × stage S) mesh.
+
+The class-conditional UNet's segments are cut into S consecutive stages (`PipelinePlan`); each
+device holds only its stage's params, AdamW moments and EMA, packed into its row of (S, n)
+buffers sharded over `stage` (sharding/stage_params.py). A step is a `lax.scan` over the plan's
+lock-step ticks (dfjax/training/pipeline_schedule.py): at each tick every device looks up its
+action in a static (ticks, S) table and runs it with `lax.switch` —
+
+  F(m)   the forward of micro-batch m through its segments (stage 0 builds the carry from the
+         batch, the others read the activation they received; the last stage takes the loss);
+  B(m)   the backward: `jax.vjp` of the stage, recomputed from the stashed input, with the
+         gradient received from the next stage (the last stage starts from the loss);
+  piece  a piece of the frozen class-token embedding's work for the NEXT step's batch, in a
+         bubble (DiffusionPipe's cross-iteration overlap, partial batches);
+
+— then every stage sends its activation to the next stage and its gradient to the previous one
+(`ppermute`, outside the branches). What crosses a cut is a model carry of a different pytree at
+every cut, so each is flattened into one padded 1-D buffer of the longest cut's length, the same
+shape everywhere. After the scan, the gradients are summed over `data`, and AdamW with global-norm
+clipping (elementwise on the packed rows: the norm is the only reduction over `stage`) and the EMA
+update the rows, exactly the optimiser `dfjax.training.loop` runs on one device.
+
+The class tokens are frozen in pipeline mode (they keep their initial values): that is the frozen
+part of this model, as the text and VAE encoders are for Stable Diffusion.
+
+Shape letters: B batch (global), b a data shard's batch, u a micro-batch, H, W, C image, T class
+tokens, D token width, L the padded cut length, n a stage row's length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
+from dfjax.training.loop import FAST_COMPILE, TrainConfig, make_optimizer
+from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
+from dfjax.training.pipeline_plan import PipelinePlan
+from models.class_tokens import drop_labels
+from models.parallel import SINGLE_DEVICE
+from sharding.axes import DATA, STAGE
+from sharding.exchange.stages import to_next_stage, to_previous_stage
+from sharding.stage_params import StagedParams, params_by_segment
+from sharding.strategies.staged import run_stage
+
+
+# ---------------------------------------------------------------------------------- the batch
+
+def noised_batch(key: jax.Array, x0_bhwc: jax.Array, labels_b: jax.Array, cfg: TrainConfig):
+  """The step's random draws, as `dfjax.training.loop._loss` makes them from the same key:
+  (noisy images, timesteps, the regression target, labels dropped to the null class)."""
+  schedule = SchedulerConfig.from_diffusers_config(SCHEDULER_CONFIG)
+  alphas_cumprod = train_alphas_cumprod(schedule)
+  sqrt_ab = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)  # T
+  sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)  # T
+  t_key, noise_key, drop_key = jax.random.split(key, 3)
+  t_b = jax.random.randint(t_key, (x0_bhwc.shape[0],), 0, sqrt_ab.shape[0])  # B
+  eps_bhwc = jax.random.normal(noise_key, x0_bhwc.shape, jnp.float32)  # B, H, W, C
+  alpha_b111, sigma_b111 = sqrt_ab[t_b, None, None, None], sqrt_1mab[t_b, None, None, None]
+  x_bhwc = alpha_b111 * x0_bhwc + sigma_b111 * eps_bhwc  # B, H, W, C
+  target_bhwc = prediction_target(schedule.prediction_type, x0_bhwc, eps_bhwc, alpha_b111, sigma_b111)
+  dropped_b = drop_labels(labels_b, drop_key, VARIANTS[cfg.model].num_classes, cfg.label_drop)  # B
+  return x_bhwc, t_b, target_bhwc, dropped_b
+
+
+def step_key(cfg: TrainConfig, step) -> jax.Array:
+  """The PRNG key of training step `step` (as `dfjax.training.loop` derives it)."""
+  return jax.random.fold_in(jax.random.key(cfg.seed), step)
+
+
+# ---------------------------------------------------------------------------------- flat cuts
+
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+  """A pytree of arrays ↔ one 1-D buffer of `length` (zero-padded): a cut's carry on the wire."""
+
+  treedef: jax.tree_util.PyTreeDef
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+
+  @classmethod
+  def of(cls, abstract) -> _Flat:
+    leaves, treedef = jax.tree.flatten(abstract)
+    return cls(treedef, tuple(tuple(a.shape) for a in leaves), tuple(np.dtype(a.dtype).name for a in leaves))
+
+  @property
+  def size(self) -> int:
+    return sum(math.prod(s) for s in self.shapes)
+
+  def pack(self, tree, length: int, dtype) -> jax.Array:
+    flat = jnp.concatenate([jnp.ravel(a).astype(dtype) for a in jax.tree.leaves(tree)])  # size
+    return jnp.pad(flat, (0, length - flat.shape[0]))  # L
+
+  def unpack(self, buffer_l: jax.Array):
+    leaves, start = [], 0
+    for shape, dtype in zip(self.shapes, self.dtypes):
+      size = math.prod(shape)
+      leaves.append(buffer_l[start:start + size].reshape(shape).astype(dtype))
+      start += size
+    return jax.tree.unflatten(self.treedef, leaves)
+
+
+# ---------------------------------------------------------------------------------- the executor
+
+class PipelineExecutor:
+  """The compiled pieces of pipelined training for one model, image size, batch and plan.
+
+  Build it with `PipelineExecutor(cfg, plan)`; `init_state`, `frozen_outputs` and `step` are
+  jitted. State: {"params": {"rows": {dtype: (S, n)}}, "opt_state", "ema", "step", "frozen":
+  the class-token table (replicated)}, rows sharded over `stage`, replicated over `data`.
+  """
+
+  def __init__(self, cfg: TrainConfig, plan: PipelinePlan):
+    self.cfg, self.plan = cfg.static(), plan
+    self.mesh = plan.mesh()
+    spec = VARIANTS[cfg.model]
+    abstract = nnx.eval_shape(lambda: ClassConditionalUNet(spec, rngs=nnx.Rngs(0)))
+    self.unet_graphdef, unet_state = nnx.split(abstract.unet, nnx.Param)
+    self.tokens_graphdef = nnx.split(abstract.class_tokens, nnx.Param)[0]
+    u, (h, w, c), tokens = plan.microbatch, plan.image_shape, (spec.num_tokens, spec.token_dim)
+    x, t, context = np.zeros((u, h, w, c), np.float32), np.zeros((u,), np.int32), np.zeros((u, *tokens), np.float32)
+    read = params_by_segment(abstract.unet, x, t, encoder_hidden_states=context)
+    self.staged = StagedParams.plan(unet_state, read, plan.stage_of_segment)
+    if any(slot.stage is None for slot in self.staged.slots):
+      raise ValueError("pipeline training needs every UNet param read by exactly one segment; "
+                       "this model shares or leaves unread some params")
+    self.optimizer = make_optimizer(self.cfg)[0]
+    # the carry crossing each cut, for one micro-batch
+    carry = jax.eval_shape(lambda: abstract.unet.first_carry(x, t, context))
+    self.cuts: list[_Flat] = []
+    for stage in range(plan.stages - 1):
+      carry = jax.eval_shape(functools.partial(self._run_stage, stage), self._abstract_rows(), carry)
+      self.cuts.append(_Flat.of(carry))
+    self.length = max((cut.size for cut in self.cuts), default=1)
+    options = FAST_COMPILE if spec.fast_compile else None  # as dfjax.training.loop compiles the variant
+    self.init_state = jax.jit(self.fresh_state, compiler_options=options)
+    self.frozen_outputs = jax.jit(self._frozen_outputs, compiler_options=options)
+    self.step = jax.jit(self._step, donate_argnums=0, compiler_options=options)
+    self.loss_and_grads = jax.jit(self._loss_and_grads, compiler_options=options)
+
+  # -- layout helpers
+
+  def _abstract_rows(self) -> dict:
+    return {dtype: jax.ShapeDtypeStruct((1, n), dtype) for dtype, n in self.staged.row_lengths}
+
+  def _unet(self, rows: dict, stage: int):
+    return nnx.merge(self.unet_graphdef, self.staged.unpack({"rows": rows, "shared": {}}, stage))
+
+  def _run_stage(self, stage: int, rows: dict, carry):
+    return run_stage(self._unet(rows, stage), carry, self.plan.stage_of_segment, stage, SINGLE_DEVICE)
+
+  def shardings(self) -> dict:
+    """The state's placement: rows (and their moments) over `stage`, the rest replicated."""
+    row = NamedSharding(self.mesh, P(STAGE))
+    rep = NamedSharding(self.mesh, P())
+    abstract = jax.eval_shape(self.fresh_state, jnp.int32(0))
+    return jax.tree.map(lambda a: row if a.ndim == 2 and a.shape[0] == self.plan.stages and
+                        a.shape[1] in dict(self.staged.row_lengths).values() else rep, abstract)
+
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(DATA))
+
+  # -- state
+
+  def fresh_state(self, seed: jax.Array) -> dict:
+    """The fresh training state of `seed` (traceable; `init_state` is it jitted)."""
+    model = ClassConditionalUNet(VARIANTS[self.cfg.model], rngs=nnx.Rngs(jax.random.key(seed)))
+    return self.state_from(model)
+
+  def state_from(self, model: ClassConditionalUNet) -> dict:
+    """Fresh training state from a model's params (traceable)."""
+    packed = self.pack_params(nnx.state(model.unet, nnx.Param))
+    return {"params": packed, "opt_state": self.optimizer.init(packed), "ema": jax.tree.map(jnp.copy, packed),
+            "step": jnp.zeros((), jnp.int32),
+            "frozen": jax.tree.map(jnp.copy, nnx.state(model.class_tokens, nnx.Param))}  # `step` donates the state
+
+  def pack_params(self, unet_params) -> dict:
+    """UNet params → {"rows": {dtype: (S, n)}} (traceable: StagedParams.pack's layout)."""
+    rows = {dtype: [[] for _ in range(self.plan.stages)] for dtype, _ in self.staged.row_lengths}
+    for slot, leaf in zip(self.staged.slots, jax.tree.leaves(unet_params)):
+      rows[slot.dtype][slot.stage].append(jnp.ravel(leaf))
+    lengths = dict(self.staged.row_lengths)
+    return {"rows": {dtype: jnp.stack([jnp.pad(jnp.concatenate(parts), (0, lengths[dtype] - sum(p.size for p in parts)))
+                                       for parts in per_stage]) for dtype, per_stage in rows.items()}}
+
+  def unet_params(self, packed: dict) -> nnx.State:
+    """{"rows": …} → the UNet's params as one state (on the host: gathers every stage)."""
+    rows = jax.device_get(packed["rows"])
+    values = []
+    for slot in self.staged.slots:
+      row = rows[slot.dtype][slot.stage]
+      values.append(jnp.asarray(row[slot.start:slot.start + slot.size].reshape(slot.shape)))
+    return jax.tree.unflatten(self.staged.treedef, values)
+
+  def model(self, state: dict, *, ema: bool) -> ClassConditionalUNet:
+    """The trained pair (UNet from the rows, EMA or raw; the frozen class tokens)."""
+    abstract = nnx.eval_shape(lambda: ClassConditionalUNet(VARIANTS[self.cfg.model], rngs=nnx.Rngs(0)))
+    nnx.update(abstract.unet, self.unet_params(state["ema"] if ema else state["params"]))
+    nnx.update(abstract.class_tokens, jax.device_get(state["frozen"]))
+    return abstract
+
+  # -- the frozen part
+
+  def _class_tokens(self, frozen, labels_b):
+    return nnx.merge(self.tokens_graphdef, frozen)(labels_b)  # b, T, D
+
+  def _frozen_outputs(self, state: dict, images_bhwc: jax.Array, labels_b: jax.Array) -> jax.Array:
+    """The frozen part's outputs for step state["step"]'s batch, computed up front: the first step's
+    input (later steps get them from the previous step's bubbles)."""
+    dropped_b = noised_batch(step_key(self.cfg, state["step"]), images_bhwc, labels_b, self.cfg)[3]
+    return self._class_tokens(state["frozen"], dropped_b)  # B, T, D
+
+  # -- the step
+
+  def _step(self, state: dict, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b):
+    """One optimiser step: (state, this batch's class tokens, images, next batch) →
+    (state, loss, the next batch's class tokens). `state` is donated."""
+    loss, grads, next_tokens = self._loss_and_grads(state, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b)
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step = state["step"].astype(jnp.float32)
+    decay = jnp.minimum(self.cfg.ema_decay, (1.0 + step) / (10.0 + step))  # as loop._step
+    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state["ema"], params)
+    new = {"params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1, "frozen": state["frozen"]}
+    return new, loss, next_tokens
+
+  def _loss_and_grads(self, state, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b):
+    """The pipelined forward and backward of one global batch: (loss, grads of the packed rows,
+    the next batch's class tokens)."""
+    x_bhwc, t_b, target_bhwc, _ = noised_batch(step_key(self.cfg, state["step"]), images_bhwc,
+                                               jnp.zeros(images_bhwc.shape[:1], jnp.int32), self.cfg)
+    next_dropped_b = noised_batch(step_key(self.cfg, state["step"] + 1), next_images_bhwc, next_labels_b,
+                                  self.cfg)[3]
+    scale = 1.0 / math.prod(images_bhwc.shape)  # the loss is the mean over the global batch
+    row, batch, rep = P(STAGE), P(DATA), P()
+    run = jax.shard_map(functools.partial(self._on_device, scale=scale), mesh=self.mesh,
+                        in_specs=({"rows": {d: row for d, _ in self.staged.row_lengths}}, rep, batch, batch, batch,
+                                  batch, batch),
+                        out_specs=(rep, {"rows": {d: row for d, _ in self.staged.row_lengths}}, batch),
+                        check_vma=False)
+    on_data = lambda a: jax.reshard(a, NamedSharding(self.mesh, batch))  # noqa: E731
+    return run(jax.reshard(state["params"], NamedSharding(self.mesh, row)),
+               jax.reshard(state["frozen"], NamedSharding(self.mesh, rep)),
+               *map(on_data, (tokens_btd, x_bhwc, t_b, target_bhwc, next_dropped_b)))
+
+  def _on_device(self, params, frozen, tokens_btd, x_bhwc, t_b, target_bhwc, next_dropped_b, *, scale):
+    """One device's share of the step: the scan over ticks, then the sums over `data` and `stage`."""
+    plan, stages, u, length = self.plan, self.plan.stages, self.plan.microbatch, self.length
+    rows = params["rows"]
+    here = lax.axis_index(STAGE)
+    wire = jnp.float32
+
+    def microbatch(a, m):
+      return lax.dynamic_slice_in_dim(a, m * u, u)
+
+    def stage_fn(stage):
+      """(rows, input buffer, m) → output buffer (L,), or the loss on the last stage."""
+      def run(rows, in_l, m):
+        if stage == 0:
+          carry = self._unet(rows, 0).first_carry(microbatch(x_bhwc, m), microbatch(t_b, m), microbatch(tokens_btd, m))
+        else:
+          carry = self.cuts[stage - 1].unpack(in_l)
+        carry = self._run_stage(stage, rows, carry)
+        if stage < stages - 1:
+          return self.cuts[stage].pack(carry, length, wire)
+        return scale * jnp.sum(jnp.square(carry.h.astype(jnp.float32) - microbatch(target_bhwc, m)))
+      return run
+
+    zero_l = jnp.zeros((length,), wire)
+
+    def idle(work, stash, received, m):
+      return work, zero_l, zero_l
+
+    def forward(stage):
+      def branch(work, stash, received, m):
+        out = stage_fn(stage)(rows, stash[m], m)
+        if stage < stages - 1:
+          return work, out, zero_l
+        return {**work, "loss": work["loss"] + out}, zero_l, zero_l
+      return branch
+
+    def backward(stage):
+      def branch(work, stash, received, m):
+        out, pullback = jax.vjp(lambda r, x: stage_fn(stage)(r, x, m), rows, stash[m])
+        cotangent = received[m] if stage < stages - 1 else jnp.ones((), out.dtype)
+        g_rows, g_in = pullback(cotangent)
+        grads = jax.tree.map(jnp.add, work["grads"], g_rows)
+        return {**work, "grads": grads}, zero_l, (g_in if stage > 0 else zero_l)
+      return branch
+
+    def frozen_piece(start, samples):
+      def branch(work, stash, received, m):
+        tokens = self._class_tokens(frozen, next_dropped_b[start:start + samples])  # pieces, T, D
+        return {**work, "next_tokens": lax.dynamic_update_slice_in_dim(work["next_tokens"], tokens, start, 0)}, \
+            zero_l, zero_l
+      return branch
+
+    # numbered as PipelinePlan.branch_table numbers them
+    branches = [idle] + [f(s) for s in range(stages) for f in (forward, backward)]
+    branches += [frozen_piece(start, samples) for start, samples in plan.frozen_pieces]
+    table = jnp.asarray(plan.branch_table())  # ticks, S
+    micro = jnp.asarray(plan.microbatch_table())  # ticks, S
+    gets_forward = jnp.asarray(plan.receives_forward())  # ticks, S: the micro-batch arriving, or −1
+    gets_backward = jnp.asarray(plan.receives_backward())  # ticks, S
+
+    def tick(carry, k):
+      work, stash, received = carry
+      work, send_forward, send_backward = lax.switch(table[k, here], branches, work, stash, received,
+                                                     jnp.maximum(micro[k, here], 0))
+      arrived_forward = to_next_stage(send_forward, stages)  # L
+      arrived_backward = to_previous_stage(send_backward, stages)  # L
+      stash = _store(stash, arrived_forward, gets_forward[k, here])
+      received = _store(received, arrived_backward, gets_backward[k, here])
+      return (work, stash, received), None
+
+    b = next_dropped_b.shape[0]
+    work = {"grads": jax.tree.map(jnp.zeros_like, rows), "loss": jnp.zeros((), jnp.float32),
+            "next_tokens": jnp.zeros((b, *self._class_tokens(frozen, next_dropped_b[:1]).shape[1:]), jnp.float32)}
+    buffers = jnp.zeros((plan.microbatches, length), wire)  # M, L
+    (work, _, _), _ = lax.scan(tick, (work, buffers, buffers), jnp.arange(plan.ticks))
+    grads = jax.tree.map(lambda g: lax.psum(g, DATA), work["grads"])
+    loss = lax.psum(work["loss"], (DATA, STAGE))
+    next_tokens = lax.psum(work["next_tokens"], STAGE)  # each piece was written on one stage, zeros elsewhere
+    for start, samples in plan.leftover_pieces:  # frozen work the bubbles had no room for
+      next_tokens = next_tokens.at[start:start + samples].set(
+          self._class_tokens(frozen, next_dropped_b[start:start + samples]))
+    return loss, {"rows": grads}, next_tokens
+
+
+def _store(buffers_ml: jax.Array, value_l: jax.Array, m: jax.Array) -> jax.Array:
+  """Row m of `buffers_ml` set to `value_l` (m < 0: nothing arrived, unchanged)."""
+  updated = lax.dynamic_update_slice_in_dim(buffers_ml, value_l[None], jnp.maximum(m, 0), 0)
+  return jnp.where(m >= 0, updated, buffers_ml)
+
+
+
+@functools.lru_cache(maxsize=8)
+def executor_for(cfg: TrainConfig, plan: PipelinePlan) -> PipelineExecutor:
+  """The executor of (cfg's static settings, plan), built once: runs that share them share the
+  compiled step (a resumed run, a benchmark's repeats)."""
+  return PipelineExecutor(cfg.static(), plan)

@@ -1,0 +1,91 @@
+"""`dfjax train --pipeline-stages S --micro-batches M [--data D] [--schedule …]`: pipelined training.
+
+`train_pipelined` plans the run (dfjax/training/pipeline_plan.py), prints the partition and the
+per-device timeline, writes it as OUT/pipeline.png, and runs the resumable step loop every
+`dfjax train` shares (dfjax/training/checkpointed.py) with the pipelined step: the same orbax
+checkpoints, now of the per-stage state (each stage's rows are saved from, and restored onto, its
+own devices), the same loss curve and export.
+
+The frozen class tokens of a step's batch come from the previous step's bubbles (cross-iteration
+overlap); the first step of a process computes them up front, which gives the same values, so a
+resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from dfjax import data
+from dfjax.training.checkpointed import CHECKPOINTS, run_steps
+from dfjax.training.loop import TrainConfig, export_run, make_optimizer
+from dfjax.training.pipeline_chart import describe, draw
+from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, make_plan
+from dfjax.training.pipeline_step import executor_for
+
+PIPELINE_CONFIG = "pipeline_config.json"
+CHART = "pipeline.png"
+
+
+class Pipelined:
+  """One run's pipelined step as `run_steps` calls it, carrying the frozen outputs between steps."""
+
+  def __init__(self, cfg: TrainConfig, plan: PipelinePlan):
+    self.cfg, self.plan = cfg, plan
+    self.executor = executor_for(cfg, plan)
+    self._tokens = None  # the frozen outputs for the batch of step self._step
+    self._step: int | None = None
+
+  def init_state(self, seed, *, cfg=None):
+    return self.executor.fresh_state(seed)
+
+  def jitted_init(self, seed, *, cfg=None):
+    return jax.device_put(self.executor.init_state(seed), self.executor.shardings())
+
+  def train_step(self, state: dict, images, labels, *, cfg=None):
+    if self._step is None:  # the first step of this process: its frozen work up front
+      self._step = int(state["step"])
+      self._tokens = self.executor.frozen_outputs(state, images, labels)
+    next_images, next_labels = data.batch((self.cfg.seed, self._step + 1), self.cfg.batch)
+    state, loss, self._tokens = self.executor.step(state, self._tokens, images, next_images, next_labels)
+    self._step += 1
+    return state, loss
+
+
+def plan_for(cfg: TrainConfig, pipeline: PipelineConfig) -> PipelinePlan:
+  """The plan of `dfjax train`'s pipelined step (its batch of `data.IMAGE_SIZE`² RGB images)."""
+  return make_plan(pipeline, cfg.model, cfg.batch, (data.IMAGE_SIZE, data.IMAGE_SIZE, 3))
+
+
+def train_pipelined(cfg: TrainConfig, pipeline: PipelineConfig, *, resume: bool = False,
+                    stop_at: int | None = None, progress: bool = True, command: str | None = None,
+                    echo=print) -> Path | None:
+  """`dfjax.training.train` with the step pipelined; prints the plan and writes OUT/pipeline.png.
+
+  Raises:
+    ValueError: the pipeline does not fit the model, batch or devices (the valid choices named),
+      or OUT holds a run with another pipeline configuration.
+  """
+  plan = plan_for(cfg, pipeline)
+  out = Path(cfg.out)
+  recorded, settings = out / PIPELINE_CONFIG, dataclasses.asdict(pipeline)
+  if resume and recorded.is_file() and json.loads(recorded.read_text()) != settings:
+    raise ValueError(f"cannot resume {out}: its run was pipelined as {json.loads(recorded.read_text())}, "
+                     f"now {settings}; use the original flags or another --out")
+  runner = Pipelined(cfg, plan)
+  echo(plan.describe_partition())
+  echo(describe(plan.timeline))
+  out.mkdir(parents=True, exist_ok=True)
+  echo(f"timeline chart: {draw(plan.timeline, out / CHART)}")
+  if resume or not (out / CHECKPOINTS).is_dir():  # else run_steps refuses to mix runs
+    recorded.write_text(json.dumps(settings, indent=2) + "\n")
+  finished = run_steps(cfg, init_state=runner.init_state, train_step=runner.train_step, resume=resume,
+                       stop_at=stop_at, jitted_init=runner.jitted_init, schedule=make_optimizer(cfg)[1],
+                       progress=progress, state_shardings=runner.executor.shardings())
+  if finished is None:
+    return None
+  state, history = finished
+  return export_run(cfg, runner.executor.model(state, ema=cfg.ema_decay > 0), history, command)

@@ -1,0 +1,197 @@
+"""DiffusionPipe's pipelined training step (dfjax/training/pipeline_step.py) on 8 CPU devices, fp32:
+one pipelined step, under every schedule, with and without data parallelism, equals the
+single-device step of `dfjax.training.loop` (its `_loss` on the whole batch, the class tokens
+frozen, its optimiser on the UNet): loss, gradients, and the params and EMA after two steps; the
+class tokens computed in the bubbles for the next batch are bit-identical to computing them up
+front. Plans that do not fit are refused with the valid choices; a pipelined `dfjax train` run
+stopped and resumed gives the uninterrupted run's loss curve and weights."""
+
+import csv
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dfjax import commands
+from dfjax.training import TrainConfig, load_trained
+from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer
+from dfjax.training.model import VARIANTS, ClassConditionalUNet
+from dfjax.training.pipeline_plan import PipelineConfig, make_plan
+from dfjax.training.pipeline_schedule import BACKWARD, FORWARD
+from dfjax.training.pipeline_step import executor_for, step_key
+from dfjax.training.pipeline_train import train_pipelined
+
+BATCH, IMAGE = 16, (8, 8, 3)
+CFG = TrainConfig(out="", model="tiny", batch=BATCH, warmup_steps=1, weight_decay=0.01)
+
+
+def _batches():
+  rng = np.random.default_rng(0)
+  return [(rng.uniform(-1, 1, (BATCH, *IMAGE)).astype(np.float32), rng.integers(0, 4, BATCH).astype(np.int32))
+          for _ in range(3)]
+
+
+@functools.cache
+def _model():
+  return ClassConditionalUNet(VARIANTS["tiny"], rngs=nnx.Rngs(jax.random.key(0)))
+
+
+@functools.cache
+def _reference():
+  """Two single-device steps: loop._loss on the whole batch, gradients of the UNet's params only
+  (the class tokens frozen), loop's optimiser (global-norm clipping, AdamW) and EMA on them."""
+  full = nnx.state(_model(), nnx.Param)
+  tokens = full["class_tokens"]
+  optimizer = make_optimizer(CFG)[0]
+
+  def loss_of(unet, images, labels, step):
+    params = nnx.State({"unet": unet, "class_tokens": tokens})
+    return _loss(params, _graphdef(CFG.model), images, labels, step_key(CFG, step), CFG.static())
+
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  def two_steps(unet, batches):
+    losses, grads = [], []
+    opt_state, ema = optimizer.init(unet), unet
+    for step, (images, labels) in enumerate(batches[:2]):
+      loss, g = jax.value_and_grad(loss_of)(unet, images, labels, step)
+      updates, opt_state = optimizer.update(g, opt_state, unet)
+      unet = optax.apply_updates(unet, updates)
+      decay = min(CFG.ema_decay, (1.0 + step) / (10.0 + step))
+      ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, unet)
+      losses.append(loss)
+      grads.append(g)
+    return losses, grads[0], unet, ema
+
+  return jax.device_get(two_steps(full["unet"], _batches()))
+
+
+@functools.cache
+def _pipelined(stages, microbatches, data, schedule):
+  """Two pipelined steps: their losses, the first step's gradients, the params and EMA after them,
+  and the next batch's class tokens (from the bubbles, and up front)."""
+  plan = make_plan(PipelineConfig(stages, microbatches, data, schedule), CFG.model, BATCH, IMAGE)
+  ex = executor_for(CFG, plan)
+  batches = _batches()
+  state = jax.device_put(ex.state_from(_model()), ex.shardings())
+  tokens = ex.frozen_outputs(state, *batches[0])
+  _, grads, _ = ex.loss_and_grads(state, tokens, batches[0][0], *batches[1])
+  losses, carried, up_front = [], [], []
+  for step in range(2):
+    state, loss, tokens = ex.step(state, tokens, batches[step][0], *batches[step + 1])
+    losses.append(float(loss))
+    carried.append(np.asarray(tokens))
+    up_front.append(np.asarray(ex.frozen_outputs(state, *batches[step + 1])))
+  return {"losses": losses, "grads": ex.unet_params(grads), "params": ex.unet_params(state["params"]),
+          "ema": ex.unet_params(state["ema"]), "carried": carried, "up_front": up_front, "plan": plan,
+          "row": state["params"]["rows"]["float32"]}
+
+
+def _close(actual, expected, rtol):
+  """Every leaf within rtol of its own largest magnitude (fp32 sums in another order)."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    a, e = np.asarray(a), np.asarray(e)
+    scale = max(float(np.max(np.abs(e))), 1e-30)
+    assert float(np.max(np.abs(a - e))) <= rtol * scale, (float(np.max(np.abs(a - e))), scale)
+
+
+CASES = [(2, 2, 2, "diffusionpipe")]  # the default suite's one compile; the grid below is slow
+GRID = [(s, m, d, sched) for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4) for m in (1, 2, 4, 8)
+        for d in (1, 2) if (s, m, d, sched) not in CASES]
+
+
+@pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow) for c in GRID],
+                         ids=lambda c: "S{}-M{}-D{}-{}".format(*c))
+def test_pipelined_step_equals_single_device(case):
+  got, ref_losses, ref_grads, ref_params, ref_ema = _pipelined(*case), *_reference()
+  np.testing.assert_allclose(got["losses"], np.asarray(ref_losses), rtol=1e-5)
+  _close(got["grads"], ref_grads, 1e-5)
+  _close(got["params"], ref_params, 1e-5)
+  _close(got["ema"], ref_ema, 1e-5)
+  # the parameters moved (the comparison is not of two copies of the init)
+  init = nnx.state(_model().unet, nnx.Param)
+  assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(init))) > 1e-4
+  # the frozen part's outputs from the bubbles (cross-iteration) = computing them up front, bit for bit
+  for carried, up_front in zip(got["carried"], got["up_front"]):
+    np.testing.assert_array_equal(carried, up_front)
+  # each device holds its own stage's row of the params, not the model
+  assert got["row"].addressable_shards[0].data.shape[0] == 1
+
+
+def test_diffusionpipe_puts_the_class_tokens_in_a_bubble():
+  plan = make_plan(PipelineConfig(2, 2, 2, "diffusionpipe"), CFG.model, BATCH, IMAGE)
+  assert plan.frozen_pieces and not plan.leftover_pieces
+  assert sum(n for _, n in plan.frozen_pieces) == plan.shard_batch
+  baseline = make_plan(PipelineConfig(2, 2, 2, "1f1b"), CFG.model, BATCH, IMAGE)
+  assert not baseline.frozen_pieces and baseline.leftover_pieces == ((0, plan.shard_batch),)
+
+
+@pytest.mark.parametrize("stages,microbatches,schedule", [(2, 4, "gpipe"), (4, 4, "1f1b"), (3, 2, "diffusionpipe")])
+def test_tables_run_every_pass_once_after_its_input_arrived(stages, microbatches, schedule):
+  """Read independently of the planner: per (stage, micro-batch) one forward and one backward; a
+  forward on stage s > 0 comes after the activation arrived (receives_forward at an earlier tick),
+  a backward after its own forward and, below the last stage, after the gradient arrived."""
+  plan = make_plan(PipelineConfig(stages, microbatches, 1, schedule), CFG.model, 8, IMAGE)
+  branch, micro = plan.branch_table(), plan.microbatch_table()
+  arrived_f, arrived_b = plan.receives_forward(), plan.receives_backward()
+  seen = {}
+  for tick, row in enumerate(branch):
+    for stage, code in enumerate(row):
+      if 1 <= code <= 2 * stages:
+        assert (code - 1) // 2 == stage
+        kind, m = (FORWARD, BACKWARD)[(code - 1) % 2], micro[tick][stage]
+        assert (kind, stage, m) not in seen
+        seen[(kind, stage, m)] = tick
+        if kind == FORWARD and stage > 0:
+          assert any(arrived_f[k][stage] == m for k in range(tick))
+        if kind == BACKWARD:
+          assert seen[(FORWARD, stage, m)] < tick
+          if stage < stages - 1:
+            assert any(arrived_b[k][stage] == m for k in range(tick))
+  assert len(seen) == 2 * stages * microbatches
+
+
+def test_plans_that_do_not_fit_name_the_valid_choices():
+  with pytest.raises(ValueError, match=r"has 7 segments \(0 embed, 1 down_blocks.0.*use 1 to 7 stages"):
+    make_plan(PipelineConfig(8, 1, 1), CFG.model, 8, IMAGE)
+  with pytest.raises(ValueError, match=r"valid --micro-batches for --data 2: \[1, 2, 4\]"):
+    make_plan(PipelineConfig(2, 3, 2), CFG.model, 8, IMAGE)
+  with pytest.raises(ValueError, match=r"--data must divide the batch"):
+    make_plan(PipelineConfig(2, 1, 3), CFG.model, 8, IMAGE)
+  with pytest.raises(ValueError, match=r"4 × --data 4 = 16 devices, but 8 are available"):
+    make_plan(PipelineConfig(4, 1, 4), CFG.model, 16, IMAGE)
+  with pytest.raises(ValueError, match="unknown pipeline schedule 'zb'; valid: gpipe, 1f1b, diffusionpipe"):
+    PipelineConfig(2, 1, 1, "zb")
+  with pytest.raises(ValueError, match="microbatches must be a positive int"):
+    PipelineConfig(2, 0, 1)
+
+
+def _loss_csv(folder):
+  with open(folder / "loss.csv", newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_pipelined_run_resumes_exactly(tmp_path, capsys):
+  """`dfjax train --pipeline-stages 2 --micro-batches 2` for 3 steps, and the same run stopped after
+  step 1 (inside a logging interval) and resumed: the same loss curve and weights."""
+  flags = ["--model", "tiny", "--steps", "3", "--batch", "4", "--save-every", "2", "--log-every", "2",
+           "--warmup-steps", "2", "--pipeline-stages", "2", "--micro-batches", "2", "--schedule", "diffusionpipe"]
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  assert commands.main(["train", "--out", str(whole), *flags]) == 0
+  printed = capsys.readouterr().out
+  assert "stage 0: embed" in printed and "device 1 |" in printed and "bubbles" in printed
+  assert (whole / "pipeline.png").stat().st_size > 0
+  cfg = TrainConfig(out=str(split), model="tiny", steps=3, batch=4, save_every=2, log_every=2, warmup_steps=2)
+  pipeline = PipelineConfig(2, 2, 1, "diffusionpipe")
+  assert train_pipelined(cfg, pipeline, stop_at=1, progress=False, echo=lambda _: None) is None
+  resumed = train_pipelined(cfg, pipeline, resume=True, progress=False, echo=lambda _: None)
+  assert _loss_csv(whole / "model") == _loss_csv(resumed)
+  a, b = load_trained(whole / "model"), load_trained(resumed)
+  for x, y in zip(jax.tree.leaves(nnx.state(a.unet)), jax.tree.leaves(nnx.state(b.unet)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="its run was pipelined as"):
+    train_pipelined(cfg, PipelineConfig(2, 1, 1, "gpipe"), resume=True, progress=False, echo=lambda _: None)
