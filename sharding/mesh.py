@@ -1,33 +1,34 @@
 """Device meshes with the named axes dfjax's strategies shard over (sharding/axes.py).
 
-Every dfjax mesh has all five axes, outermost first: data, cfg, stage, patch, tensor; an axis a
-run does not split has size 1, so every strategy can name any axis in its partition specs.
+Every dfjax mesh has all six axes, outermost first: data, cfg, stage, patch, ulysses, tensor; an
+axis a run does not split has size 1, so every strategy can name any axis in its partition specs.
 """
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from sharding.axes import CFG, DATA, MESH_AXES, PATCH, STAGE, TENSOR
+from sharding.axes import CFG, DATA, MESH_AXES, PATCH, STAGE, TENSOR, ULYSSES
 
 
-def make_mesh(data: int = 1, cfg: int = 1, patch: int | None = None, *, stage: int = 1, tensor: int = 1,
-              devices=None) -> Mesh:
-  """Builds a (data, cfg, stage, patch, tensor) mesh over `devices` (default: all devices of all processes).
+def make_mesh(data: int = 1, cfg: int = 1, patch: int | None = None, *, stage: int = 1, ulysses: int = 1,
+              tensor: int = 1, devices=None) -> Mesh:
+  """Builds a (data, cfg, stage, patch, ulysses, tensor) mesh over `devices` (default: all devices of all processes).
 
   Args:
     data, cfg, stage, tensor: sizes of the batch, guidance, pipeline-stage and tensor axes.
-    patch: size of the row-patch axis; None takes every device the other axes leave.
+    patch: size of the row-patch axis (USP's ring degree); None takes every device the other axes leave.
+    ulysses: USP's Ulysses degree, the second split of the tokens (`make_mesh(patch=2, ulysses=4)`).
     devices: the devices to use, in order; a single-process run may use a prefix of them.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {DATA: data, CFG: cfg, STAGE: stage, PATCH: patch, TENSOR: tensor}
+  sizes = {DATA: data, CFG: cfg, STAGE: stage, PATCH: patch, ULYSSES: ulysses, TENSOR: tensor}
   for name, size in sizes.items():
     if size is not None and (not isinstance(size, int) or size < 1):
       raise ValueError(f"make_mesh: {name}={size!r} must be a positive integer.")
   if cfg not in (1, 2):
     raise ValueError(f"make_mesh: cfg={cfg} must be 1 or 2 (guidance has two halves).")
-  others = data * cfg * stage * tensor
+  others = data * cfg * stage * ulysses * tensor
   named = " × ".join(f"{name}={size}" for name, size in sizes.items() if name != PATCH and size > 1) or "1"
   if patch is None:
     if len(devices) % others:

@@ -2,7 +2,8 @@
 
 The simulated program (one device of an N-device patch mesh, collectives replaced by stand-ins)
 must have the real shard's output shape and exchange exactly what the real PatchContext does;
-the analytic FLOP count must be the published SDXL figure and agree with XLA's cost analysis.
+the analytic FLOP count must be the published SDXL figure and agree with XLA's cost analysis;
+`bench strategies` and `bench simulate` run DiT and PixArt with every sequence strategy.
 """
 
 import json
@@ -14,15 +15,16 @@ import pytest
 from flax import nnx
 
 from dfjax import commands
-from dfjax.bench import simulate, table, unet
+from dfjax.bench import simulate, strategies, table, unet
+from dfjax.bench.models import model_config
 from dfjax.bench.flops import analytic_unet_flops, flops_by_kind
 from dfjax.bench.timing import device_name
 from dfjax.bench.unet import compiled_flops, random_unet, unet_inputs
 from dfjax.sampling import Conditioning, stale_buffer_shapes
 from models.config import UNetConfig
-from models.presets import unet_preset
+from models.presets import transformer_config, unet_preset
 from sharding.accounting import analytic
-from sharding.mesh import axis_sizes, make_mesh
+from sharding.mesh import axis_sizes, describe, make_mesh
 from sharding.strategies import Strategy
 
 # Two levels keep tracing and compiling short; every exchange kind is there (halo convs incl. the
@@ -74,7 +76,7 @@ def test_simulated_program_has_the_real_shards_output_shape(model, patches):
   graphdef, params = nnx.split(model)
   mesh, exact = make_mesh(1, 1, patches), Strategy.exact()
   real = simulate.device_step(graphdef, mesh, exact.steady_phase(axis_sizes(mesh)), exact.latent_spec())
-  real_args = simulate.place(mesh, exact.latent_spec(), params, *unet_inputs(model.config, 2, HEIGHT, WIDTH))
+  real_args = simulate.place(mesh, exact.latent_spec(), params, *simulate.model_inputs(model.config, 2, HEIGHT, WIDTH))
   real_out = jax.eval_shape(real, *real_args)[0]
   shard = jax.sharding.NamedSharding(mesh, exact.latent_spec()).shard_shape(real_out.shape)  # B, H/N, W, C
   assert shard[1] == HEIGHT // patches
@@ -242,3 +244,62 @@ def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
   assert commands.main(argv) == 2
   err = capsys.readouterr().err
   assert "error:" in err and message in err, err
+
+
+# ---------------------------------------------------------------------------------- DiT / PixArt benches
+
+def test_published_pixart_figures_sit_beside_the_matching_rows():
+  pixart, unet_config = transformer_config("pixart-alpha-1024"), UNetConfig.from_diffusers_config(TWO_LEVEL_SDXL)
+  ulysses, single = simulate.SimRun(1024, 8, "ulysses", 1.0, 0.1), simulate.SimRun(2048, 1, "single", 1.0, 1.0)
+  assert simulate.published_speedup(pixart, ulysses) == pytest.approx(2.085 / 1.37)  # the table's seconds
+  assert simulate.published_seconds(pixart, ulysses) == 1.37
+  assert simulate.published_seconds(pixart, single) == 16.22  # one GPU
+  assert simulate.published_speedup(pixart, simulate.SimRun(1024, 4, "ulysses", 1.0, 0.1)) is None  # 8 GPUs only
+  assert simulate.published_speedup(unet_config, simulate.SimRun(1024, 8, "displaced", 1.0, 0.1)) == 2.8  # SDXL
+  assert simulate.published_seconds(unet_config, ulysses) is None
+  assert simulate.published_speedup(transformer_config("tiny-dit"), ulysses) is None  # no DiT table
+
+
+def test_bench_strategies_skips_a_split_that_does_not_fit_and_refuses_a_count_none_fits(capsys):
+  config = UNetConfig.from_diffusers_config(TWO_LEVEL_SDXL)  # self-attention heads 4
+  chosen = [Strategy.ulysses(), Strategy.usp()]
+  fitting = strategies.runs_that_fit(config, 32, [4, 8], 1, chosen)
+  assert [(s.name, describe(mesh)) for s, mesh in fitting] == [
+      ("ulysses", "cfg=1×patch=4"), ("usp", "cfg=1×patch=2×ulysses=2"), ("usp", "cfg=1×patch=4×ulysses=2"),
+      ("usp", "cfg=1×patch=2×ulysses=4")]
+  assert "ulysses on cfg=1×patch=8 skipped: ulysses splits" in capsys.readouterr().out
+  with pytest.raises(ValueError, match=r"valid patch counts for height 12: \[1, 2, 3, 6\]"):  # 12 rows: not 8 patches
+    strategies.runs_that_fit(config, 12, [8], 1, [Strategy.ring()])
+  with pytest.raises(ValueError, match="'sdxl' is not a dit preset; valid: dit-xl-2-256"):
+    model_config("dit", "sdxl")
+
+
+@pytest.mark.slow
+def test_bench_strategies_on_a_dit_measures_every_sequence_strategy(capsys, returned):
+  runs = returned(strategies, "run")
+  assert commands.main(["bench", "strategies", "--model", "dit", "--resolution", "128", "--patch", "4",
+                        "--num-steps", "3", "--warmup-steps", "1", "--iters", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "tiny-dit" in out and "pipefusion on cfg=1×stage=4×patch=1 skipped: 2 blocks cannot fill 4 stages" in out
+  by_name = {(run.strategy, run.mesh): run for run in runs[0]}
+  four, usp = "cfg=1×patch=4", "cfg=1×patch=2×ulysses=2"
+  sequence_and_patch = [("exact", four), ("displaced", four), ("naive", four), ("ulysses", four), ("ring", four),
+                        ("usp", usp)]
+  assert list(by_name) == [("single", "cfg=1×patch=1"), *sequence_and_patch]  # every DiT strategy that fits 4 devices
+  for run in (by_name[key] for key in sequence_and_patch):  # bytes read from the compiled program == analytic
+    assert run.comm_bytes == run.analytic_bytes and run.stale_bytes == run.analytic_stale_bytes and run.patch == 4
+  assert by_name["displaced", four].stale_bytes > 0 and by_name["usp", usp].comm_bytes > 0
+
+
+@pytest.mark.slow
+def test_bench_simulate_on_pixart_projects_the_sequence_strategies(capsys, returned):
+  runs = returned(simulate, "run")
+  assert commands.main(["bench", "simulate", "--model", "pixart", "--resolution", "128", "--patch", "4",
+                        "--strategies", "ulysses", "ring", "usp", "--iters", "1", "--hlo-comm"]) == 0
+  out = capsys.readouterr().out
+  assert "PixArt-α's measured 20-step" in out and "proj. 20 steps s" in out
+  by_key = {(run.strategy, run.mesh): run for run in runs[0]}
+  assert set(by_key) == {("single", ""), ("ulysses", "patch=4"), ("ring", "patch=4"), ("usp", "patch=2×ulysses=2")}
+  for key, run in by_key.items():
+    if key[0] != "single":  # the simulated program's analytic traffic == the compiled 4-device program's
+      assert run.sync_bytes + run.async_bytes == run.hlo_bytes > 0

@@ -9,14 +9,15 @@ from jax.sharding import Mesh
 from dfjax.sampling import Conditioning, sample
 from models.config import UNetConfig
 from models.unet import UNet2DConditionModel
-from sharding.axes import CFG, DATA, MESH_AXES, PATCH, STAGE, TENSOR
+from sharding.axes import CFG, DATA, MESH_AXES, PATCH, STAGE, TENSOR, ULYSSES
 from sharding.mesh import axis_sizes, describe, make_mesh
 
 
 def test_patch_takes_the_devices_the_other_axes_leave():
   assert jax.device_count() == 8  # tests/conftest.py
-  assert axis_sizes(make_mesh()) == {DATA: 1, CFG: 1, STAGE: 1, PATCH: 8, TENSOR: 1}
-  assert axis_sizes(make_mesh(2, 2)) == {DATA: 2, CFG: 2, STAGE: 1, PATCH: 2, TENSOR: 1}
+  assert axis_sizes(make_mesh()) == {DATA: 1, CFG: 1, STAGE: 1, PATCH: 8, ULYSSES: 1, TENSOR: 1}
+  assert axis_sizes(make_mesh(2, 2)) == {DATA: 2, CFG: 2, STAGE: 1, PATCH: 2, ULYSSES: 1, TENSOR: 1}
+  assert axis_sizes(make_mesh(ulysses=4))[PATCH] == 2  # USP's two degrees: patch takes what ulysses leaves
   mesh = make_mesh(1, 2, 2)  # a prefix of the devices, in order
   assert axis_sizes(mesh)[PATCH] == 2 and list(mesh.devices.flat) == jax.devices()[:4]
   assert describe(mesh) == "cfg=2×patch=2"
@@ -46,10 +47,13 @@ def test_more_devices_than_there_are_names_the_flag_and_the_option():
   assert "XLA_FLAGS=--xla_force_host_platform_device_count=16" in message and "--cpu-devices" in message
   with pytest.raises(ValueError, match="patch=3 = 3 devices, but only 2"):
     make_mesh(patch=3, devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match="patch=4 × ulysses=4 = 16 devices, but only 8"):
+    make_mesh(patch=4, ulysses=4)
 
 
 @pytest.mark.parametrize("sizes, named", [({"data": 3}, "data=3"),
-                                          ({"cfg": 2, "tensor": 3}, "cfg=2 × tensor=3")])
+                                          ({"cfg": 2, "tensor": 3}, "cfg=2 × tensor=3"),
+                                          ({"ulysses": 3}, "ulysses=3")])
 def test_sizes_that_do_not_divide_the_devices_need_an_explicit_patch(sizes, named):
   with pytest.raises(ValueError, match=f"make_mesh: {named} does not divide the 8 devices; pass patch="):
     make_mesh(**sizes)
@@ -58,7 +62,7 @@ def test_sizes_that_do_not_divide_the_devices_need_an_explicit_patch(sizes, name
 
 FOREIGN_MESHES = {
     "one axis": lambda: jax.make_mesh((8,), ("rows",)),
-    "dfjax's axes reordered": lambda: Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * 5), MESH_AXES[::-1]),
+    "dfjax's axes reordered": lambda: Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES[::-1]),
 }
 
 

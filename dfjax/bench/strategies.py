@@ -1,15 +1,18 @@
 """`dfjax bench strategies`: per-step time, communication and stale memory of each strategy.
 
-For every patch count, runs single and every registered strategy that splits rows over `patch`
-(exact, displaced, naive, …) on the same inputs in one process, reads each compiled program's
-per-step collectives (sharding/accounting/comm.py) and its stale buffers, and prints them beside
-the strategy's analytic figures (`expected_traffic`, `stale_bytes`, and the guidance gather).
-Every strategy that cuts the model into stages (asyncdiff) runs beside them on as many `stage`
-devices, where the model's segments allow it, its cut printed with each component's FLOPs.
-With a hybrid mesh (`--mesh data=1,cfg=2,patch=2,tensor=2`), runs instead every strategy that
-splits an image over that mesh's axes, beside the pure strategies on as many devices per image
-(every patch strategy over `patch` alone, `tensor` over `tensor` alone); each row also shows the
-traffic by mesh axis (read from the collectives' device groups) and the param bytes per device.
+For a UNet, DiT or PixArt (`--model`, `--config`) and every device count, runs single and every
+registered strategy that splits an image and runs that model (`strategy.supports`: exact,
+displaced, naive, ulysses, ring, usp, …), in each of its ways of splitting the image over those
+devices (`strategy.image_splits`: usp's ring × Ulysses degrees), on the same inputs in one process.
+It reads each compiled program's per-step collectives (sharding/accounting/comm.py) and its stale
+buffers, and prints them beside the strategy's analytic figures (`expected_traffic`, `stale_bytes`,
+and the guidance gather). A strategy that does not fit a device count (Ulysses' heads) is skipped
+with its reason, once every device count fits some strategy (the pure `tensor` strategy runs
+with `--mesh`). With a hybrid mesh (`--mesh data=1,cfg=2,patch=2,tensor=2`), runs instead every strategy (of those
+that run the model) that splits an image over that mesh's axes, beside the pure strategies on as
+many devices per image (every patch and sequence strategy over `patch` alone, `tensor` over
+`tensor` alone); each row also shows the traffic by mesh axis (read from the collectives' device
+groups) and the param bytes per device.
 `paper_table` prints the analytic volumes beside DistriFusion's Table 2 without running anything.
 On a CPU the devices are virtual and share the cores: times are CPU numbers, not speedups.
 """
@@ -24,34 +27,33 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dfjax.bench import table
+from dfjax.bench.models import config_name, model_config
 from dfjax.bench.table import Column
 from dfjax.bench.timing import compile_and_time, device_name
-from dfjax.bench.unet import DTYPES, latent_size, load_config
+from dfjax.bench.unet import DTYPES, latent_size, random_unet
 from dfjax.inputs import standin_conditioning
 from dfjax.sampling import prepare_sample, stale_buffer_shapes
-from models.config import UNetConfig
-from models.unet import UNet2DConditionModel
 from sharding.accounting import analytic, comm
-from sharding.axes import CFG, DATA, PATCH, STAGE, TENSOR
+from sharding.axes import CFG, DATA, PATCH, STAGE, TENSOR, ULYSSES
 from sharding.mesh import axis_sizes, describe, make_mesh
 from sharding.partitioning import local_param_bytes, param_specs
 from sharding.strategies import Guidance, Strategy, strategy_class, strategy_names, with_shared_options
 
 MIB = 2**20
-IMAGE_AXES = (STAGE, PATCH, TENSOR)  # the axes that split one image (data and cfg split the batch)
+IMAGE_AXES = (STAGE, PATCH, ULYSSES, TENSOR)  # the axes that split one image (data and cfg split the batch)
 
 
 @dataclasses.dataclass(frozen=True)
 class StrategyRun:
   strategy: str
-  patch: int
+  patch: int             # devices one image is split over
   compile_s: float
   step_s: float
   comm_bytes: int        # measured from the compiled program, last phase, per device per step
   analytic_bytes: int    # the strategy's and the guidance gather's
   stale_bytes: int       # measured from the model's exchanges
   analytic_stale_bytes: int
-  mesh: str = ""         # e.g. "cfg=2×patch=2×tensor=2"
+  mesh: str = ""         # the whole mesh (`describe`), e.g. "cfg=1×patch=2×ulysses=4", "cfg=2×patch=2×tensor=2"
   comm_by_axis: Mapping[str, int] = dataclasses.field(default_factory=dict)  # measured, {mesh axes: bytes}
   param_bytes: int = 0   # params one device holds
 
@@ -59,7 +61,8 @@ class StrategyRun:
 def columns(single_s: float) -> tuple[Column, ...]:
   """The printed table's columns; `single_s` (single's step time) is the reference of "vs single"."""
   by_axis = lambda run: ", ".join(f"{axis} {size / MIB:.3f}" for axis, size in run.comm_by_axis.items()) or "—"
-  return (Column("strategy", "strategy", width=10, align="<"), Column("mesh", "mesh", width=22, align="<"),
+  return (Column("strategy", "strategy", width=10, align="<"), Column("devices", "patch", width=7),
+          Column("mesh", "mesh", width=24, align="<"),
           Column("compile s", "compile_s", ".2f", 9), Column("ms/step", "step_s", ".1f", 9, 1e3),
           Column("vs single", lambda run: f"{single_s / run.step_s:.2f}×", width=9),
           Column("comm MiB/step", "comm_bytes", ".3f", 13, 1 / MIB),
@@ -68,6 +71,12 @@ def columns(single_s: float) -> tuple[Column, ...]:
           Column("params MiB/dev", "param_bytes", ".2f", 14, 1 / MIB),
           Column("stale MiB", "stale_bytes", ".3f", 9, 1 / MIB),
           Column("analytic", "analytic_stale_bytes", ".3f", 9, 1 / MIB))
+
+
+def _row_splits(strategy: Strategy, sizes: Mapping[str, int]) -> int:
+  """How many devices split the latent's rows (its latent_spec's row entry: patch, usp's patch × ulysses)."""
+  rows = strategy.latent_spec()[1]
+  return math.prod(sizes[axis] for axis in ((rows,) if isinstance(rows, str) else rows or ()))
 
 
 def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_bytes) -> StrategyRun:
@@ -80,26 +89,46 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   sizes = axis_sizes(mesh)
   by_axis = comm.traffic_by_axis(compiled.as_text(), sizes)
   stale = stale_buffer_shapes(model, noise, cond, **kwargs)
-  config, (batch, height, width, _) = model.config, noise.shape
+  config, (batch, height, width, channels) = model.config, noise.shape
   images = batch // sizes[DATA]  # this device's images
   local_batch = 2 * images // sizes[CFG]  # its share of their guidance pairs
   expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
-  prediction_values = images * height // sizes[PATCH] * width * config.out_channels
+  prediction_values = images * height // _row_splits(strategy, sizes) * width * channels
   expected |= Guidance.for_mesh(True, sizes).expected_traffic(prediction_values, dtype_bytes)
   expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
   params = nnx.state(model)
   param_bytes = (local_param_bytes(params, param_specs(params, strategy.param_rules(), sizes), sizes)
                  if program.plan.staged is None else program.plan.staged.bytes_per_device())
-  return StrategyRun(strategy.name, sizes[PATCH], compile_s, run_s / steps,
+  devices = mesh.size // (sizes[CFG] * sizes[DATA])
+  return StrategyRun(strategy.name, devices, compile_s, run_s / steps,
                      traffic[-1].total_bytes if traffic else 0, sum(expected.values()),
                      sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)), sum(expected_stale.values()),
                      describe(mesh), by_axis[-1] if by_axis else {}, param_bytes)
 
 
-def _patch_plans(strategies: list[Strategy], patches: list[int], cfg: int) -> list[tuple[Strategy, Mesh]]:
-  """Every row strategy on a cfg × patch mesh of each patch count (too few devices fail here)."""
-  meshes = [make_mesh(1, cfg, patch) for patch in patches]
-  return [(strategy, mesh) for mesh in meshes for strategy in strategies]
+def runs_that_fit(config, side: int, device_counts: list[int], cfg: int, strategies: list[Strategy]):
+  """[(strategy, mesh)] of every strategy's every split of each device count that fits the model.
+
+  Raises the first misfit's ValueError when some device count fits no strategy (before anything runs);
+  prints why each other misfit is skipped.
+  """
+  fitting = []
+  for count in device_counts:
+    misfits, before = [], len(fitting)
+    for strategy in strategies:
+      for split in strategy.image_splits(count):
+        mesh = make_mesh(1, cfg, **{PATCH: 1, **split})  # too few devices fail here
+        try:
+          strategy.validate(config, side, side, axis_sizes(mesh))
+        except ValueError as error:
+          misfits.append((f"{strategy.name} on {describe(mesh)}", error))
+          continue
+        fitting.append((strategy, mesh))
+    if len(fitting) == before and misfits:
+      raise misfits[0][1]
+    for where, error in misfits:
+      print(f"{where} skipped: {error}")
+  return fitting
 
 
 def _hybrid_plans(strategies: list[Strategy], degrees: Mapping[str, int], config, side: int
@@ -109,9 +138,11 @@ def _hybrid_plans(strategies: list[Strategy], degrees: Mapping[str, int], config
   split = [axis for axis in IMAGE_AXES if degrees[axis] > 1]
   per_image = math.prod(degrees[axis] for axis in IMAGE_AXES)
   pure = []
-  for axis in (PATCH, TENSOR):
+  for axis in (PATCH, TENSOR):  # a pure split: all of an image's devices on the method's own axis
     mesh = make_mesh(degrees[DATA], degrees[CFG], **{PATCH: 1, axis: per_image})
-    pure += [(strategy, mesh) for strategy in strategies if _method_axis(strategy) == axis and split != [axis]
+    pure += [(strategy, mesh) for strategy in strategies
+             if _method_axis(strategy) == axis and split != [axis]
+             and {axis: per_image} in strategy.image_splits(per_image)  # not usp: its splits are hybrids
              and _fits(strategy, config, side, mesh)]
   hybrid_mesh = make_mesh(**degrees)
   hybrid = [(strategy, hybrid_mesh) for strategy in strategies
@@ -125,7 +156,8 @@ def _hybrid_plans(strategies: list[Strategy], degrees: Mapping[str, int], config
 
 
 def _method_axis(strategy: Strategy) -> str | None:
-  """The outermost image axis a strategy splits: its own method's (row strategies: patch; `tensor`: tensor)."""
+  """The outermost image axis a strategy splits: its own method's (row and sequence strategies: patch;
+  `tensor`: tensor; pipefusion: stage)."""
   return next((axis for axis in IMAGE_AXES if axis in strategy.axes), None)
 
 
@@ -138,47 +170,43 @@ def _fits(strategy: Strategy, config, side: int, mesh: Mesh) -> bool:
   return True
 
 
-def run(config: str, resolution: int, patches: list[int], cfg: int, steps: int, warmup_steps: int,
-        dtype: str, iters: int, mesh: Mapping[str, int] | None = None) -> list[StrategyRun]:
-  """Measures single and the strategies; `mesh` ({axis: degree}): a hybrid mesh instead of `patches`/`cfg`."""
-  unet_config = UNetConfig.from_diffusers_config(load_config(config))
-  side = latent_size(unet_config, resolution)
-  if mesh is None:
-    row_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
-                      for name in strategy_names() if PATCH in strategy_class(name).axes]
-    plans = _patch_plans(row_strategies, patches, cfg)
-    for strategy, plan_mesh in plans:  # bad patch counts, before `single`
-      strategy.validate(unet_config, side, side, axis_sizes(plan_mesh))
-    stage_strategies = [with_shared_options(name, {"warmup_steps": warmup_steps})
-                        for name in strategy_names() if STAGE in strategy_class(name).axes]
-    for patch in patches:  # the pipeline strategies on as many stage devices, where the model allows
-      stage_mesh = make_mesh(1, cfg, 1, stage=patch)
-      plans += [(strategy, stage_mesh) for strategy in stage_strategies if _fits(strategy, unet_config, side, stage_mesh)]
+def run(config: str | None, resolution: int, patches: list[int], cfg: int, steps: int, warmup_steps: int,
+        dtype: str, iters: int, model: str = "unet", mesh: Mapping[str, int] | None = None) -> list[StrategyRun]:
+  """Measures single and the strategies that run `model` (a family; `config` its preset or a UNet
+  config.json). `mesh` None: over each device count of `patches` (every image split of each, tensor
+  parallelism aside); `mesh` ({axis: degree}): a hybrid mesh and the pure strategies beside it instead
+  of `patches`/`cfg`."""
+  model_config_ = model_config(model, config)
+  side = latent_size(model_config_, resolution)
+  every = [with_shared_options(name, {"warmup_steps": warmup_steps}) for name in strategy_names()
+           if strategy_class(name).axes and strategy_class(name).supports(model_config_)]
+  if mesh is None:  # the pure `tensor` strategy runs on a --mesh (beside its hybrids)
+    plans = runs_that_fit(model_config_, side, patches, cfg, [s for s in every if _method_axis(s) != TENSOR])
   else:
-    every = [with_shared_options(name, {"warmup_steps": warmup_steps}) for name in strategy_names()]
-    plans = _hybrid_plans(every, mesh, unet_config, side)
+    plans = _hybrid_plans(every, mesh, model_config_, side)
     cfg = mesh[CFG]
   data = 1 if mesh is None else mesh[DATA]
   jdtype = DTYPES[dtype]
-  model = nnx.jit(lambda: UNet2DConditionModel(unet_config, rngs=nnx.Rngs(0), dtype=jdtype, param_dtype=jdtype))()
-  rng = np.random.default_rng(0)
-  noise = rng.standard_normal((data, side, side, unet_config.in_channels), np.float32)
-  cond, uncond = (standin_conditioning(unet_config, data, (resolution, resolution), seed=seed) for seed in (1, 2))
+  denoiser = random_unet(model_config_, jdtype)
+  noise = np.random.default_rng(0).standard_normal((data, side, side, model_config_.in_channels), np.float32)
+  cond, uncond = (standin_conditioning(model_config_, data, (resolution, resolution), seed=seed, zeros=zeros)
+                  for seed, zeros in ((1, False), (2, True)))
   dtype_bytes = np.dtype(jdtype).itemsize
-  print(f"strategies, UNet {config} at {resolution}² ({side}² latent), {steps} DDIM steps with CFG, "
-        f"{dtype}, displaced warm-up {warmup_steps}, on {device_name()}")
+  print(f"strategies, {config_name(model, config)} at "
+        f"{resolution}² ({side}² latent), {steps} DDIM steps with CFG, {dtype}, displaced warm-up "
+        f"{warmup_steps}, on {device_name()}")
   for strategy, plan_mesh in plans:
-    detail = strategy.detail(unet_config, side, side, axis_sizes(plan_mesh))
+    detail = strategy.detail(model_config_, side, side, axis_sizes(plan_mesh))
     if detail:
       print(f"  {strategy.name} on {describe(plan_mesh)}: {detail}")
-  single_mesh = make_mesh(data, cfg, 1)
-  single = _measure(model, noise, cond, uncond, single_mesh, Strategy.single(), steps, iters, dtype_bytes)
+  single = _measure(denoiser, noise, cond, uncond, make_mesh(data, cfg, 1), Strategy.single(), steps, iters,
+                    dtype_bytes)
   printed = columns(single.step_s)
   print(table.header(printed))
   print(table.line(printed, single))
   runs = [single]
   for strategy, plan_mesh in plans:
-    runs.append(_measure(model, noise, cond, uncond, plan_mesh, strategy, steps, iters, dtype_bytes))
+    runs.append(_measure(denoiser, noise, cond, uncond, plan_mesh, strategy, steps, iters, dtype_bytes))
     print(table.line(printed, runs[-1]))
   print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "
         "phase), read from the compiled HLO (by axis: each collective under the mesh axes its device groups "
@@ -206,10 +234,14 @@ class PaperRow:
   paper_patch: float
 
 
-def paper_table(config: str, devices: int = 8, dtype: str = "fp16") -> list[PaperRow]:
+def paper_table(config: str | None, devices: int = 8, dtype: str = "fp16", model: str = "unet") -> list[PaperRow]:
   """The analytic volumes per step of one image without guidance batch (batch 1) on `devices` devices,
-  beside DistriFusion's Table 2 (GB, 10⁹ bytes). Nothing runs: the figures come from the model's layout."""
-  unet_config = UNetConfig.from_diffusers_config(load_config(config))
+  beside DistriFusion's Table 2 (GB, 10⁹ bytes), for a UNet (`config`: a preset or config.json; None: the
+  tiny preset). Nothing runs: the figures come from the model's layout."""
+  if model != "unet":
+    raise ValueError(f"--paper-table compares a UNet with DistriFusion's Table 2 (SDXL), not a {model}: use "
+                     "--model unet --config sdxl.")
+  unet_config = model_config(model, config)
   size = np.dtype(DTYPES[dtype]).itemsize
   rows = []
   for resolution in PAPER_TABLE_2["tensor"]:
@@ -220,8 +252,8 @@ def paper_table(config: str, devices: int = 8, dtype: str = "fp16") -> list[Pape
     rows.append(PaperRow(resolution, payload, analytic.ring_allreduce_bytes(payload, devices), sum(patch.values()),
                          kv, PAPER_TABLE_2["tensor"][resolution], PAPER_TABLE_2["patch"][resolution]))
   gb = lambda name: Column(name.replace("_", " "), name, ".2f", 8, 1e-9)
-  print(f"analytic communication per step, UNet {config}, one image, {dtype}, {devices} devices, GB (10⁹ B), "
-        "beside DistriFusion's Table 2")
+  print(f"analytic communication per step, {config_name(model, config)}, one image, {dtype}, {devices} devices, "
+        "GB (10⁹ B), beside DistriFusion's Table 2")
   print(table.render((Column("resolution", lambda row: f"{row.resolution}²", width=10, align="<"),
                       gb("tensor_payload"), gb("tensor_ring"), Column("paper", "paper_tensor", ".2f", 6),
                       gb("patch_received"), gb("patch_kv"), Column("paper", "paper_patch", ".2f", 6)), rows))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dfjax.bench import fidelity, simulate, strategies, train, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
-from models.presets import PRESETS
+from models.presets import FAMILIES, PRESETS
 from models.vae_config import VAE_PRESETS
 from sharding.axes import PATCH
 from sharding.mesh import parse_degrees
@@ -49,9 +49,10 @@ def _add_unet(benches) -> None:
 def _add_strategies(benches) -> None:
   parser = benches.add_parser(
       "strategies", help=f"single and {strategies_over(PATCH)}: step time, traffic, stale memory")
-  parser.add_argument("--config", default="tiny-sdxl", help="preset or config.json")
+  _add_model(parser, "every strategy that runs it is compared")
   parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
-  parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts to compare")
+  parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8],
+                      help="devices per image to compare (usp: every ring × Ulysses split of them)")
   parser.add_argument("--cfg", type=int, choices=[1, 2], default=1,
                       help="split guidance over 2 device groups")
   parser.add_argument("--mesh", type=parse_degrees, metavar="AXIS=N,…",
@@ -59,14 +60,22 @@ def _add_strategies(benches) -> None:
                       "strategy over its axes, beside the pure strategies on as many devices per image")
   parser.add_argument("--paper-table", action="store_true",
                       help="only print the analytic communication of tensor and patch parallelism on 8 devices "
-                      "beside DistriFusion's Table 2 (use with --config sdxl), running nothing")
+                      "beside DistriFusion's Table 2 (use with --model unet --config sdxl), running nothing")
   parser.add_argument("--num-steps", "--steps", type=int, default=10, help="DDIM steps (default 10)")
   parser.add_argument("--warmup-steps", type=int, default=4)
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=3)
-  parser.set_defaults(run=lambda args: strategies.paper_table(args.config) if args.paper_table else strategies.run(
-      args.config, args.resolution, args.patch, args.cfg, args.num_steps, args.warmup_steps, args.dtype, args.iters,
-      args.mesh))
+  parser.set_defaults(run=lambda args: strategies.paper_table(args.config, model=args.model) if args.paper_table
+                      else strategies.run(args.config, args.resolution, args.patch, args.cfg, args.num_steps,
+                                          args.warmup_steps, args.dtype, args.iters, args.model, args.mesh))
+
+
+def _add_model(parser, what: str) -> None:
+  """--model (a family) and --config (one of its presets, or a UNet config.json)."""
+  parser.add_argument("--model", choices=list(FAMILIES), default="unet", help=f"model family: {what}")
+  presets = "; ".join(f"{family}: {', '.join(names)} (default {default})" for family, (names, default) in FAMILIES.items())
+  parser.add_argument("--config", default=None, help=f"preset of the --model family ({presets}), or a UNet "
+                      "config.json")
 
 
 def _add_fidelity(benches) -> None:
@@ -92,14 +101,14 @@ def _add_fidelity(benches) -> None:
 
 def _add_simulate(benches) -> None:
   parser = benches.add_parser(
-      "simulate", help="per-device cost of patch parallelism on one device, projected over NVLink",
+      "simulate", help="per-device cost of patch and sequence parallelism on one device, projected over NVLink",
       description="Runs, on one device, exactly the program one device of an N-device patch mesh runs "
-      "(its rows, the halo/K/V/moment shapes of N devices, collectives replaced by local stand-ins), "
-      "times it, and projects the step time and speedup over A100 and H100 NVLink (max(compute, the "
-      "communication the strategy overlaps) + the communication it waits for), beside DistriFusion's "
-      "measured speedups. "
+      "(its rows, the halo/K/V/moment/all-to-all/ring shapes of N devices, collectives replaced by local "
+      "stand-ins), times it, and projects the step time and speedup over A100 and H100 NVLink (max(compute, "
+      "the communication the strategy overlaps) + the communication it waits for), beside published "
+      "measurements (DistriFusion's SDXL speedups; PixArt-α's 8-A100 seconds). "
       "Configurations that do not fit are skipped.")
-  parser.add_argument("--config", default="tiny-sdxl", help=_PRESET_HELP)
+  _add_model(parser, "a UNet, DiT or PixArt (e.g. --model pixart --config pixart-alpha-1024)")
   parser.add_argument("--resolution", type=int, nargs="+", default=[512],
                       help="image side(s) in pixels (latent = /8)")
   parser.add_argument("--patch", type=int, nargs="+", default=[2, 4, 8], help="patch counts N to simulate")
@@ -116,7 +125,7 @@ def _add_simulate(benches) -> None:
                       "(default 0: bandwidth only)")
   parser.set_defaults(run=lambda args: simulate.run(args.config, args.resolution, args.patch, args.dtype,
                                                     args.iters, args.strategies, args.groupnorm,
-                                                    args.hlo_comm, args.latency_us))
+                                                    args.hlo_comm, args.latency_us, args.model))
 
 
 def _add_vae(benches) -> None:

@@ -12,6 +12,9 @@ against it. Per device and per step, for one patch of `num_patches` row patches,
   alltoall Ulysses instead: four all-to-alls per self-attention (q, k, v to head sharding, the
            output back), each receiving (n−1)/n of the local T_patch·C tensor: 4·(n−1)·T_patch·C/n;
   ring     ring attention instead: n−1 K/V block transfers per self-attention: 2·(n−1)·T_patch·C;
+  usp      USP over u (Ulysses) × r (ring) = n devices: the four all-to-alls within u,
+           4·(u−1)·T_patch·C/u (`alltoall`), then r−1 block transfers of the K/V a device holds
+           after them (u·T_patch tokens × C/u channels), 2·(r−1)·T_patch·C (`ring`);
   moments  every GroupNorm receives the (E[x], E[x²]) of the other patches: (n−1)·G·2 fp32 values.
 The displaced strategy keeps one step's exchanges per device as its stale buffers: the halos,
 the full-image K/V (2·n·T_patch·C per layer) and the n devices' moments.
@@ -43,17 +46,37 @@ def exchange_sites(config, height: int | None = None, width: int | None = None) 
   return list(total(costs.values()).exchanges)
 
 
-ATTENTION_KINDS = ("kv", "alltoall", "ring")  # self-attention's exchange: K/V gathered, Ulysses, ring
-# Collectives per site by traffic kind (a halo: from above and from below; ring: n−1, see below).
+ATTENTION_KINDS = ("kv", "alltoall", "ring", "usp")  # self-attention: K/V gathered, Ulysses, ring, both
+# Collectives per site by traffic kind (a halo: from above and from below; ring: r−1, see below).
 COLLECTIVES = {"halo": 2, "input_halo": 2, "kv": 1, "moments": 1, "alltoall": 4, "partial_sums": 1}
 
 
-def collectives_per_step(config, kinds, num_patches: int) -> int:
-  """Collectives one device runs per step for the traffic `kinds` (keys of `bytes_per_step`)."""
-  per_site = COLLECTIVES | {"ring": num_patches - 1}  # the ring passes n−1 K/V blocks on
-  site_kind = {kind: "kv" for kind in ATTENTION_KINDS}
+def collectives_per_step(config, kinds, num_patches: int, ulysses: int = 1) -> int:
+  """Collectives one device runs per step for the traffic `kinds` (keys of `bytes_per_step`).
+
+  `num_patches` devices split the tokens, `ulysses` of them within each all-to-all group (USP).
+  """
+  per_site = COLLECTIVES | {"ring": num_patches // ulysses - 1}  # the ring passes r−1 K/V blocks on
+  attention_kinds = {"kv", "alltoall", "ring"}
   return sum(per_site[kind] for kind in kinds for site in exchange_sites(config)
-             if site.kind == site_kind.get(kind, kind))
+             if site.kind == ("kv" if kind in attention_kinds else kind))
+
+
+def _attention_values(patch_values: int, num_patches: int, stored: bool, attention: str,
+                      ulysses: int) -> dict[str, int]:
+  """{kind: values} one device receives (or keeps as stale) for one self-attention of `patch_values`
+  = T_patch·C values per token block, per sample."""
+  n, u = num_patches, ulysses
+  match attention:
+    case "kv":  # gathered, and all n blocks kept when stale
+      return {"kv": 2 * (n if stored else n - 1) * patch_values}
+    case "ring":  # the other patches' K and V, block by block
+      return {"ring": 2 * (n - 1) * patch_values}
+    case "alltoall":  # q, k, v and the output; 1/n of each stays on the device
+      return {"alltoall": 4 * (n - 1) * patch_values // n}
+    case "usp":  # the same within u, then the ring over r = n/u blocks of u·T_patch tokens, C/u channels
+      return {"alltoall": 4 * (u - 1) * patch_values // u, "ring": 2 * (n // u - 1) * patch_values}
+  raise ValueError(f"unknown attention exchange {attention!r}; valid: {', '.join(ATTENTION_KINDS)}")
 
 
 def _channels(site: Exchange, tensor: int) -> int:
@@ -73,39 +96,38 @@ def _group_parts(site: Exchange, tensor: int) -> int:
   return local // part
 
 
-def _values(site: Exchange, num_patches: int, stored: bool, attention: str, tensor: int) -> int:
-  """Values one device receives (stored=False) or keeps as stale (stored=True) for a patch site, per sample."""
-  patch_tokens = site.rows // num_patches * site.cols
+def _values(site: Exchange, num_patches: int, stored: bool, tensor: int) -> int:
+  """Values one device receives (stored=False) or keeps as stale (stored=True) for a non-attention
+  patch site, per sample."""
   channels = _channels(site, tensor)
   match site.kind:
     case "halo":
       return 2 * site.halo_rows * site.cols * channels
     case "input_halo":  # exchanged in every step, so never kept as stale state
       return 0 if stored else 2 * site.halo_rows * site.cols * channels
-    case "kv" if attention == "alltoall":  # q, k, v and the output; 1/n of each stays on the device
-      return 4 * (num_patches - 1) * patch_tokens * channels // num_patches
-    case "kv":  # gathered, or rotated block by block (ring): the other patches' K and V either way
-      return 2 * (num_patches if stored else num_patches - 1) * patch_tokens * channels
     case "moments":
       return (num_patches if stored else num_patches - 1) * _group_parts(site, tensor) * 2
     case _:
-      raise ValueError(f"unknown site kind {site.kind!r}; valid: halo, input_halo, kv, moments")
+      raise ValueError(f"unknown site kind {site.kind!r}; valid: halo, input_halo, moments (and kv)")
 
 
 def bytes_per_step(config, height: int, width: int, num_patches: int, batch: int,
-                   activation_bytes: int, attention: str = "kv", tensor: int = 1) -> dict[str, int]:
+                   activation_bytes: int, attention: str = "kv", tensor: int = 1, ulysses: int = 1) -> dict[str, int]:
   """Bytes one interior device receives per synchronous step, by kind, for a local batch.
 
-  `attention`: how self-attention exchanges (`ATTENTION_KINDS`), the kind its bytes are listed under.
+  `attention`: how self-attention exchanges (`ATTENTION_KINDS`); its bytes are listed under its kind
+  (usp: under `alltoall` and `ring`), `ulysses` the all-to-all group size of usp.
   `tensor`: the tensor-parallel degree. The patch kinds are there for more than one patch (a lone
   device has no neighbour to receive from), the tensor kinds for more than one tensor shard.
   """
   if attention not in ATTENTION_KINDS:
     raise ValueError(f"unknown attention exchange {attention!r}; valid: {', '.join(ATTENTION_KINDS)}")
+  if num_patches % ulysses:
+    raise ValueError(f"{num_patches} token blocks do not split into Ulysses groups of {ulysses}.")
   totals = {}
   if num_patches > 1:
     totals |= _total(config, height, width, num_patches, batch, activation_bytes, stored=False,
-                     attention=attention, tensor=tensor)
+                     attention=attention, tensor=tensor, ulysses=ulysses)
   if tensor > 1:
     totals |= tensor_bytes(config, height, width, num_patches, batch, activation_bytes, tensor)
   return totals
@@ -145,12 +167,18 @@ def stale_bytes(config, height: int, width: int, num_patches: int, batch: int,
 
 
 def _total(config, height, width, num_patches, batch, activation_bytes, stored,
-           attention="kv", tensor=1) -> dict[str, int]:
-  totals = {"halo": 0, "input_halo": 0, attention: 0, "moments": 0}
+           attention="kv", tensor=1, ulysses=1) -> dict[str, int]:
+  attention_kinds = _attention_values(0, num_patches, stored, attention, ulysses)
+  totals = {"halo": 0, "input_halo": 0, **dict.fromkeys(attention_kinds, 0), "moments": 0}
   for site in exchange_sites(config, height, width):
     if site.kind == "partial_sums":  # over `tensor`, not `patch`: tensor_bytes
       continue
-    width_bytes = MOMENT_BYTES if site.kind == "moments" else activation_bytes
-    kind = attention if site.kind == "kv" else site.kind
-    totals[kind] += batch * width_bytes * _values(site, num_patches, stored, attention, tensor)
+    if site.kind == "kv":
+      patch_values = site.rows // num_patches * site.cols * _channels(site, tensor)
+      by_kind = _attention_values(patch_values, num_patches, stored, attention, ulysses)
+    else:
+      by_kind = {site.kind: _values(site, num_patches, stored, tensor)}
+    for kind, values in by_kind.items():
+      width_bytes = MOMENT_BYTES if kind == "moments" else activation_bytes
+      totals[kind] = totals.get(kind, 0) + batch * width_bytes * values
   return totals

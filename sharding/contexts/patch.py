@@ -14,7 +14,7 @@ few latent channels are cheap, and fresh input rows are what DistriFusion's auth
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 from jax import lax
@@ -34,7 +34,10 @@ class PatchContext(ParallelContext):
     stale: displaced steps: {layer key: what the previous step sent}; None for synchronous steps.
     records: synchronous steps send their exchanges for the next step too (the warm-up before
       displaced steps); displaced steps always do.
+    axis: the mesh axis (or axes, outer first, as one) the rows are split over.
   """
+
+  axis: ClassVar[str | tuple[str, ...]] = PATCH
 
   num_patches: int
   groupnorm: GroupNormMode = GroupNormMode.SYNC
@@ -57,13 +60,13 @@ class PatchContext(ParallelContext):
 
   # The three collectives; `SimulatedPatchContext` replaces just these with local stand-ins.
   def _exchange_halo(self, edges: halo.Halo) -> halo.Halo:
-    return halo.exchange(edges, PATCH, self.num_patches)
+    return halo.exchange(edges, self.axis, self.num_patches)
 
   def _exchange_kv(self, fresh_2btnd: jax.Array) -> jax.Array:
-    return kv.exchange(fresh_2btnd, PATCH)
+    return kv.exchange(fresh_2btnd, self.axis)
 
   def _exchange_moments(self, moments_bg2: jax.Array) -> jax.Array:
-    return groupnorm.exchange(moments_bg2, PATCH)
+    return groupnorm.exchange(moments_bg2, self.axis)
 
   def conv_halo(self, x_bhwc, rows, key):
     received, sent = self._exchanged(key, halo.edge_rows(x_bhwc, rows), self._exchange_halo)
@@ -76,7 +79,7 @@ class PatchContext(ParallelContext):
   def attend(self, q_btnd, k_btnd, v_btnd, key):
     fresh = kv.stack(k_btnd, v_btnd)  # 2, B, T, N, D
     gathered, sent = self._exchanged(key, fresh, self._exchange_kv)
-    k_bsnd, v_bsnd = kv.attach(gathered, fresh, PATCH)  # B, n·T, N, D each
+    k_bsnd, v_bsnd = kv.attach(gathered, fresh, self.axis)  # B, n·T, N, D each
     return jax.nn.dot_product_attention(q_btnd, k_bsnd, v_bsnd), sent  # B, T, N, D
 
   def norm_moments(self, moments_bg2, key):
@@ -87,7 +90,7 @@ class PatchContext(ParallelContext):
         gathered, sent = self._exchanged(key, moments_bg2, self._exchange_moments)
       case GroupNormMode.SYNC | GroupNormMode.SEPARATE:
         gathered, sent = (self._exchange_moments(moments_bg2) if mode is GroupNormMode.SYNC else None), None
-    return groupnorm.combine(gathered, moments_bg2, PATCH, mode), sent  # B, G, 2
+    return groupnorm.combine(gathered, moments_bg2, self.axis, mode), sent  # B, G, 2
 
   def token_extent(self, local_rows):
-    return lax.axis_index(PATCH) * local_rows, local_rows * self.num_patches
+    return lax.axis_index(self.axis) * local_rows, local_rows * self.num_patches

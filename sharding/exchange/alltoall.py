@@ -13,13 +13,13 @@ import jax
 from jax import lax
 
 
-def check_heads(heads: int, num_devices: int, where: str) -> None:
+def check_heads(heads: int, num_devices: int, where: str, axis: str) -> None:
   """Ulysses gives each device heads/n whole heads: a clear error when n does not divide them."""
   if heads % num_devices:
     valid = [n for n in range(1, heads + 1) if heads % n == 0]
-    raise ValueError(f"Ulysses splits the {heads} attention heads of {where} over patch={num_devices} "
-                     f"devices, which does not divide them: use a patch count in {valid}, or the ring "
-                     "strategy (any patch count).")
+    raise ValueError(f"Ulysses splits the {heads} attention heads of {where} over {axis}={num_devices} "
+                     f"devices, which does not divide them: use {axis} in {valid}, or ring attention "
+                     "(any device count).")
 
 
 def to_heads(x_btnd: jax.Array, axis: str) -> jax.Array:

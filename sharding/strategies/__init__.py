@@ -8,6 +8,7 @@ from sharding.strategies import single  # isort: skip  (first: the reference of 
 from sharding.strategies import patch  # isort: skip
 from sharding.strategies import ulysses  # isort: skip  (after the row-patch strategies)
 from sharding.strategies import ring  # isort: skip
+from sharding.strategies import usp  # isort: skip
 from sharding.strategies import pipefusion  # isort: skip
 from sharding.strategies import tensor  # isort: skip
 from sharding.strategies import asyncdiff  # isort: skip  (after the patch family)
@@ -16,4 +17,4 @@ from sharding.strategies.base import (Phase, Strategy, option_names, strategy_cl
 from sharding.strategies.cfg import Guidance
 
 __all__ = ["Guidance", "Phase", "Strategy", "asyncdiff", "option_names", "patch", "pipefusion", "ring", "single",
-           "strategy_class", "strategy_names", "tensor", "ulysses", "with_shared_options"]
+           "strategy_class", "strategy_names", "tensor", "ulysses", "usp", "with_shared_options"]

@@ -4,6 +4,8 @@ A strategy says how one image's denoising is spread over the mesh. Each method i
 this package with one subclass of `Strategy`, which owns everything about the method:
   * `name`, `description` and `axes` (the mesh axes it splits one image over, beyond data/cfg;
     `tensor` among them when its contexts compose with tensor parallelism, see tensor.py);
+  * `families`: the model configs it runs (`supports`), and `image_splits`: the ways it can split
+    one image over n devices;
   * `validate`: whether a model, latent size and mesh fit it, with the valid choices named;
   * `phases`: consecutive steps that share one parallel context and so one `lax.scan` body
     (the same phases with simulated collectives for `bench simulate`); a phase that is not one
@@ -28,7 +30,10 @@ from typing import Any, ClassVar, Protocol
 
 from jax.sharding import PartitionSpec as P
 
+from models.config import UNetConfig
+from models.dit_config import DiTConfig, PixArtConfig
 from models.parallel import ParallelContext
+from sharding.accounting import analytic
 from sharding.axes import CFG, DATA, MESH_AXES, PATCH, TENSOR
 from sharding.partitioning import AxisRules, check_tensor_degree
 
@@ -83,6 +88,7 @@ class Phase:
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
+MODEL_FAMILIES = frozenset({UNetConfig, DiTConfig, PixArtConfig})  # the model configs dfjax builds
 _LONGEST_RUN = 2**31 - 1  # the scan counts steps in int32: no run is longer
 
 
@@ -96,6 +102,7 @@ class Strategy:
   # Pipeline methods whose stages each embed their own step's conditioning: the conditioning
   # embeddings' params go on every stage, and the run traces what crosses each cut (`run.layout`).
   stages_make_conditioning: ClassVar[bool] = False
+  families: ClassVar[frozenset[type]] = MODEL_FAMILIES  # the config classes of the models it runs
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -134,6 +141,10 @@ class Strategy:
     """
     return {}
 
+  def collectives_per_step(self, config, kinds, sizes: Mapping[str, int]) -> int:
+    """Collectives one device runs per step for the traffic `kinds` (keys of `expected_traffic`)."""
+    return analytic.collectives_per_step(config, kinds, sizes[PATCH])
+
   def overlapped_kinds(self) -> frozenset[str]:
     """Traffic kinds of the last phase whose results only the next step consumes (overlappable)."""
     return frozenset()
@@ -147,10 +158,33 @@ class Strategy:
     """Its options in words ('' when it has none)."""
     return ""
 
+  def image_splits(self, num_devices: int) -> list[dict[str, int]]:
+    """The ways it splits one image over `num_devices` devices, as {axis: size} of its `axes`.
+
+    One way for a strategy of one axis (all devices on it; `tensor`, when it only composes with the
+    method's own axis, is not one of its splits); strategies of several axes list theirs.
+    """
+    own = self.axes - {TENSOR} or self.axes
+    if not own:
+      return [{}] if num_devices == 1 else []
+    if len(own) > 1:
+      raise NotImplementedError(f"{type(self).__name__} splits over {sorted(own)}: it lists its splits")
+    return [{next(iter(own)): num_devices}]
+
   # -------------------------------------------------------------------------- shared behaviour
+
+  @classmethod
+  def supports(cls, config) -> bool:
+    """Whether it runs the model of `config` (a UNetConfig, DiTConfig, PixArtConfig)."""
+    return type(config) in cls.families
 
   def validate(self, config, height: int, width: int, sizes: Mapping[str, int]) -> None:
     """Raises ValueError, naming the fix, when the model, latent size or mesh do not fit."""
+    if not self.supports(config):
+      runs = [name for name, cls in _REGISTRY.items() if type(config) in cls.families]
+      raise ValueError(f"strategy {self.name!r} does not run a {type(config).__name__} model (it runs "
+                       f"{', '.join(sorted(c.__name__ for c in self.families))}); strategies that do: "
+                       f"{', '.join(runs)}.")
     config.check_latent_size(height, width)  # first what one device needs
     for axis in MESH_AXES:
       if axis in (DATA, CFG) or axis in self.axes or sizes.get(axis, 1) == 1:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models.dit_config import DiTConfig, TransformerConfig
+from models.dit_config import DiTConfig, PixArtConfig, TransformerConfig
 from models.parallel import call_recording
 from sharding.axes import STAGE
 from sharding.contexts.pipefusion import PipeFusionContext
@@ -64,6 +64,7 @@ class PipeFusion(Staged):
   stage_layers: tuple[int, ...] | None = None
 
   name = "pipefusion"
+  families = frozenset({DiTConfig, PixArtConfig})  # it cuts a transformer's blocks into stages
   description = ("PipeFusion: DiT blocks in stages, row patches pipelined through them over stale "
                  "per-layer K/V buffers; only patch activations cross a stage")
 

@@ -9,10 +9,9 @@ count must be a multiple of the patch count. On a UNet the convs and GroupNorms 
 
 import dataclasses
 
-from sharding.accounting import analytic
 from sharding.axes import PATCH
 from sharding.contexts.sequence import SimulatedUlyssesContext, UlyssesContext
-from sharding.strategies.sequence import SequenceParallel
+from sharding.strategies.sequence import SequenceParallel, check_head_split, divides_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,16 +22,11 @@ class Ulysses(SequenceParallel):
   simulated_context = SimulatedUlyssesContext
   attention = "alltoall"
 
+  def ulysses_degree(self, sizes):
+    return sizes[PATCH]
+
   def validate(self, config, height, width, sizes):
     super().validate(config, height, width, sizes)
-    patches = sizes[PATCH]
-    heads = {site.key: site.heads for site in analytic.exchange_sites(config) if site.kind == "kv"}
-    misfit = next((key for key, count in heads.items() if count % patches), None)
-    if misfit is None:
-      return
-    valid = [n for n in config.valid_row_splits(height) if all(count % n == 0 for count in heads.values())]
-    raise ValueError(
-        f"ulysses splits every self-attention's heads over the patch devices, but patch={patches} does not "
-        f"divide the {heads[misfit]} heads of {misfit!r} (this model's self-attention head counts: "
-        f"{sorted(set(heads.values()))}): valid patch counts at latent height {height}: {valid}; "
-        "or use ring, which takes any head count.")
+    valid = [n for n in config.valid_row_splits(height) if divides_heads(config, n)]
+    check_head_split(config, self.name, PATCH, sizes[PATCH], f"valid patch counts at latent height {height}: {valid}",
+                     "or use ring, which takes any head count")
