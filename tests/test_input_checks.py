@@ -7,6 +7,7 @@ as inputs, before any step runs. The benchmarks refuse impossible patch counts b
 """
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -119,13 +120,19 @@ TWO_LEVEL_UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [
                   "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
 
 
-def test_bench_strategies_refuses_an_impossible_patch_count_before_running_single(tmp_path, monkeypatch):
+def test_bench_strategies_refuses_an_impossible_patch_count_before_running_single(tmp_path, monkeypatch, capsys):
   config = tmp_path / "config.json"
   config.write_text(json.dumps(TWO_LEVEL_UNET))
   monkeypatch.setattr(strategies, "_measure", lambda *a, **k: pytest.fail("a strategy ran"))
-  # 128 pixels: 16 latent rows, 8 rows at the lower level; 3 patches do not split them.
-  with pytest.raises(ValueError, match=r"height 16 over 3 row patches.*valid patch counts.*\[1, 2, 4, 8\]"):
-    strategies.run(str(config), 128, [2, 3], cfg=1, steps=2, warmup_steps=1, dtype="fp32", iters=1)
+  # 128 pixels: 16 latent rows, 8 rows at the lower level; 3 patches do not split them, but 3 stages
+  # of AsyncDiff's components do: the row strategies are skipped with the valid patch counts.
+  unet_config = UNetConfig.from_diffusers_config(TWO_LEVEL_UNET)
+  every = [strategies.with_shared_options(name, {"warmup_steps": 1}) for name in strategies.strategy_names()
+           if strategies.strategy_class(name).axes and strategies.strategy_class(name).supports(unet_config)]
+  fitting = strategies.runs_that_fit(unet_config, 16, [3], 1, every)
+  assert {strategy.name for strategy, _ in fitting} == {"asyncdiff"}
+  assert re.search(r"exact on .*skipped: .*height 16 over 3 row patches.*valid patch counts.*\[1, 2, 4, 8\]",
+                   capsys.readouterr().out)
   with pytest.raises(ValueError, match="patch=16 = 16 devices, but only 8"):
     strategies.run(str(config), 128, [16], cfg=1, steps=2, warmup_steps=1, dtype="fp32", iters=1)
 
