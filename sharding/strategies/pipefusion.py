@@ -218,8 +218,8 @@ class PipeFusion(Staged):
     micro_steps = max(patches, stages)
     p, dim = config.patch_size, config.inner_dim
     tokens = (height // p) * (width // p) // patches
-    vectors = dim * (7 if not isinstance(config, DiTConfig) else 1)  # DiT: the conditioning; PixArt: + 6D modulation
-    activation = batch * (tokens + 1) * dim if isinstance(config, DiTConfig) else batch * (tokens * dim + vectors)
+    vectors = 1 if isinstance(config, DiTConfig) else 7  # per sample, D wide: the conditioning (PixArt: + 6D modulation)
+    activation = batch * (tokens + vectors) * dim
     latent_patch = batch * (height // patches) * width * config.in_channels  # an upper bound: per image, not pair
     return {"stages": micro_steps * activation * activation_bytes, "ring": micro_steps * latent_patch * 4}
 
