@@ -115,12 +115,9 @@ class StageRun:
   unit_async_bytes: float = 0
   unit_collectives: int = 0
 
-  @property
-  def patch(self) -> int:  # simulate.py's published-figure helpers read the device count as `patch`
-    return self.devices
-
   def unit_s(self, platform: Platform, latency_s: float) -> float:
-    comm = comm_seconds(self.unit_sync_bytes, self.unit_async_bytes, self.unit_collectives, platform.link, latency_s)
+    comm = comm_seconds(self.unit_sync_bytes, self.unit_async_bytes, self.unit_collectives, platform.link,
+                        latency_s)
     return projected_step(self.unit_flops / platform.flops_per_s, *comm)
 
   def step_s(self, platform: Platform, latency_s: float) -> float:
@@ -132,8 +129,8 @@ class StageRun:
     return self.warm * warm_step + self.units * self.unit_s(platform, latency_s)
 
   def published_s(self, platform: Platform) -> float | None:
-    return platform.published.get((self.resolution, self.label if self.strategy == "asyncdiff" else self.strategy,
-                                   self.devices))
+    name = self.label if self.strategy == "asyncdiff" else self.strategy  # AsyncDiff's figures are per NkSs
+    return platform.published.get((self.resolution, name, self.devices))
 
 
 def model_flops(config, side: int) -> list[float]:
@@ -161,7 +158,8 @@ def stage_sizes(devices: int) -> dict[str, int]:
 
 def single_run(config, resolution: int, steps: int) -> StageRun:
   flops = sum(model_flops(config, resolution // 8))
-  return StageRun(resolution, "single", "", 1, steps, 0, 0, 0, steps, 1, flops)
+  return StageRun(resolution, "single", "", devices=1, steps=steps, warm=0, warm_flops=0, warm_bytes=0,
+                  units=steps, units_per_step=1, unit_flops=flops)
 
 
 def asyncdiff_run(config, resolution: int, components: int, stride: int, steps: int, warmup_steps: int,
@@ -175,44 +173,56 @@ def asyncdiff_run(config, resolution: int, components: int, stride: int, steps: 
   traffic = strategy.expected_traffic(config, side, side, sizes, BATCH, activation_bytes)
   overlapped = sum(b for kind, b in traffic.items() if kind in strategy.overlapped_kinds())
   warm = strategy.phases(steps, sizes)[0].stop
-  return StageRun(resolution, "asyncdiff", asyncdiff_label(components, stride), devices, steps, warm, sum(flops),
-                  synchronous_bytes(config, side, cuts, activation_bytes), math.ceil((steps - warm) / stride),
-                  1 / stride, max(stage_flops(flops, cuts)), sum(traffic.values()) - overlapped, overlapped)
+  return StageRun(resolution, "asyncdiff", asyncdiff_label(components, stride), devices, steps, warm,
+                  warm_flops=sum(flops), warm_bytes=synchronous_bytes(config, side, cuts, activation_bytes),
+                  units=math.ceil((steps - warm) / stride), units_per_step=1 / stride,
+                  unit_flops=max(stage_flops(flops, cuts)), unit_sync_bytes=sum(traffic.values()) - overlapped,
+                  unit_async_bytes=overlapped)
 
 
 def asyncdiff_label(components: int, stride: int) -> str:
   return f"N{components}S{stride}"
 
 
-def pipefusion_run(config, resolution: int, stages: int, patches: int, steps: int, activation_bytes: int) -> StageRun:
-  """PipeFusion with N = `stages` GPUs and M = `patches` row patches (its default stage_layers)."""
-  side = resolution // 8
-  strategy, sizes = Strategy.pipefusion(num_patches=patches), stage_sizes(stages)
+def pipefusion_run(config, resolution: int, stages: int, patches: int, steps: int,
+                   activation_bytes: int) -> StageRun:
+  """PipeFusion with N = `stages` GPUs and M = `patches` row patches: its default ⌈L/N⌉ blocks per stage,
+  or, where that leaves the last stage empty (28 blocks on 8), the blocks as evenly as they split ("even")."""
+  side, sizes, label = resolution // 8, stage_sizes(stages), f"N={stages} M={patches}"
+  strategy = Strategy.pipefusion(num_patches=patches)
+  blocks = getattr(config, "num_layers", 0)  # a transformer's (validate refuses any other model)
+  if 0 < stages <= blocks and blocks - math.ceil(blocks / stages) * (stages - 1) < 1:
+    even = [blocks // stages + (s < blocks % stages) for s in range(stages)]
+    strategy, label = dataclasses.replace(strategy, stage_layers=even), f"{label} even"
   strategy.validate(config, side, side, sizes)
   cuts = strategy.cuts_for(config, side, side, stages)
   flops = model_flops(config, side)
   micro_steps = max(patches, stages)
-  per_micro_step = sum(strategy.expected_traffic(config, side, side, sizes, BATCH, activation_bytes).values()) / micro_steps
+  traffic = strategy.expected_traffic(config, side, side, sizes, BATCH, activation_bytes)
   warm = strategy.phases(steps, sizes)[0].stop
   units = (steps - warm) * micro_steps + (stages - 1 if steps > warm else 0)  # the drain
-  return StageRun(resolution, "pipefusion", f"N={stages} M={patches}", stages, steps, warm, sum(flops),
-                  synchronous_bytes(config, side, cuts, activation_bytes), units, micro_steps,
-                  max(stage_flops(flops, cuts)) / patches, per_micro_step)
+  return StageRun(resolution, "pipefusion", label, stages, steps, warm,
+                  warm_flops=sum(flops), warm_bytes=synchronous_bytes(config, side, cuts, activation_bytes),
+                  units=units, units_per_step=micro_steps, unit_flops=max(stage_flops(flops, cuts)) / patches,
+                  unit_sync_bytes=sum(traffic.values()) / micro_steps)  # waited for: not overlapped
 
 
-def patch_runs(config, resolution: int, devices: int, name: str, steps: int, activation_bytes: int) -> list[StageRun]:
-  """A row strategy on `devices` GPUs (each of its splits: usp's ring × Ulysses degrees), 1/N of the FLOPs each."""
+def patch_runs(config, resolution: int, devices: int, name: str, steps: int,
+               activation_bytes: int) -> list[StageRun]:
+  """A row strategy on `devices` GPUs (each of its splits: usp's ring × Ulysses degrees), 1/N of the FLOPs
+  each; its warm-up steps wait for all their traffic."""
   side, runs = resolution // 8, []
-  strategy = Strategy.from_name(name)
+  strategy, flops = Strategy.from_name(name), sum(model_flops(config, resolution // 8))
   for split in strategy.image_splits(devices):
     sizes = simulate.simulated_sizes(devices, split)
     strategy.validate(config, side, side, sizes)
     sync, overlapped, collectives = simulate.comm_bytes(config, side, devices, strategy, activation_bytes, split)
     warm = min(steps, strategy.steady_phase(sizes).start)
     label = simulate.describe_split(split) if len(split) > 1 else f"N={devices}"
-    runs.append(StageRun(resolution, name, label, devices, steps, warm, sum(model_flops(config, side)),
-                         sync + overlapped, steps - warm, 1, sum(model_flops(config, side)) / devices,
-                         sync, overlapped, collectives))
+    runs.append(StageRun(resolution, name, label, devices, steps, warm, warm_flops=flops,
+                         warm_bytes=sync + overlapped, units=steps - warm, units_per_step=1,
+                         unit_flops=flops / devices, unit_sync_bytes=sync, unit_async_bytes=overlapped,
+                         unit_collectives=collectives))
   return runs
 
 
@@ -236,11 +246,11 @@ def platforms(config, preset: str, tflops: float | None) -> tuple[Platform, ...]
     return (Platform(f"{reference.gpu if reference else 'GPU'} {PCIE4.name}", rate, PCIE4, published),)
   known = preset == "pixart-alpha-1024"  # the published tables are of this model
   nvlink = {(resolution, name, 1 if name == "single" else PIXART_DEVICES): seconds
-            for resolution, figures in PIXART_SECONDS.items() for name, seconds in figures.items()} if known else {}
+            for resolution, figures in PIXART_SECONDS.items() if known for name, seconds in figures.items()}
   single = {key: s for key, s in nvlink.items() if key[1] == "single"}
   pcie = {name: {(PCIE_RESOLUTION, strategy, devices): s for strategy, s in figures.items()} if known else {}
           for name, (devices, figures) in PCIE_SECONDS.items()}
-  return (Platform(f"A100 {LINKS[0].name}", rate, LINKS[0], nvlink),
+  return (Platform(LINKS[0].name, rate, LINKS[0], nvlink),  # an A100's link
           Platform(f"A100 {PCIE4.name}", rate, PCIE4, single | pcie["A100 PCIe"]),
           Platform(f"L20 {PCIE4.name}", rate * L20_VS_A100, PCIE4, pcie["L20 PCIe"]))
 
@@ -259,11 +269,11 @@ def columns(single: Mapping[int, StageRun], targets: Sequence[Platform], latency
                      Column("paper s", lambda run, p=p: run.published_s(p), ".3f", 7, group=p.name),
                      Column("paper ×", paper_x, ".1f", 7, group=p.name)]
   return (Column("res", "resolution", width=5), Column("strategy", "strategy", width=10, align="<"),
-          Column("split", "label", width=10, align="<"), Column("GPUs", "devices", width=4),
+          Column("split", "label", width=14, align="<"), Column("GPUs", "devices", width=4),
           Column("warm", "warm", width=4),
           Column("TFLOP/step", lambda run: run.unit_flops * run.units_per_step, ".2f", 10, 1e-12),
-          Column("MiB/step", lambda run: (run.unit_sync_bytes + run.unit_async_bytes) * run.units_per_step, ".1f", 8,
-                 1 / simulate.MIB), *per_platform)
+          Column("MiB/step", lambda run: (run.unit_sync_bytes + run.unit_async_bytes) * run.units_per_step, ".1f",
+                 8, 1 / simulate.MIB), *per_platform)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -271,7 +281,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run(model: str, config: str | None, resolutions: Sequence[int], strategies: Sequence[str], *,
-        stages: Sequence[int] | None = None, strides: Sequence[int] = (1, 2), patches_per_stage: Sequence[int] = (1,),
+        stages: Sequence[int] | None = None, strides: Sequence[int] = (1, 2),
+        patches_per_stage: Sequence[int] = (1,),
         patch: Sequence[int] = (2, 4, 8), steps: int | None = None, warmup_steps: int = 9,
         tflops: float | None = None, dtype: str = "bf16", latency_us: float = 0.0) -> list[StageRun]:
   """Projects, prints and returns the single-GPU run and every configuration of `strategies`.
@@ -327,10 +338,12 @@ def _print_header(name: str, preset: str, targets: Sequence[Platform], steps: in
         f"PROJECTIONS FROM FLOP COUNTS, nothing timed: compute = FLOPs / the GPU's rate ({calibration}); "
         f"comm = the strategy's expected bytes / link + {latency_us:g} µs per collective.")
   for p in targets:
-    print(f"  {p.name}: {p.flops_per_s / 1e12:.1f} TFLOP/s achieved, {p.link.bytes_per_s / 1e9:.0f} GB/s per GPU per "
-          f"direction ({p.link.source})")
-  if any(p.name.startswith("L20") for p in targets):
-    print(f"  L20: the A100 rate × {L20_VS_A100:.3f} (their dense fp16 tensor TFLOP/s, spec sheets)")
+    print(f"  {p.name}: {p.flops_per_s / 1e12:.1f} TFLOP/s achieved, {p.link.bytes_per_s / 1e9:.0f} GB/s per GPU "
+          f"per direction ({p.link.source})")
+  if any(p.name.startswith("L20") for p in targets):  # PipeFusion's platforms
+    print(f"  L20: the A100 rate × {L20_VS_A100:.3f} (their dense fp16 tensor TFLOP/s, spec sheets); PCIe figures "
+          f"shown at {PCIE_RESOLUTION}², the issue quoting them gives no resolution; PipeFusion 'even': its blocks "
+          "split as evenly as they go, where the default ⌈L/N⌉ per stage leaves the last one empty")
   print("warm: synchronous steps; TFLOP/step, MiB/step: the slowest GPU's steady step; run s: the whole run; "
-        "× = single-GPU run / run; paper s, paper ×: published measurements on that platform (AsyncDiff: "
-        f"5.51 s / its speedup; PCIe PixArt figures shown at {PCIE_RESOLUTION}², resolution not given).")
+        "× = single-GPU run / run; paper s, paper ×: published measurements on that platform (AsyncDiff's: the "
+        "single-GPU seconds / its speedup).")

@@ -118,17 +118,20 @@ def _add_simulate(benches) -> None:
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
   add_flag(parser, "strategies", tuple[str, ...],
-           strategy_flag("strategies to simulate", (*simulate.simulated_strategies(), *simulate_stages.STAGE_STRATEGIES)),
+           strategy_flag("strategies to simulate",
+                         (*simulate.simulated_strategies(), *simulate_stages.STAGE_STRATEGIES)),
            ("exact", "displaced"))
   add_flag(parser, "groupnorm", str, groupnorm_flag(), "corrected_async")
   parser.add_argument("--stages", type=int, nargs="+", default=None,
-                      help="asyncdiff: components N (default 2 3 4); pipefusion: stages N (default the --patch counts)")
+                      help="asyncdiff: components N (default 2 3 4); pipefusion: stages N (default the --patch "
+                      "counts)")
   parser.add_argument("--stride", type=int, nargs="+", default=[1, 2],
                       help="asyncdiff strides S (1 2): N + S − 1 GPUs (default 1 2)")
   parser.add_argument("--patches-per-stage", type=int, nargs="+", default=[1],
                       help="pipefusion row patches M = k × N for each k (default 1: M = N)")
   parser.add_argument("--steps", type=int, default=None,
-                      help="stage projection: diffusion steps (default the published run's: SD2.1/SDXL 50, PixArt-α 20)")
+                      help="stage projection: diffusion steps (default the published run's: SD2.1 and SDXL 50, "
+                      "PixArt-α 20)")
   parser.add_argument("--warmup-steps", type=int, default=9,
                       help="asyncdiff synchronous steps (default 9, the authors' SD2.1 and SDXL runs)")
   parser.add_argument("--tflops", type=float, default=None,
