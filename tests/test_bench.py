@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from dfjax import commands
-from dfjax.bench import simulate, strategies, table, unet
+from dfjax.bench import simulate, simulate_stages, strategies, table, unet
 from dfjax.bench.models import model_config
 from dfjax.bench.flops import analytic_unet_flops, flops_by_kind
 from dfjax.bench.timing import device_name
@@ -226,7 +226,8 @@ def test_simulate_offers_the_row_strategies_not_the_reference(capsys):
   with pytest.raises(SystemExit) as exit_info:  # single is the reference row, not a choice
     commands.main(["bench", "simulate", "--strategy", "single"])
   assert exit_info.value.code == 2
-  choices = ", ".join(repr(name) for name in simulate.simulated_strategies())
+  offered = (*simulate.simulated_strategies(), *simulate_stages.STAGE_STRATEGIES)  # the stage ones: FLOP-projected
+  choices = ", ".join(repr(name) for name in offered)
   assert f"invalid choice: 'single' (choose from {choices})" in capsys.readouterr().err
 
 

@@ -73,7 +73,7 @@ PAPER_SPEEDUPS = {"displaced": {1024: {2: 1.5, 4: 2.2, 8: 2.8}, 2048: {2: 1.8, 4
 # PixArt-α (PipeFusion, Fang et al. 2024): seconds of a 20-step DPM-Solver run on 8 NVLink A100s;
 # {resolution: {strategy: seconds}}, `single` on 1 GPU. Their speedups are single / strategy.
 PIXART_DEVICES, PIXART_STEPS = 8, 20
-PIXART_SECONDS = {1024: {"single": 2.085, "displaced": 0.765, "ulysses": 1.37, "ring": 2.59},
+PIXART_SECONDS = {1024: {"single": 2.085, "displaced": 0.765, "ulysses": 1.37, "ring": 2.59, "pipefusion": 0.969},
                   2048: {"single": 16.22, "displaced": 2.48, "ulysses": 2.46, "ring": 3.54}}
 
 
@@ -186,14 +186,24 @@ class SimRun:
 
   def comm_s(self, link: Link, latency_s: float) -> tuple[float, float]:
     """(synchronous, overlappable) communication seconds per step over `link`."""
-    sync = self.sync_bytes / link.bytes_per_s
-    overlapped = self.async_bytes / link.bytes_per_s
-    per_collective = latency_s * self.collectives
-    return (sync + per_collective, overlapped) if self.sync_bytes else (sync, overlapped + per_collective)
+    return comm_seconds(self.sync_bytes, self.async_bytes, self.collectives, link, latency_s)
 
   def projected_s(self, link: Link, latency_s: float) -> float:
-    sync, overlapped = self.comm_s(link, latency_s)
-    return max(self.step_s, overlapped) + sync
+    return projected_step(self.step_s, *self.comm_s(link, latency_s))
+
+
+def comm_seconds(sync_bytes: float, async_bytes: float, collectives: int, link: Link,
+                 latency_s: float) -> tuple[float, float]:
+  """(synchronous, overlappable) seconds of a step's communication over `link`; the per-collective
+  latency counts where the step waits (with the synchronous bytes if it has any)."""
+  sync, overlapped = sync_bytes / link.bytes_per_s, async_bytes / link.bytes_per_s
+  per_collective = latency_s * collectives
+  return (sync + per_collective, overlapped) if sync_bytes else (sync, overlapped + per_collective)
+
+
+def projected_step(compute_s: float, sync_s: float, overlapped_s: float) -> float:
+  """A step whose overlappable communication hides behind its compute and whose synchronous part does not."""
+  return max(compute_s, overlapped_s) + sync_s
 
 
 def comm_bytes(config, side: int, num_patches: int, strategy: Strategy, activation_bytes: int,

@@ -5,7 +5,7 @@ The measurements themselves live in dfjax/bench/; this module only parses flags 
 
 from __future__ import annotations
 
-from dfjax.bench import fidelity, simulate, strategies, train, unet, vae
+from dfjax.bench import fidelity, simulate, simulate_stages, strategies, train, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
 from models.presets import FAMILIES, PRESETS
@@ -107,7 +107,10 @@ def _add_simulate(benches) -> None:
       "stand-ins), times it, and projects the step time and speedup over A100 and H100 NVLink (max(compute, "
       "the communication the strategy overlaps) + the communication it waits for), beside published "
       "measurements (DistriFusion's SDXL speedups; PixArt-α's 8-A100 seconds). "
-      "Configurations that do not fit are skipped.")
+      "Configurations that do not fit are skipped. With asyncdiff or pipefusion among --strategies (their "
+      "devices run different code) every row is instead projected from FLOP counts at a GPU rate calibrated on "
+      "the published single-GPU time (dfjax/bench/simulate_stages.py), beside AsyncDiff's and PipeFusion's "
+      "published figures.")
   _add_model(parser, "a UNet, DiT or PixArt (e.g. --model pixart --config pixart-alpha-1024)")
   parser.add_argument("--resolution", type=int, nargs="+", default=[512],
                       help="image side(s) in pixels (latent = /8)")
@@ -115,17 +118,43 @@ def _add_simulate(benches) -> None:
   parser.add_argument("--dtype", choices=_DTYPES, default="fp32")
   parser.add_argument("--iters", type=int, default=5, help="timed steps per configuration (median)")
   add_flag(parser, "strategies", tuple[str, ...],
-           strategy_flag("strategies to simulate", simulate.simulated_strategies()), ("exact", "displaced"))
+           strategy_flag("strategies to simulate",
+                         (*simulate.simulated_strategies(), *simulate_stages.STAGE_STRATEGIES)),
+           ("exact", "displaced"))
   add_flag(parser, "groupnorm", str, groupnorm_flag(), "corrected_async")
+  parser.add_argument("--stages", type=int, nargs="+", default=None,
+                      help="asyncdiff: components N (default 2 3 4); pipefusion: stages N (default the --patch "
+                      "counts)")
+  parser.add_argument("--stride", type=int, nargs="+", default=[1, 2],
+                      help="asyncdiff strides S (1 2): N + S − 1 GPUs (default 1 2)")
+  parser.add_argument("--patches-per-stage", type=int, nargs="+", default=[1],
+                      help="pipefusion row patches M = k × N for each k (default 1: M = N)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="stage projection: diffusion steps (default the published run's: SD2.1 and SDXL 50, "
+                      "PixArt-α 20)")
+  parser.add_argument("--warmup-steps", type=int, default=9,
+                      help="asyncdiff synchronous steps (default 9, the authors' SD2.1 and SDXL runs)")
+  parser.add_argument("--tflops", type=float, default=None,
+                      help="stage projection: the GPU's achieved TFLOP/s (default calibrated on the published "
+                      "single-GPU time of sd21, sdxl, pixart-alpha-1024)")
   parser.add_argument("--hlo-comm", action="store_true",
                       help="also compile the real N-device sampling program and read its per-step traffic "
                       "(needs N devices: on a CPU the virtual ones; for tiny configs)")
   parser.add_argument("--latency-us", type=float, default=0.0,
                       help="fixed cost per collective added to the communication time "
                       "(default 0: bandwidth only)")
-  parser.set_defaults(run=lambda args: simulate.run(args.config, args.resolution, args.patch, args.dtype,
-                                                    args.iters, args.strategies, args.groupnorm,
-                                                    args.hlo_comm, args.latency_us, args.model))
+  parser.set_defaults(run=_simulate)
+
+
+def _simulate(args):
+  """Stage strategies among --strategies: every row projected from FLOPs; else one device's program timed."""
+  if set(args.strategies) & set(simulate_stages.STAGE_STRATEGIES):
+    return simulate_stages.run(args.model, args.config, args.resolution, args.strategies, stages=args.stages,
+                               strides=args.stride, patches_per_stage=args.patches_per_stage, patch=args.patch,
+                               steps=args.steps, warmup_steps=args.warmup_steps, tflops=args.tflops,
+                               dtype=args.dtype, latency_us=args.latency_us)
+  return simulate.run(args.config, args.resolution, args.patch, args.dtype, args.iters, args.strategies,
+                      args.groupnorm, args.hlo_comm, args.latency_us, args.model)
 
 
 def _add_vae(benches) -> None:
