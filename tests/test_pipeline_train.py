@@ -1,7 +1,8 @@
 """DiffusionPipe's pipelined training step (dfjax/training/pipeline_step.py) on 8 CPU devices, fp32:
 one pipelined step, under every schedule, with and without data parallelism, equals the
 single-device step of `dfjax.training.loop` (its `_loss` on the whole batch, the class tokens
-frozen, its optimiser on the UNet): loss, gradients, and the params and EMA after two steps; the
+frozen, its optimiser on the UNet): loss, gradients (read from AdamW's first moment, so one compiled
+step serves the whole comparison), and the params and EMA after two steps; the
 class tokens computed in the bubbles for the next batch are bit-identical to computing them up
 front. Plans that do not fit are refused with the valid choices; a pipelined `dfjax train` run
 stopped and resumed gives the uninterrupted run's loss curve and weights."""
@@ -10,6 +11,7 @@ import csv
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,7 +21,8 @@ from dfjax import commands
 from dfjax.training import TrainConfig, load_trained
 from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer
 from dfjax.training.model import VARIANTS, ClassConditionalUNet
-from dfjax.training.pipeline_plan import PipelineConfig, make_plan
+from dfjax.training.pipeline_calibrate import describe_costs
+from dfjax.training.pipeline_plan import PipelineConfig, analytic_costs, make_plan
 from dfjax.training.pipeline_schedule import BACKWARD, FORWARD
 from dfjax.training.pipeline_step import executor_for, step_key
 from dfjax.training.pipeline_train import train_pipelined
@@ -39,6 +42,12 @@ def _model():
   return ClassConditionalUNet(VARIANTS["tiny"], rngs=nnx.Rngs(jax.random.key(0)))
 
 
+def _first_moment(opt_state):
+  """AdamW's first moment: after the first step, 0.1 × the clipped gradient (and the clipping
+  factor is the gradient's own global norm), so matching it matches the gradient."""
+  return optax.tree_utils.tree_get(opt_state, "mu")
+
+
 @functools.cache
 def _reference():
   """Two single-device steps: loop._loss on the whole batch, gradients of the UNet's params only
@@ -52,39 +61,41 @@ def _reference():
     return _loss(params, _graphdef(CFG.model), images, labels, step_key(CFG, step), CFG.static())
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-  def two_steps(unet, batches):
-    losses, grads = [], []
-    opt_state, ema = optimizer.init(unet), unet
-    for step, (images, labels) in enumerate(batches[:2]):
-      loss, g = jax.value_and_grad(loss_of)(unet, images, labels, step)
-      updates, opt_state = optimizer.update(g, opt_state, unet)
-      unet = optax.apply_updates(unet, updates)
-      decay = min(CFG.ema_decay, (1.0 + step) / (10.0 + step))
-      ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, unet)
-      losses.append(loss)
-      grads.append(g)
-    return losses, grads[0], unet, ema
+  def one_step(unet, opt_state, ema, images, labels, step):
+    loss, g = jax.value_and_grad(loss_of)(unet, images, labels, step)
+    updates, opt_state = optimizer.update(g, opt_state, unet)
+    unet = optax.apply_updates(unet, updates)
+    decay = jnp.minimum(CFG.ema_decay, (1.0 + step) / (10.0 + step))
+    return loss, unet, opt_state, jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, unet)
 
-  return jax.device_get(two_steps(full["unet"], _batches()))
+  unet = full["unet"]
+  opt_state, ema, losses = optimizer.init(unet), unet, []
+  for step, (images, labels) in enumerate(_batches()[:2]):
+    loss, unet, opt_state, ema = one_step(unet, opt_state, ema, images, labels, jnp.int32(step))
+    losses.append(loss)
+    if step == 0:
+      moment = _first_moment(opt_state)
+  return jax.device_get((losses, moment, unet, ema))
 
 
 @functools.cache
 def _pipelined(stages, microbatches, data, schedule):
-  """Two pipelined steps: their losses, the first step's gradients, the params and EMA after them,
-  and the next batch's class tokens (from the bubbles, and up front)."""
+  """Two pipelined steps (one compile): their losses, the first moment after the first step, the
+  params and EMA after both, and the next batch's class tokens (from the bubbles, and up front)."""
   plan = make_plan(PipelineConfig(stages, microbatches, data, schedule), CFG.model, BATCH, IMAGE)
   ex = executor_for(CFG, plan)
   batches = _batches()
   state = jax.device_put(ex.state_from(_model()), ex.shardings())
   tokens = ex.frozen_outputs(state, *batches[0])
-  _, grads, _ = ex.loss_and_grads(state, tokens, batches[0][0], *batches[1])
   losses, carried, up_front = [], [], []
   for step in range(2):
     state, loss, tokens = ex.step(state, tokens, batches[step][0], *batches[step + 1])
     losses.append(float(loss))
     carried.append(np.asarray(tokens))
     up_front.append(np.asarray(ex.frozen_outputs(state, *batches[step + 1])))
-  return {"losses": losses, "grads": ex.unet_params(grads), "params": ex.unet_params(state["params"]),
+    if step == 0:
+      moment = ex.unet_params(_first_moment(state["opt_state"]))  # read before the next step donates it
+  return {"losses": losses, "moment": moment, "params": ex.unet_params(state["params"]),
           "ema": ex.unet_params(state["ema"]), "carried": carried, "up_front": up_front, "plan": plan,
           "row": state["params"]["rows"]["float32"]}
 
@@ -105,9 +116,9 @@ GRID = [(s, m, d, sched) for sched in ("diffusionpipe", "1f1b", "gpipe") for s i
 @pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow) for c in GRID],
                          ids=lambda c: "S{}-M{}-D{}-{}".format(*c))
 def test_pipelined_step_equals_single_device(case):
-  got, ref_losses, ref_grads, ref_params, ref_ema = _pipelined(*case), *_reference()
+  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference()
   np.testing.assert_allclose(got["losses"], np.asarray(ref_losses), rtol=1e-5)
-  _close(got["grads"], ref_grads, 1e-5)
+  _close(got["moment"], ref_moment, 1e-5)
   _close(got["params"], ref_params, 1e-5)
   _close(got["ema"], ref_ema, 1e-5)
   # the parameters moved (the comparison is not of two copies of the init)
@@ -154,6 +165,30 @@ def test_tables_run_every_pass_once_after_its_input_arrived(stages, microbatches
   assert len(seen) == 2 * stages * microbatches
 
 
+@pytest.mark.parametrize("stages,microbatches,schedule", [(2, 8, "gpipe"), (4, 8, "1f1b"), (4, 8, "diffusionpipe")])
+def test_buffer_slots_hold_each_value_until_its_last_reader(stages, microbatches, schedule):
+  """Replays every stage's stash and gradient buffer over the ticks (read, then store the arrival):
+  each forward and backward finds its own micro-batch's value in the slot it reads. 1F1B keeps at
+  most S activations in flight, GPipe all M (its last forward precedes its first backward)."""
+  plan = make_plan(PipelineConfig(stages, microbatches, 1, schedule), CFG.model, 8, IMAGE)
+  branch, micro = plan.branch_table(), plan.microbatch_table()
+  for slots, arrivals, readers in ((plan.activation_slots(), plan.receives_forward(), (FORWARD, BACKWARD)),
+                                   (plan.gradient_slots(), plan.receives_backward(), (BACKWARD,))):
+    for stage in range(stages):
+      receives = stage > 0 if readers[0] == FORWARD else stage < stages - 1  # the ends receive nothing
+      held, reads = [None] * slots.count, 0
+      for tick, row in enumerate(branch):
+        code = row[stage]
+        if receives and 1 <= code <= 2 * stages and (FORWARD, BACKWARD)[(code - 1) % 2] in readers:
+          assert held[slots.read[tick][stage]] == micro[tick][stage]
+          reads += 1
+        if arrivals[tick][stage] >= 0:
+          held[slots.store[tick][stage]] = arrivals[tick][stage]
+      assert reads == (len(readers) * microbatches if receives else 0)
+  peak = plan.activation_slots().count
+  assert peak == microbatches if schedule == "gpipe" else peak <= stages
+
+
 def test_plans_that_do_not_fit_name_the_valid_choices():
   with pytest.raises(ValueError, match=r"has 7 segments \(0 embed, 1 down_blocks.0.*use 1 to 7 stages"):
     make_plan(PipelineConfig(8, 1, 1), CFG.model, 8, IMAGE)
@@ -195,3 +230,16 @@ def test_pipelined_run_resumes_exactly(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="its run was pipelined as"):
     train_pipelined(cfg, PipelineConfig(2, 1, 1, "gpipe"), resume=True, progress=False, echo=lambda _: None)
+
+
+@pytest.mark.slow
+def test_calibrated_plan_times_every_segment():
+  """`--calibrate`: each segment's forward and backward timed once (the backward recomputes the
+  forward, so it costs more in total), planned with, and printed beside the analytic FLOPs."""
+  plan = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe", calibrate=True), CFG.model, 8, IMAGE)
+  assert len(plan.forward) == len(plan.backward) == len(plan.segment_names) == 7
+  assert all(0 < f < 10 for f in plan.forward) and all(0 < b < 10 for b in plan.backward)  # seconds, not FLOPs
+  assert sum(plan.backward) > sum(plan.forward)
+  table = describe_costs(plan.segment_names, analytic_costs(CFG.model, IMAGE, plan.microbatch)[0],
+                         (plan.forward, plan.backward))
+  assert all(name in table for name in plan.segment_names) and "timed backward ms" in table

@@ -2,8 +2,10 @@
 
 Measured: every method trains the same model on the same global batch through the same executor
 (dfjax/training/pipeline_step.py; data parallel is its one-stage case over every device): steps per
-second after compilation, and each device's idle fraction in the executed schedule (its timeline
-under the analytic per-segment FLOPs: a virtual CPU device has no clock of its own). On a CPU the
+second after compilation, each device's idle fraction in the executed schedule (its timeline
+under the analytic per-segment FLOPs: a virtual CPU device has no clock of its own), and the
+compiled step's temporary memory per device (XLA's memory analysis of the SPMD program: 1F1B's
+activation stash holds about S micro-batches where GPipe's holds all M). On a CPU the
 devices share the cores, so the steps/s say what the executor costs, not what a pipeline gains.
 
 Projected: the planner's iteration times at full size — SD2.1's UNet (models/presets.py) at a
@@ -45,6 +47,8 @@ class TrainRow:
   data: int
   step_seconds: float
   idle: tuple[float, ...]  # per device, from the schedule's timeline
+  temp_bytes: int | None = None  # the compiled step's temporaries per device (measured rows only)
+  stash_slots: int | None = None  # activations a stage keeps between ticks (pipelined rows only)
   speedup_of_diffusionpipe: float | None = None
   paper: float | None = None
 
@@ -82,6 +86,7 @@ def measure(model: str = "tiny", batch: int = 8, image_size: int = 32, devices: 
     ex = executor_for(cfg, run_plan)
     state = jax.device_put(ex.init_state(0), ex.shardings())
     tokens = ex.frozen_outputs(state, images, labels)
+    memory = ex.step.lower(state, tokens, images, images, labels).compile().memory_analysis()
     state, loss, tokens = ex.step(state, tokens, images, images, labels)  # compiles
     jax.block_until_ready(loss)
     times = []
@@ -91,7 +96,8 @@ def measure(model: str = "tiny", batch: int = 8, image_size: int = 32, devices: 
       jax.block_until_ready(loss)
       times.append(time.perf_counter() - began)
     rows.append(TrainRow(method, pipeline.stages, pipeline.microbatches, pipeline.data, float(np.median(times)),
-                         device_idle(run_plan.timeline)))
+                         device_idle(run_plan.timeline), memory.temp_size_in_bytes,
+                         run_plan.activation_slots().count if pipeline.stages > 1 else None))
   return _with_speedups(rows)
 
 
@@ -162,6 +168,8 @@ COLUMNS = [Column("method", "method", align="<", width=13), Column("S", "stages"
            Column("steps/s", "steps_per_second", ".3g", width=8),
            Column("idle per device", lambda r: " ".join(f"{100 * i:.0f}%" for i in r.idle), align="<", width=16),
            Column("mean idle", "mean_idle", ".1%", width=9),
+           Column("stash", "stash_slots", "d", width=5),
+           Column("temp MiB", lambda r: None if r.temp_bytes is None else r.temp_bytes / 2**20, ".3g", width=8),
            Column("DiffusionPipe ×", "speedup_of_diffusionpipe", ".2f"), Column("paper ×", "paper", ".2f")]
 
 

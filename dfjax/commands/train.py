@@ -45,7 +45,9 @@ def register(commands) -> None:
       "microbatches": Flag("micro-batches per data shard's batch (pipelined training)", name="micro_batches"),
       "data": Flag("data-parallel degree beside the pipeline (the mesh is data × stages devices)"),
       "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the frozen class tokens in its bubbles)",
-                       choices=[s.value for s in Schedule])})
+                       choices=[s.value for s in Schedule]),
+      "calibrate": Flag("plan the pipeline with each segment's forward and backward timed once on this device "
+                        "(printed beside the analytic FLOPs) instead of the FLOPs alone")})
   _resumable(parser)
   # argparse hands `train classifier --out X` to the subcommand and would then find --out missing
   # on `train` itself: `run` checks it instead.

@@ -1,11 +1,12 @@
 """What a pipelined training run executes: the stage cut, the schedule's ticks, the bubble pieces.
 
 `make_plan` turns a `PipelineConfig` (stages S, micro-batches M, data parallel D, schedule) and the
-model into a `PipelinePlan`: per-segment forward costs (analytic FLOPs, `segment_flops`, or timed
-once per segment) with the backward at twice the forward, the DP partition and the schedule's
-timeline (dfjax/training/pipeline_schedule.py), and the static tables the executor's `lax.scan`
-indexes by (tick, stage): which branch runs, on which micro-batch, and what arrives from the
-neighbouring stages.
+model into a `PipelinePlan`: per-segment forward and backward costs (analytic FLOPs, `segment_flops`,
+the backward at twice the forward; or each timed once, `PipelineConfig.calibrate`), the DP partition
+and the schedule's timeline (dfjax/training/pipeline_schedule.py), and the static tables the
+executor's `lax.scan` indexes by (tick, stage): which branch runs, on which micro-batch, what
+arrives from the neighbouring stages, and which buffer slot holds it (`Slots`: as many as are in
+flight at once).
 
 The frozen part (the class-token embedding, one layer) is a `FrozenJob` over a data shard's batch:
 DiffusionPipe's filler places pieces of it (runs of whole samples) into the bubbles, for the next
@@ -21,6 +22,7 @@ import jax
 
 from dfjax.bench.flops import segment_flops
 from dfjax.training import pipeline_schedule as ps
+from dfjax.training.pipeline_calibrate import timed_costs
 from dfjax.training.model import VARIANTS
 from models.build import segment_costs
 from models.config import UNetConfig
@@ -40,12 +42,15 @@ class PipelineConfig:
     microbatches: micro-batches M per data shard's batch.
     data: data-parallel degree D (the mesh is D × S devices).
     schedule: "gpipe", "1f1b" or "diffusionpipe" (1F1B with the frozen work in its bubbles).
+    calibrate: plan with each segment's forward and backward timed once on this device
+      (dfjax/training/pipeline_calibrate.py) instead of the analytic FLOPs.
   """
 
   stages: int = 1
   microbatches: int = 1
   data: int = 1
   schedule: str = "diffusionpipe"
+  calibrate: bool = False
 
   def __post_init__(self):
     for name in ("stages", "microbatches", "data"):
@@ -53,6 +58,21 @@ class PipelineConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     ps.Schedule.parse(self.schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """A stage buffer's layout over the ticks (the same on every stage: SPMD shapes).
+
+  Attributes:
+    count: the slots the buffer has, the peak number of values any stage holds at once.
+    store: [tick][stage] the slot the value arriving after that tick goes into (−1: none arrives).
+    read: [tick][stage] the slot the tick's forward or backward reads (0 where it reads none).
+  """
+
+  count: int
+  store: tuple[tuple[int, ...], ...]
+  read: tuple[tuple[int, ...], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +173,43 @@ class PipelinePlan:
         table[timed.tick][a.stage + direction] = a.microbatch
     return table
 
+  # -- the buffers a stage keeps between ticks: as many slots as micro-batches it holds at once
+
+  def activation_slots(self) -> Slots:
+    """Where each stage stashes a received activation: from its arrival until its micro-batch's
+    backward (which recomputes the forward from it). GPipe holds all M at once; 1F1B about S − s."""
+    return self._slots(self.receives_forward(), ps.FORWARD)
+
+  def gradient_slots(self) -> Slots:
+    """Where each stage keeps a received gradient until its micro-batch's backward uses it."""
+    return self._slots(self.receives_backward(), ps.BACKWARD)
+
+  def _slots(self, arrivals: list[list[int]], first_reader: str) -> Slots:
+    """Interval colouring of each stage's buffers: a value occupies a slot from the end of the tick it
+    arrives in to the backward tick that last reads it; a value arriving in that same tick may take
+    the slot (the branch reads before the arrival is stored). Slots are taken lowest free first, in
+    arrival order, which needs exactly the peak number of values held at once."""
+    backward_tick = {(t.action.stage, t.action.microbatch): t.tick for t in self.timeline.actions
+                     if t.action.kind == ps.BACKWARD}
+    readers = {ps.FORWARD: (ps.FORWARD, ps.BACKWARD), ps.BACKWARD: (ps.BACKWARD,)}[first_reader]
+    store, read = self._grid(-1), self._grid(0)
+    count = 1  # at least one slot, so the buffers have a shape where nothing arrives (the first stage)
+    for stage in range(self.stages):
+      slot_of, release = {}, {}  # micro-batch → slot; slot → the tick it is last read in
+      for tick in range(self.ticks):
+        m = arrivals[tick][stage]
+        if m < 0:
+          continue
+        slot = min(k for k in range(len(release) + 1) if release.get(k, -1) <= tick)
+        slot_of[m], release[slot] = slot, backward_tick[(stage, m)]
+        store[tick][stage] = slot
+      count = max(count, len(release))
+      for timed in self.timeline.actions:
+        a = timed.action
+        if a.stage == stage and a.kind in readers and a.microbatch in slot_of:
+          read[timed.tick][stage] = slot_of[a.microbatch]
+    return Slots(count, tuple(map(tuple, store)), tuple(map(tuple, read)))
+
 
 def segment_names(model: str) -> tuple[str, ...]:
   config = UNetConfig.from_diffusers_config(VARIANTS[model].unet_config)
@@ -173,7 +230,8 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
   """The plan of a pipelined step for `model` on a global batch of `batch` images of `image_shape`.
 
   Args:
-    costs: (forward, backward) per segment and micro-batch; default `analytic_costs`.
+    costs: (forward, backward) per segment and micro-batch; default `timed_costs` when
+      `pipeline.calibrate`, else `analytic_costs`.
   Raises:
     ValueError: a batch the data × micro-batch split does not divide, more stages than segments,
       or a mesh larger than the devices — each naming the valid choices.
@@ -194,7 +252,9 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
     raise ValueError(f"--pipeline-stages {s} × --data {d} = {s * d} devices, but {devices} are available; "
                      f"choose stages × data ≤ {devices} (on a CPU, --cpu-devices N)")
   micro = batch // (d * m)
-  forward, backward = analytic_costs(model, image_shape, micro) if costs is None else map(tuple, costs)
+  if costs is None:
+    costs = (timed_costs if pipeline.calibrate else analytic_costs)(model, image_shape, micro)
+  forward, backward = map(tuple, costs)
   spec = VARIANTS[model]
   shard = batch // d
   job = ps.FrozenJob(CLASS_TOKENS, (float(shard * spec.num_tokens * spec.token_dim),), shard)

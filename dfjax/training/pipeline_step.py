@@ -24,7 +24,7 @@ The class tokens are frozen in pipeline mode (they keep their initial values): t
 part of this model, as the text and VAE encoders are for Stable Diffusion.
 
 Shape letters: B batch (global), b a data shard's batch, u a micro-batch, H, W, C image, T class
-tokens, D token width, L the padded cut length, n a stage row's length.
+tokens, D token width, L the padded cut length, k a buffer's slots, n a stage row's length.
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ class PipelineExecutor:
     self.init_state = jax.jit(self.fresh_state, compiler_options=options)
     self.frozen_outputs = jax.jit(self._frozen_outputs, compiler_options=options)
     self.step = jax.jit(self._step, donate_argnums=0, compiler_options=options)
-    self.loss_and_grads = jax.jit(self._loss_and_grads, compiler_options=options)
 
   # -- layout helpers
 
@@ -278,28 +277,29 @@ class PipelineExecutor:
 
     zero_l = jnp.zeros((length,), wire)
 
-    def idle(work, stash, received, m):
+    # a branch gets the tick's stashed activation and received gradient (zeros where it has none)
+    def idle(work, in_l, grad_l, m):
       return work, zero_l, zero_l
 
     def forward(stage):
-      def branch(work, stash, received, m):
-        out = stage_fn(stage)(rows, stash[m], m)
+      def branch(work, in_l, grad_l, m):
+        out = stage_fn(stage)(rows, in_l, m)
         if stage < stages - 1:
           return work, out, zero_l
         return {**work, "loss": work["loss"] + out}, zero_l, zero_l
       return branch
 
     def backward(stage):
-      def branch(work, stash, received, m):
-        out, pullback = jax.vjp(lambda r, x: stage_fn(stage)(r, x, m), rows, stash[m])
-        cotangent = received[m] if stage < stages - 1 else jnp.ones((), out.dtype)
+      def branch(work, in_l, grad_l, m):
+        out, pullback = jax.vjp(lambda r, x: stage_fn(stage)(r, x, m), rows, in_l)
+        cotangent = grad_l if stage < stages - 1 else jnp.ones((), out.dtype)
         g_rows, g_in = pullback(cotangent)
         grads = jax.tree.map(jnp.add, work["grads"], g_rows)
         return {**work, "grads": grads}, zero_l, (g_in if stage > 0 else zero_l)
       return branch
 
     def frozen_piece(start, samples):
-      def branch(work, stash, received, m):
+      def branch(work, in_l, grad_l, m):
         tokens = self._class_tokens(frozen, next_dropped_b[start:start + samples])  # pieces, T, D
         return {**work, "next_tokens": lax.dynamic_update_slice_in_dim(work["next_tokens"], tokens, start, 0)}, \
             zero_l, zero_l
@@ -310,24 +310,27 @@ class PipelineExecutor:
     branches += [frozen_piece(start, samples) for start, samples in plan.frozen_pieces]
     table = jnp.asarray(plan.branch_table())  # ticks, S
     micro = jnp.asarray(plan.microbatch_table())  # ticks, S
-    gets_forward = jnp.asarray(plan.receives_forward())  # ticks, S: the micro-batch arriving, or −1
-    gets_backward = jnp.asarray(plan.receives_backward())  # ticks, S
+    # the buffers kept between ticks hold only what is in flight: 1F1B's stash ~S slots, GPipe's M
+    activations, gradients = plan.activation_slots(), plan.gradient_slots()
+    stash_at, read_stash = jnp.asarray(activations.store), jnp.asarray(activations.read)  # ticks, S
+    received_at, read_received = jnp.asarray(gradients.store), jnp.asarray(gradients.read)  # ticks, S
 
     def tick(carry, k):
-      work, stash, received = carry
-      work, send_forward, send_backward = lax.switch(table[k, here], branches, work, stash, received,
+      work, stash, received = carry  # slots, L each
+      work, send_forward, send_backward = lax.switch(table[k, here], branches, work, stash[read_stash[k, here]],
+                                                     received[read_received[k, here]],
                                                      jnp.maximum(micro[k, here], 0))
       arrived_forward = to_next_stage(send_forward, stages)  # L
       arrived_backward = to_previous_stage(send_backward, stages)  # L
-      stash = _store(stash, arrived_forward, gets_forward[k, here])
-      received = _store(received, arrived_backward, gets_backward[k, here])
+      stash = _store(stash, arrived_forward, stash_at[k, here])
+      received = _store(received, arrived_backward, received_at[k, here])
       return (work, stash, received), None
 
     b = next_dropped_b.shape[0]
     work = {"grads": jax.tree.map(jnp.zeros_like, rows), "loss": jnp.zeros((), jnp.float32),
             "next_tokens": jnp.zeros((b, *self._class_tokens(frozen, next_dropped_b[:1]).shape[1:]), jnp.float32)}
-    buffers = jnp.zeros((plan.microbatches, length), wire)  # M, L
-    (work, _, _), _ = lax.scan(tick, (work, buffers, buffers), jnp.arange(plan.ticks))
+    buffers = (jnp.zeros((activations.count, length), wire), jnp.zeros((gradients.count, length), wire))
+    (work, _, _), _ = lax.scan(tick, (work, *buffers), jnp.arange(plan.ticks))
     grads = jax.tree.map(lambda g: lax.psum(g, DATA), work["grads"])
     loss = lax.psum(work["loss"], (DATA, STAGE))
     next_tokens = lax.psum(work["next_tokens"], STAGE)  # each piece was written on one stage, zeros elsewhere
@@ -337,10 +340,10 @@ class PipelineExecutor:
     return loss, {"rows": grads}, next_tokens
 
 
-def _store(buffers_ml: jax.Array, value_l: jax.Array, m: jax.Array) -> jax.Array:
-  """Row m of `buffers_ml` set to `value_l` (m < 0: nothing arrived, unchanged)."""
-  updated = lax.dynamic_update_slice_in_dim(buffers_ml, value_l[None], jnp.maximum(m, 0), 0)
-  return jnp.where(m >= 0, updated, buffers_ml)
+def _store(buffers_kl: jax.Array, value_l: jax.Array, slot: jax.Array) -> jax.Array:
+  """Slot `slot` of `buffers_kl` set to `value_l` (slot < 0: nothing arrived, unchanged)."""
+  updated = lax.dynamic_update_slice_in_dim(buffers_kl, value_l[None], jnp.maximum(slot, 0), 0)
+  return jnp.where(slot >= 0, updated, buffers_kl)
 
 
 

@@ -24,7 +24,8 @@ from dfjax.training.checkpointed import CHECKPOINTS, run_steps
 from dfjax.training.loop import TrainConfig, export_run, make_optimizer
 from dfjax.training.model import VARIANTS, UNetSpec
 from dfjax.training.pipeline_chart import describe, draw
-from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, make_plan
+from dfjax.training.pipeline_calibrate import describe_costs
+from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, analytic_costs, make_plan
 from dfjax.training.pipeline_step import executor_for
 
 PIPELINE_CONFIG = "pipeline_config.json"
@@ -81,6 +82,9 @@ def train_pipelined(cfg: TrainConfig, pipeline: PipelineConfig, *, resume: bool 
     raise ValueError(f"cannot resume {out}: its run was pipelined as {json.loads(recorded.read_text())}, "
                      f"now {settings}; use the original flags or another --out")
   runner = Pipelined(cfg, plan)
+  if pipeline.calibrate:
+    echo(describe_costs(plan.segment_names, analytic_costs(cfg.model, plan.image_shape, plan.microbatch)[0],
+                        (plan.forward, plan.backward)))
   echo(plan.describe_partition())
   echo(describe(plan.timeline))
   out.mkdir(parents=True, exist_ok=True)
