@@ -149,8 +149,10 @@ def _describe_dit(config: Mapping[str, Any], classes: Mapping[str, Any], num_par
 _FAMILIES = {
     "UNet2DConditionModel": _Family("model", "UNet", "UNet2DConditionModel", "", "",
                                     "patch-parallel sampling",
-                                    ("A few-MB model trained for minutes on a CPU: shapes and colours are right, edges and",
-                                     "stripes are softer and less regular than the data."), _describe_unet),
+                                    ("A few-MB model trained for an hour on a CPU: it draws the classes (the shipped",
+                                     "classifier recognises 98 % of 100 samples), but its colours are muted (mean",
+                                     "per-pixel channel spread 0.21 against the data's 0.46) and its edges and stripes",
+                                     "softer and less regular than the data."), _describe_unet),
     "DiTTransformer2DModel": _Family("DiT", "diffusion transformer", "DiTTransformer2DModel", " --model dit",
                                      '"dit"', "sequence- and patch-parallel sampling",
                                      ("A few-MB model trained for under an hour on a shared CPU: its samples show the",
