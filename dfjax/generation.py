@@ -18,12 +18,19 @@ What is sampled (`Source`):
     right width (zeros for the unconditional half), and its latents are drawn as pictures of
     their first three channels, not decoded images.
 
-The default mesh is cfg=1 × patch=8 on 8 (virtual) devices: every device owns 8 of the 64 rows,
-DistriFusion's hardest setting (its 8-GPU column), where naive patches lose the most context
-and stale activations matter most. `cfg=2 × patch=4` splits guidance instead and uses 4 patches.
-Without named strategies, every one of `DEFAULT_STRATEGIES` that fits the model and that mesh
-runs (each strategy's own `validate` decides: ulysses needs heads divisible by the patch count);
-the others are reported as skipped, with the reason.
+Each strategy runs on its own mesh (`strategy_mesh`), built from the axes it splits an image over
+and the devices one image gets (all the cfg axis leaves): `single` on one device (per guidance half);
+the row-patch and sequence strategies over `patch` (by default cfg=1 × patch=8 on 8 (virtual)
+devices: every device owns 8 of the 64 rows, DistriFusion's hardest setting, its 8-GPU column, where
+naive patches lose the most context and stale activations matter most); `tensor` over `tensor`; `usp`
+over `patch` × `ulysses`; the pipeline strategies (`pipefusion`, `asyncdiff`) over `stage`, at most
+`DEFAULT_STAGES` stages unless --stage says otherwise. A device count left to its default shrinks to
+the most devices a strategy fits (pipefusion: at most the DiT's blocks; tensor: a degree dividing the
+heads); one given (--patch, --stage) is used as given. `cfg=2` splits guidance instead and leaves
+each image half the devices. Without named strategies, every one of `DEFAULT_STRATEGIES` that runs
+the model's family runs where it fits; the others are reported as skipped, with the reason (each
+strategy's own `validate` decides: ulysses needs heads divisible by its degree). Every run's mesh is
+printed beside its metrics.
 PSNR and SSIM are computed on the images clipped to [0, 1] (data range 1), per image, then
 averaged over the batch.
 
@@ -41,6 +48,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dfjax import data, images, metrics
@@ -52,13 +60,16 @@ from dfjax.sampling import Conditioning, prepare_sample
 from dfjax.training import EMBEDDED_MODELS, load_default_model, load_trained
 from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
 from dfjax.training.export import TrainedModel, is_trained_model
-from sharding.axes import PATCH
-from sharding.mesh import describe, make_mesh
+from sharding.axes import PATCH, STAGE
+from sharding.mesh import axis_sizes, describe, make_mesh
 from sharding.strategies import Strategy, strategy_names, with_shared_options
 
 REFERENCE = "single"  # the strategy every other is compared with
 # Run, in this order, those that fit the model and the mesh, when no strategy is named.
-DEFAULT_STRATEGIES = (REFERENCE, "displaced", "ulysses", "ring", "naive")
+DEFAULT_STRATEGIES = (REFERENCE, "displaced", "ulysses", "ring", "naive", "pipefusion", "asyncdiff")
+# Stages of the pipeline strategies unless --stage is given: AsyncDiff's authors run N ≤ 4 components
+# (more would predict from a latent N − 1 steps old), and the embedded DiT has 4 blocks for PipeFusion.
+DEFAULT_STAGES = 4
 DEFAULT_GUIDANCE = 4.0
 DIFF_GAIN = 4.0  # |strategy − single| is drawn this many times brighter
 
@@ -72,8 +83,11 @@ class GenerateConfig:
     checkpoint: a model folder; None samples the embedded `model`.
     strategies: strategy names, run in this order; `single` is the reference of the metrics.
       None: those of DEFAULT_STRATEGIES that fit the model and the mesh.
-    patch: row patches of the patch strategies; None uses every device the cfg axis leaves
-      (capped to the largest count the image height allows).
+    patch: devices per image of the row-patch, sequence and tensor strategies (row patches; usp's
+      ring × Ulysses; the tensor degree); None: every device the cfg axis leaves (row patches capped
+      to the largest count the image height allows), shrunk to what each strategy fits.
+    stage: `stage` devices of the pipeline strategies (pipefusion's stages, asyncdiff's N + S − 1);
+      None: DEFAULT_STAGES or the devices one image has if fewer, shrunk to what each strategy fits.
     cfg: 2 splits the guidance halves over two device groups.
     steps, scheduler, guidance_scale: the sampler.
     warmup_steps, groupnorm: the displaced strategy's options.
@@ -87,6 +101,7 @@ class GenerateConfig:
   checkpoint: str | None = None
   strategies: tuple[str, ...] | None = None
   patch: int | None = None
+  stage: int | None = None
   cfg: int = 1
   steps: int = 50
   scheduler: str = "ddim"
@@ -106,7 +121,7 @@ class GenerateConfig:
     if self.strategies is not None and len(set(self.strategies)) != len(self.strategies):
       raise ValueError(f"strategies {list(self.strategies)} name one more than once")
     for name, value in (("steps", self.steps), ("images", self.images), ("patch", self.patch),
-                        ("size", self.size)):
+                        ("stage", self.stage), ("size", self.size)):
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"{name}={value!r} must be a positive integer")
     if self.cfg not in (1, 2):
@@ -233,23 +248,56 @@ def resolve_patch(config, height: int, patch: int | None, cfg: int, device_count
   return patch
 
 
-def fitting_strategies(strategies: list[Strategy], meshes: dict, config, size: int, *, named: bool
-                       ) -> tuple[list[Strategy], dict[str, str]]:
-  """The strategies that fit the model `config` at `size` on their meshes, and {name: why not} of the others.
+def strategy_mesh(strategy: Strategy, config, size: int, cfg: int, devices: int, *, given: bool) -> Mesh:
+  """The mesh on which `strategy` splits each image of the model `config` at `size` over `devices` devices.
 
-  Each strategy's own `validate` decides, before anything compiles. `named`: the user chose these
-  strategies, so one that does not fit raises its ValueError instead of being skipped.
+  Its first split of them (`image_splits`: one axis, or usp's ring × Ulysses) that its `validate`
+  accepts; unless the count was `given`, the most devices below it that fit (at least 2: one device
+  is `single`, not the method). A strategy that splits nothing runs on one device per guidance half.
+  Raises the ValueError of the largest count tried when none fits, naming the valid choices.
   """
-  fitting, skipped = [], {}
+  counts = [1] if not strategy.axes else [devices] if given else range(devices, 1, -1)
+  first_error = None
+  for count in counts:
+    splits = strategy.image_splits(count)
+    if not splits and first_error is None:
+      first_error = ValueError(f"{strategy.name} has no way to split an image over {count} devices "
+                               f"(its axes: {', '.join(sorted(strategy.axes))}): use another device count")
+    for split in splits:
+      mesh = make_mesh(1, cfg, **{PATCH: 1, **split})  # too few devices fail here
+      try:
+        strategy.validate(config, size, size, axis_sizes(mesh))
+        return mesh
+      except ValueError as error:
+        first_error = first_error or error
+  raise first_error
+
+
+def strategy_meshes(strategies: list[Strategy], config, size: int, run: GenerateConfig, device_count: int
+                    ) -> tuple[dict[str, Mesh], dict[str, str]]:
+  """{name: mesh} of the strategies that fit (`strategy_mesh`), and {name: why not} of the others.
+
+  The pipeline strategies (those over `stage`) get `run.stage` devices per image, the others
+  `run.patch` (each None: as many as fit, see GenerateConfig). When the user named the strategies
+  (`run.strategies`), one that does not fit raises its ValueError instead of being skipped.
+  """
+  if run.patch is not None:
+    resolve_patch(config, size, run.patch, run.cfg, device_count)  # a given row count fits the image
+  elif device_count < run.cfg:
+    raise ValueError(f"cfg={run.cfg} needs {run.cfg} devices, but {device_count} are available")
+  per_image = run.patch or device_count // run.cfg
+  stages = run.stage or min(DEFAULT_STAGES, per_image)
+  meshes, skipped = {}, {}
   for strategy in strategies:
+    pipeline = STAGE in strategy.axes
     try:
-      strategy.validate(config, size, size, dict(meshes[strategy.name].shape))
-      fitting.append(strategy)
+      meshes[strategy.name] = strategy_mesh(strategy, config, size, run.cfg, stages if pipeline else per_image,
+                                            given=(run.stage if pipeline else run.patch) is not None)
     except ValueError as error:
-      if named:
+      if run.strategies is not None:
         raise
       skipped[strategy.name] = str(error)
-  return fitting, skipped
+  return meshes, skipped
 
 
 def timed_sample(unet, noise, cond, uncond, *, mesh, strategy, on_compiled=None,
@@ -292,10 +340,11 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   unet_config = source.unet.config
   size = config.size or _model_size(unet_config)
   unet_config.check_latent_size(size, size)
-  patch = resolve_patch(unet_config, size, config.patch, config.cfg, len(jax.devices()))
-  meshes = {s.name: _mesh_for(s, config.cfg, patch) for s in strategies}  # too few devices fail here
-  strategies, skipped = fitting_strategies(strategies, meshes, unet_config, size, named=config.strategies is not None)
-  bar.total -= 2 * len(skipped)  # their compile and run stages
+  if config.strategies is None:  # the defaults are those that run this model's family
+    strategies = [s for s in strategies if s.supports(unet_config)]
+  meshes, skipped = strategy_meshes(strategies, unet_config, size, config, len(jax.devices()))
+  strategies = [s for s in strategies if s.name in meshes]
+  bar.total = 2 + 2 * len(strategies)  # loading, then each strategy's compile and run, then writing
   noise = initial_noise(config.seed, len(source.captions), size, size, unet_config.in_channels)
   sampler = dict(scheduler=config.scheduler, scheduler_config=source.scheduler_config,
                  num_steps=config.steps, guidance_scale=config.guidance_scale)
@@ -347,10 +396,6 @@ def _model_size(unet_config) -> int:
 def can_judge(source: Source, size: int) -> bool:
   """Whether the classifier can judge the pictures: dataset classes, RGB pixels at the dataset's size."""
   return source.labels is not None and source.pixel_space and size == data.IMAGE_SIZE
-
-
-def _mesh_for(strategy: Strategy, cfg: int, patch: int):
-  return make_mesh(1, cfg, patch if PATCH in strategy.axes else 1)
 
 
 def _describe(strategy: Strategy, mesh) -> str:

@@ -17,12 +17,14 @@ from dfjax.generation import GenerateConfig, StrategyRun
 from dfjax.inputs import initial_noise, standin_conditioning
 from dfjax.sampling import Conditioning
 from models.config import UNetConfig
+from sharding.accounting import comm
 from sharding.strategies import strategy_names
 
 
 def test_embedded_model_end_to_end(tmp_path, capsys, returned):
   """The shipped UNet: PNGs written, PSNR printed, displaced much closer to single than naive, ring
-  equal to single; ulysses, among the default strategies, skipped (the UNet's 1-head attention)."""
+  equal to single; ulysses, among the default strategies, skipped (the UNet's 1-head attention), pipefusion
+  not considered (it runs transformers), asyncdiff on its own 4-device stage axis of each guidance half."""
   out = tmp_path / "out"
   results = returned(generate_command, "run")
   code = commands.main(["generate", "--num-steps", "8", "--warmup-steps", "1", "--images", "2", "--cfg",
@@ -30,10 +32,11 @@ def test_embedded_model_end_to_end(tmp_path, capsys, returned):
   assert code == 0
   stdout = capsys.readouterr().out
   runs = {run.name: run for run in results[0].runs}
-  assert list(runs) == ["single", "displaced", "ring", "naive"]
+  assert list(runs) == ["single", "displaced", "ring", "naive", "asyncdiff"]
   assert list(results[0].skipped) == ["ulysses"] and "does not divide the 1 heads" in results[0].skipped["ulysses"]
   assert "skipped ulysses" in stdout and np.mean(runs["ring"].psnr_db) > 50
   assert runs["single"].mesh == "cfg=2×patch=1" and runs["naive"].mesh == "cfg=2×patch=4"
+  assert runs["asyncdiff"].mesh == "cfg=2×stage=4×patch=1 (stride 1, warm-up 1)"
   assert "embedded unet" in stdout and "machine: cpu × 8" in stdout and "PSNR dB" in stdout  # the table
   for name in ("single", "displaced", "naive", "comparison"):
     assert Image.open(out / f"{name}.png").size[0] > 64
@@ -42,21 +45,23 @@ def test_embedded_model_end_to_end(tmp_path, capsys, returned):
   assert displaced > naive + 5, (displaced, naive)
   np.testing.assert_allclose(runs["displaced"].psnr_db, summary["displaced"]["psnr_db"], rtol=1e-6)
   assert np.load(out / "samples.npz")["single"].shape == (2, 64, 64, 3)
-  sheet = Image.open(out / "comparison.png")  # 4 strategies + 3 differences, 2× enlarged
+  sheet = Image.open(out / "comparison.png")  # 5 strategies + 4 differences, 2× enlarged
   labels = images.CHAR_WIDTH * len("circle") + 4  # rows labelled with their class: circle, ring
-  assert sheet.size == (labels + 7 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
+  assert sheet.size == (labels + 9 * (2 * 64 + 2) + 2, images.LABEL_HEIGHT + 2 * (2 * 64 + 2) + 2)
 
 
 def test_embedded_dit_end_to_end(tmp_path, capsys, returned):
-  """The shipped DiT with every default strategy (its 8 heads split over 8 devices): ulysses and ring
-  equal single, displaced (stale K/V after one warm-up step) much closer to it than naive."""
+  """The shipped DiT with every default strategy (its 8 heads split over 8 devices; pipefusion and asyncdiff
+  on 4 stage devices): ulysses and ring equal single, displaced (stale K/V after one warm-up step) much
+  closer to it than naive."""
   out = tmp_path / "out"
   results = returned(generate_command, "run")
   assert commands.main(["generate", "--model", "dit", "--num-steps", "6", "--warmup-steps", "1", "--images", "2",
                         "--out", str(out)]) == 0
   stdout = capsys.readouterr().out
   runs = {run.name: run for run in results[0].runs}
-  assert list(runs) == ["single", "displaced", "ulysses", "ring", "naive"] and not results[0].skipped
+  assert list(runs) == ["single", "displaced", "ulysses", "ring", "naive", "pipefusion", "asyncdiff"]
+  assert not results[0].skipped and runs["pipefusion"].mesh == "cfg=1×stage=4×patch=1 (N patches, warm-up 1)"
   assert runs["ulysses"].mesh == "cfg=1×patch=8" and "embedded dit" in stdout
   assert np.mean(runs["ulysses"].psnr_db) > 50 and np.mean(runs["ring"].psnr_db) > 50
   displaced, naive = np.mean(runs["displaced"].psnr_db), np.mean(runs["naive"].psnr_db)
@@ -241,3 +246,77 @@ def test_fidelity_rows_are_valid_json_when_images_are_identical():
   as_json = _strict_json(json.dumps(row.to_json(), allow_nan=False))
   assert as_json["psnr_db"] == [None, 30.0] and as_json["identical"] == [True, False]
   assert as_json["psnr_mean"] is None and as_json["ssim_mean"] == pytest.approx(0.95)
+
+
+# ------------------------------------------------------------------------- each strategy's own mesh
+
+def tiny_dit_source(images: int = 2) -> generation.Source:
+  """A random class-conditional pixel-space DiT, small enough to compile in seconds: 4 heads, 2 blocks,
+  4 token rows (16 pixels, patch 4)."""
+  from models.dit import DiTConfig
+  config = DiTConfig(num_attention_heads=4, attention_head_dim=4, num_layers=2, in_channels=3, out_channels=3,
+                     sample_size=16, patch_size=4, num_embeds_ada_norm=10)
+  dit = random_unet(config, jnp.float32)
+  labels = np.arange(images) % 10
+  return generation.Source(dit, None, Conditioning(class_labels=labels),
+                           Conditioning(class_labels=np.full(images, config.null_class)),
+                           [f"class {k}" for k in labels], pixel_space=True, description="tiny DiT")
+
+
+def test_each_strategy_runs_on_its_own_mesh(tmp_path, monkeypatch):
+  """tensor really splits over `tensor` (4: the most of the 8 devices its 4 heads allow), usp over both
+  `patch` and `ulysses`, pipefusion over `stage` (2: the DiT's 2 blocks): the reported meshes, the traffic
+  by axis read from each compiled program, and every one equal to single (pipefusion fully warmed up)."""
+  monkeypatch.setattr(generation, "embedded_source", lambda count, name: tiny_dit_source(count))
+  meshes, traffic = [], []
+  prepare, compile_and_time = generation.prepare_sample, generation.compile_and_time
+
+  def prepared(*args, mesh, **kwargs):
+    meshes.append(dict(mesh.shape))
+    return prepare(*args, mesh=mesh, **kwargs)
+
+  def compiled(lowered, *args, **kwargs):
+    timed = compile_and_time(lowered, *args, **kwargs)
+    phases = comm.traffic_by_axis(timed.compiled.as_text(), meshes[-1])  # {"patch+ulysses": bytes, …} per phase
+    traffic.append({axis for phase in phases for axes in phase for axis in axes.split("+")})
+    return timed
+
+  monkeypatch.setattr(generation, "prepare_sample", prepared)
+  monkeypatch.setattr(generation, "compile_and_time", compiled)
+  config = GenerateConfig(strategies=("single", "tensor", "usp", "pipefusion"), steps=2, warmup_steps=2, images=2,
+                          guidance_scale=1.0, out=str(tmp_path / "out"))
+  runs = {run.name: run for run in generation.generate(config, progress=False).runs}
+  assert [run.mesh for run in runs.values()] == [
+      "cfg=1×patch=1", "cfg=1×patch=1×tensor=4", "cfg=1×patch=2×ulysses=2",
+      "cfg=1×stage=2×patch=1 (N patches, warm-up 2)"]
+  assert [m["tensor"] for m in meshes] == [1, 4, 1, 1] and meshes[2]["ulysses"] == meshes[2]["patch"] == 2
+  assert traffic[0] <= {"none"} and traffic[1] == {"tensor"} and {"patch", "ulysses"} <= traffic[2]
+  assert "stage" in traffic[3]
+  for name in ("tensor", "usp", "pipefusion"):
+    assert np.mean(runs[name].psnr_db) > 50, name
+
+
+def test_default_device_counts_shrink_to_what_fits_and_given_ones_are_kept_or_refused():
+  """No compiling: the meshes of the embedded models' configs. A default count shrinks (pipefusion to the DiT's
+  4 blocks; tensor to a degree of the tiny DiT's 4 heads); a given one is used as given, or refused, naming the
+  fix; a default strategy that fits no count is skipped with the reason, a named one raises it."""
+  from dfjax.training import load_default_model
+  dit, unet = (load_default_model(name).denoiser.config for name in ("dit", "unet"))
+  strategies = lambda *names: [GenerateConfig().strategy(n) for n in names]  # noqa: E731
+  meshes, skipped = generation.strategy_meshes(strategies("pipefusion", "asyncdiff", "tensor"), dit, 64,
+                                               GenerateConfig(model="dit"), 8)
+  assert {name: dict(mesh.shape)["stage"] for name, mesh in meshes.items()} == {"pipefusion": 4, "asyncdiff": 4,
+                                                                                "tensor": 1}
+  assert dict(meshes["tensor"].shape)["tensor"] == 8 and not skipped
+  with pytest.raises(ValueError, match="4 blocks cannot fill 8 stages"):
+    generation.strategy_meshes(strategies("pipefusion"), dit, 64, GenerateConfig(strategies=("pipefusion",), stage=8), 8)
+  tiny = tiny_dit_source().unet.config
+  meshes, _ = generation.strategy_meshes(strategies("tensor"), tiny, 16, GenerateConfig(patch=4), 8)
+  assert dict(meshes["tensor"].shape)["tensor"] == 4
+  meshes, skipped = generation.strategy_meshes(strategies("tensor", "usp", "asyncdiff"), unet, 64,
+                                               GenerateConfig(cfg=2), 8)
+  assert list(meshes) == ["asyncdiff"] and dict(meshes["asyncdiff"].shape)["cfg"] == 2
+  assert "tensor=4 does not divide" in skipped["tensor"] and "valid tensor degrees: 1" in skipped["tensor"]
+  assert "ulysses" in skipped["usp"]
+  with pytest.raises(ValueError, match="tensor=8 does not divide"):
+    generation.strategy_meshes(strategies("tensor"), unet, 64, GenerateConfig(strategies=("tensor",)), 8)

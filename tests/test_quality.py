@@ -178,11 +178,13 @@ def test_bench_fidelity_adds_accuracy_and_frechet_per_row(monkeypatch, tmp_path,
   monkeypatch.setattr(quality, "REFERENCE_IMAGES", 500)
   labels = np.arange(4) % data.num_classes
   monkeypatch.setattr(fidelity, "timed_sample", _dataset_or_noise(labels, {"naive"}))
-  rows = fidelity.run(fidelity.FidelityConfig(seeds=4, patch=(2,), groupnorm=("sync",), ablation_patch=0),
+  rows = fidelity.run(fidelity.FidelityConfig(seeds=4, patch=(2,), groupnorm=("sync",), ablation_patch=0,
+                                              asyncdiff_components=(2,), asyncdiff_strides=(1,), asyncdiff_warmup=(3,)),
                       json_out=str(tmp_path / "f.json"))
   by_name = {r.strategy: r for r in rows}
-  assert list(by_name) == ["single", "displaced", "naive"] and by_name["single"].psnr_db is None
-  assert by_name["single"].quality.accuracy == 1.0 and by_name["naive"].quality.accuracy <= 0.5
+  assert list(by_name) == ["single", "displaced", "naive", "asyncdiff"] and by_name["single"].psnr_db is None
+  assert by_name["single"].quality.accuracy == by_name["asyncdiff"].quality.accuracy == 1.0
+  assert by_name["naive"].quality.accuracy <= 0.5
   assert by_name["naive"].quality.frechet > 5 * by_name["single"].quality.frechet
   assert "Fréchet classifier distance" in capsys.readouterr().out
   saved = json.loads((tmp_path / "f.json").read_text())["rows"]

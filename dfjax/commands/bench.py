@@ -8,6 +8,7 @@ from __future__ import annotations
 from dfjax.bench import fidelity, simulate, simulate_stages, strategies, train, unet, vae
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
+from dfjax.training import EMBEDDED_MODELS
 from models.presets import FAMILIES, PRESETS
 from models.vae_config import VAE_PRESETS
 from sharding.axes import PATCH
@@ -80,11 +81,14 @@ def _add_model(parser, what: str) -> None:
 
 def _add_fidelity(benches) -> None:
   parser = benches.add_parser(
-      "fidelity", help="PSNR/SSIM of displaced and naive vs single (DistriFusion Table 1's shape)",
+      "fidelity", help="PSNR/SSIM, class accuracy and Fréchet distance of displaced, naive, asyncdiff and "
+      "pipefusion vs single (DistriFusion Table 1's shape)",
       description="For each patch count and GroupNorm mode, PSNR and SSIM of displaced and naive "
       "images against single over --seeds seeds (one batched sample call per configuration), then "
-      "a warm-up ablation with 10-step DPM-Solver++(2M). The default run takes tens of minutes on a "
-      "2-core CPU.")
+      "a warm-up ablation with 10-step DPM-Solver++(2M), then AsyncDiff (N components, stride S, "
+      "warm-up) and, on a DiT, PipeFusion (N stages, M patches, warm-up) with the main table's sampler; "
+      "every run's class accuracy and Fréchet classifier distance. The default run takes about an hour "
+      "on a 2-core CPU.")
   add_config_arguments(parser, fidelity.FidelityConfig, {
       "seeds": Flag("images per configuration"),
       "steps": Flag("DDIM steps of the main table", name="num_steps", aliases=("--steps",)),
@@ -92,7 +96,15 @@ def _add_fidelity(benches) -> None:
       "groupnorm": groupnorm_flag(several=True),
       "warmup_steps": Flag("displaced warm-up of the main table"),
       "ablation_patch": Flag("patch count of the warm-up ablation (default: the largest --patch; 0: none)"),
+      "asyncdiff_components": Flag("AsyncDiff components N of the pipeline table"),
+      "asyncdiff_strides": Flag("AsyncDiff strides S (stage devices = N + S − 1)"),
+      "asyncdiff_warmup": Flag("AsyncDiff warm-up steps (each ≥ 1)"),
+      "pipefusion_stages": Flag("PipeFusion stages N (DiT, PixArt; at most the model's blocks)"),
+      "pipefusion_patches_per_stage": Flag("PipeFusion patches M per stage (M = this × N)"),
+      "pipefusion_warmup": Flag("PipeFusion warm-up steps after its first synchronous one"),
+      "tables": Flag("tables to run", choices=list(fidelity.TABLES)),
       "guidance_scale": Flag("classifier-free guidance scale", aliases=("--guidance",)),
+      "model": Flag("the embedded model run when no checkpoint is given", choices=list(EMBEDDED_MODELS)),
       "checkpoint": Flag("a `dfjax train` model folder instead of the embedded model", metavar="DIR")})
   parser.add_argument("--json", metavar="OUT", help="also write every per-seed value to this JSON file")
   parser.set_defaults(run=lambda args: fidelity.run(config_from_args(fidelity.FidelityConfig, args),

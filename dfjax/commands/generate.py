@@ -13,9 +13,10 @@ from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
 from dfjax.commands.options import (Flag, add_config_arguments, config_from_args, groupnorm_flag,
                                    strategies_over, strategies_taking, strategy_flag)
-from dfjax.generation import DEFAULT_STRATEGIES, REFERENCE, GenerateConfig, GenerateResult, StrategyRun, generate
+from dfjax.generation import (DEFAULT_STAGES, DEFAULT_STRATEGIES, REFERENCE, GenerateConfig, GenerateResult,
+                              StrategyRun, generate)
 from dfjax.training import EMBEDDED_MODELS
-from sharding.axes import PATCH
+from sharding.axes import PATCH, STAGE
 
 
 def register(commands) -> None:
@@ -36,9 +37,13 @@ def register(commands) -> None:
           "cross-attention width, zeros for the unconditional half), and its latents are drawn as pictures "
           "of their first 3 channels, not decoded", metavar="DIR"),
       "strategies": strategy_flag(f"strategies to run, in order ({REFERENCE} is the reference; default: those "
-                                  f"of {' '.join(DEFAULT_STRATEGIES)} that fit the model and the mesh)"),
-      "patch": Flag(f"row patches of {strategies_over(PATCH)} (default: all devices the cfg axis leaves, at "
-                    "most 8 for 64 rows)"),
+                                  f"of {' '.join(DEFAULT_STRATEGIES)} that run the model and fit the devices)"),
+      "patch": Flag(f"devices per image of {strategies_over(PATCH)} (row patches), usp (ring × ulysses) and "
+                    "tensor (its degree); default: all devices the cfg axis leaves, each strategy on the most of "
+                    "them it fits (row patches: at most 8 for 64 rows)"),
+      "stage": Flag(f"stage devices of {strategies_over(STAGE)} (pipefusion's stages, asyncdiff's components "
+                    f"+ stride − 1); default: {DEFAULT_STAGES} or the devices per image if fewer, each strategy on "
+                    "the most of them it fits"),
       "cfg": Flag("2 runs the guidance halves on two device groups (mesh cfg × patch)"),
       "steps": Flag("denoising steps", name="num_steps", aliases=("--steps",)),
       "scheduler": Flag("ddim, euler or dpmpp_2m"),
