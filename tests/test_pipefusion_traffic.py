@@ -69,6 +69,7 @@ def test_guidance_over_cfg_adds_each_micro_steps_prediction_gather(models):
   model = models["pixart"]
   steady, sizes = _steady_traffic(model, stages=2, patches=2, cfg=2)
   rows = HEIGHT // 2
-  guidance = Guidance.for_mesh(True, sizes).expected_traffic(2 * rows * WIDTH * model.config.out_channels, 4)
+  # the guided noise prediction (in_channels: the learned variance is not combined) of each micro-step
+  guidance = Guidance.for_mesh(True, sizes).expected_traffic(2 * rows * WIDTH * model.config.in_channels, 4)
   assert steady.by_kind["collective-permute"][1] == sum(_expected(model, sizes, 2).values())
   assert steady.by_kind["all-gather"][1] == guidance["guidance"]
