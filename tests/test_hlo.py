@@ -7,14 +7,21 @@ stack-frame tables removed) of a shard_map over 4 devices, each holding an f32[2
   loop 2 (3 steps)  y = y + halo + gathered.sum(0) from the carry, then a lax.cond whose true branch
                     adds psum(y), then halo = ppermute(y) over the ring and gathered = all_gather(y),
                     both only carried to the next step (DistriFusion's displaced exchanges).
-Every expected name and number below was read off that text by hand.
+Every expected name and number below was read off that text by hand. The loops nested in a step
+(PipeFusion's micro-steps) are checked on small programs compiled here.
 """
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 
 from sharding.accounting import comm, hlo
+from sharding.axes import PATCH
 
 GOLDEN = (Path(__file__).parent / "golden" / "two_phase_scan.hlo").read_text()
 LOOP_1, LOOP_2 = "region_0.2_spmd", "region_3.9_spmd"
@@ -96,3 +103,40 @@ def test_consumed_in_step():
 def test_text_without_an_entry_is_refused():
   with pytest.raises(ValueError, match="no ENTRY computation"):
     hlo.parse(GOLDEN.replace("ENTRY %main", "%main"))
+
+
+def _nested_scans(steps: int, micro_steps: int) -> str:
+  """Compiled text of a shard_map over 4 devices (f32[2,8] each): `steps` steps, each a scan of
+  `micro_steps` micro-steps that pass the block around the ring (a 64 B permute each)."""
+  mesh = Mesh(np.array(jax.devices()[:4]), (PATCH,))
+  ring = [(i, (i + 1) % 4) for i in range(4)]
+
+  def step(y, _):
+    micro = lambda z, _: (z + lax.ppermute(z, PATCH, ring), None)  # noqa: E731
+    return lax.scan(micro, y, jnp.arange(micro_steps))[0] * 0.5, None
+
+  program = jax.shard_map(lambda y: lax.scan(step, y, jnp.arange(steps))[0], mesh=mesh,
+                          in_specs=PartitionSpec(PATCH), out_specs=PartitionSpec(PATCH))
+  return jax.jit(program).lower(jnp.ones((8, 8))).compile().as_text()
+
+
+def test_a_loop_nested_in_the_step_counts_once_per_iteration():
+  (step,) = comm.traffic_per_step(_nested_scans(steps=3, micro_steps=5))
+  assert step.by_kind == {"collective-permute": (5, 5 * 64)}
+  assert comm.traffic_by_axis(_nested_scans(steps=3, micro_steps=5), {PATCH: 4}) == [{PATCH: 5 * 64}]
+
+
+def test_a_one_step_scan_is_no_phase_even_when_its_inner_loop_is_left():
+  # XLA inlines the scan of one step; its micro-step loop, now in the entry, is not a step loop
+  text = _nested_scans(steps=1, micro_steps=5)
+  assert sum(i.opcode == "while" for i in hlo.parse(text).computations[hlo.parse(text).entry]) == 1
+  assert comm.traffic_per_step(text) == []
+
+
+def test_a_nested_loop_without_a_known_trip_count_is_refused():
+  text = _nested_scans(steps=3, micro_steps=5)
+  inner = [line for line in text.splitlines() if " while(" in line and "while/body/" in line]
+  assert len(inner) == 1
+  unknown = text.replace(inner[0], inner[0].replace('"known_trip_count":{"n":"5"}', '"dynamic_variables":[]'))
+  with pytest.raises(ValueError, match="no known_trip_count for this while loop"):
+    comm.traffic_per_step(unknown)

@@ -92,7 +92,8 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   config, (batch, height, width, channels) = model.config, noise.shape
   images = batch // sizes[DATA]  # this device's images
   local_batch = 2 * images // sizes[CFG]  # its share of their guidance pairs
-  expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
+  expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes,
+                                       **_text_traffic(strategy, cond))
   prediction_values = images * height // _row_splits(strategy, sizes) * width * channels
   expected |= Guidance.for_mesh(True, sizes).expected_traffic(prediction_values, dtype_bytes)
   expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
@@ -102,8 +103,25 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   devices = mesh.size // (sizes[CFG] * sizes[DATA])
   return StrategyRun(strategy.name, devices, compile_s, run_s / steps,
                      traffic[-1].total_bytes if traffic else 0, sum(expected.values()),
-                     sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale)), sum(expected_stale.values()),
+                     _stale_bytes(stale, expected_stale), sum(expected_stale.values()),
                      describe(mesh), by_axis[-1] if by_axis else {}, param_bytes)
+
+
+def _text_traffic(strategy: Strategy, cond) -> dict[str, int]:
+  """PipeFusion sends a PixArt's text states (and keep-mask) with every patch: its analytic volume needs
+  their length (the other strategies never move the text)."""
+  text, mask = cond.encoder_hidden_states, cond.encoder_attention_mask
+  if strategy.name != "pipefusion" or text is None:
+    return {}
+  return {"text_tokens": text.shape[1], "mask_itemsize": 0 if mask is None else np.dtype(mask.dtype).itemsize}
+
+
+def _stale_bytes(stale, expected_stale: Mapping[str, int]) -> int:
+  """Bytes of the stale carry the analytic figure describes: the entries it names when the carry has them
+  all (PipeFusion's "kv": its K/V buffers, not the latents and ring it also carries), else all of it."""
+  if isinstance(stale, Mapping) and expected_stale and set(expected_stale) <= set(stale):
+    stale = {name: stale[name] for name in expected_stale}
+  return sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(stale))
 
 
 def runs_that_fit(config, side: int, device_counts: list[int], cfg: int, strategies: list[Strategy]):
@@ -209,8 +227,9 @@ def run(config: str | None, resolution: int, patches: list[int], cfg: int, steps
     runs.append(_measure(denoiser, noise, cond, uncond, plan_mesh, strategy, steps, iters, dtype_bytes))
     print(table.line(printed, runs[-1]))
   print("comm: bytes one interior device receives per step in the last phase (displaced: the stale "
-        "phase), read from the compiled HLO (by axis: each collective under the mesh axes its device groups "
-        "span; an all-reduce counts its payload); stale: the displaced carry per device. asyncdiff: its "
+        "phase; pipefusion: its steady phase, every micro-step of the step counted), read from the compiled "
+        "HLO (by axis: each collective under the mesh axes its device groups span; an all-reduce counts its "
+        "payload); stale: the displaced carry per device (pipefusion: its K/V buffers). asyncdiff: its "
         "asynchronous phase's point-to-point sends summed over the devices that receive them and the model "
         "output's broadcast; every device carries one buffer of each; params: its component's and the "
         "conditioning embeddings.")

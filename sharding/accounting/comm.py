@@ -2,7 +2,11 @@
 
 Read from the compiled program itself, so it counts what XLA really runs. Each top-level
 `while` loop is one phase's `lax.scan` (one iteration per step); the collectives in its body,
-and in what the body calls, are that phase's per-step traffic.
+and in what the body calls, are that phase's per-step traffic — those inside a loop nested in
+the step (PipeFusion's micro-steps) once per iteration of it, by its trip count. XLA inlines a
+scan of one step: a phase of one step has no loop (and is not reported), and a loop traced
+inside its step lands in the entry; such a loop (its op_name says it was traced in a loop body)
+is not a phase.
 
 Bytes are what one device receives per step: an all-gather and an all-to-all bring (n−1)/n of
 their output, a collective-permute its whole output (interior devices of a patch ring; edge
@@ -99,9 +103,9 @@ def traffic_by_axis(compiled_text: str, mesh_shape: Mapping[str, int]) -> list[d
   phases = []
   for body in step_loops(module):
     by_axis: dict[str, int] = {}
-    for inst, shapes in _collectives(module, body):
+    for inst, shapes, runs in _collectives(module, body):
       axis = _mesh_axes_of(_device_groups(inst), mesh_shape)
-      by_axis[axis] = by_axis.get(axis, 0) + _received_bytes(inst, shapes)
+      by_axis[axis] = by_axis.get(axis, 0) + runs * _received_bytes(inst, shapes)
     phases.append(by_axis)
   return phases
 
@@ -117,20 +121,30 @@ def _group_size(inst: hlo.Instruction) -> int:
   raise ValueError(f"no replica groups in {inst.name}'s attributes: {inst.attributes[:200]}")
 
 
-def _collectives(module: hlo.Module, computation: str):
-  """(instruction, its computation's shape table) for every collective reachable from `computation`."""
-  for name in module.reachable(computation):
-    shapes = {i.name: i.shape for i in module.computations[name]}
-    for inst in module.computations[name]:
-      if collective_kind(inst.opcode):
-        yield inst, shapes
+def _collectives(module: hlo.Module, computation: str, runs: int = 1):
+  """(instruction, its computation's shape table, how many times it runs per run of `computation`) for
+  every collective `computation` runs, directly or through what it calls: a nested loop's body
+  `trip_count` times per run, its condition once more."""
+  instructions = module.computations[computation]
+  shapes = {i.name: i.shape for i in instructions}
+  for inst in instructions:
+    if collective_kind(inst.opcode):
+      yield inst, shapes, runs
+    for called in inst.called():
+      if called not in module.computations:
+        continue
+      repeats = 1
+      if inst.opcode == "while":
+        repeats = inst.trip_count() + (0 if _is_body(inst, called) else 1)
+      yield from _collectives(module, called, runs * repeats)
 
 
 def step_loops(module: hlo.Module) -> list[str]:
-  """Body computations of the entry's while loops, in program order (one per scan phase)."""
+  """Body computations of the entry's step loops, in program order (one per scan phase of more than one
+  step): its while loops, but those traced inside a loop body (a one-step phase's inner loops)."""
   bodies = []
   for inst in module.computations[module.entry]:
-    if inst.opcode == "while":
+    if inst.opcode == "while" and not inst.traced_in_a_loop():
       bodies += [c for c in inst.called() if c in module.computations and _is_body(inst, c)]
   return bodies
 
@@ -145,9 +159,9 @@ def traffic_per_step(compiled_text: str) -> list[StepTraffic]:
   phases = []
   for body in step_loops(module):
     by_kind: dict[str, tuple[int, int]] = {}
-    for inst, shapes in _collectives(module, body):
+    for inst, shapes, runs in _collectives(module, body):
       count, size = by_kind.get(collective_kind(inst.opcode), (0, 0))
-      by_kind[collective_kind(inst.opcode)] = (count + 1, size + _received_bytes(inst, shapes))
+      by_kind[collective_kind(inst.opcode)] = (count + runs, size + runs * _received_bytes(inst, shapes))
     phases.append(StepTraffic(by_kind))
   return phases
 

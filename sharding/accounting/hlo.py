@@ -1,7 +1,8 @@
 """A small reader of compiled HLO text: computations, instructions, shapes, uses.
 
 Enough of HLO's text form to find the collectives of each `while` loop (one loop per scan,
-one iteration per denoising step), their sizes and what consumes their results.
+one iteration per denoising step), their sizes, how often nested loops run them and what consumes
+their results.
 """
 
 import dataclasses
@@ -27,6 +28,22 @@ class Instruction:
     found = re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)",
                        self.attributes)
     return [n.strip(" {}%") for group in found for n in group.split(",") if n.strip(" {}")]
+
+  def trip_count(self) -> int:
+    """Iterations of a `while`: the `known_trip_count` XLA's loop analysis writes into its backend_config
+    (every `lax.scan` has one)."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', self.attributes)
+    if known is None:
+      raise ValueError(f"{self.name}: XLA wrote no known_trip_count for this while loop, so the traffic of the "
+                       "collectives inside it per iteration of the loop around it is unknown; only loops with a "
+                       "static trip count (lax.scan, fori_loop with constant bounds) can be accounted.")
+    return int(known.group(1))
+
+  def traced_in_a_loop(self) -> bool:
+    """Whether JAX traced this instruction inside a scan's or while's body (its metadata's op_name
+    `…/while/body/…`), whichever computation XLA has since moved it to; False without metadata."""
+    op_name = re.search(r'op_name="([^"]*)"', self.attributes)
+    return op_name is not None and "while/body/" in op_name.group(1)
 
 
 @dataclasses.dataclass

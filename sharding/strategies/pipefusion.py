@@ -35,7 +35,7 @@ from jax import lax
 
 from models.dit_config import DiTConfig, PixArtConfig, TransformerConfig
 from models.parallel import call_recording
-from sharding.axes import STAGE
+from sharding.axes import CFG, STAGE
 from sharding.contexts.pipefusion import PipeFusionContext
 from sharding.exchange.stages import broadcast_from_stage, send, to_next_stage
 from sharding.strategies.base import Phase
@@ -209,19 +209,23 @@ class PipeFusion(Staged):
       return varying_over((g.idle_activation_like(), kv, out), g.axes)
     return varying_over((carry, kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
 
-  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    """Per pipelined step, what a stage receives: K patch activations from the stage before (the
-    token states and the per-sample conditioning vectors; PixArt's text states travel with them too,
-    not counted here), and — stage 0 — K patch latents from the last stage (the ring, fp32; counted
-    for `batch` images, twice the images when one device holds both guidance halves)."""
+  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes, text_tokens=0,
+                       mask_itemsize=0):
+    """Per pipelined step, what a stage receives in its K micro-steps (each permute's whole output):
+    from the stage before, K patch activations for the `batch` samples its model call runs — the tokens
+    and the per-sample conditioning, D wide (DiT: the embedding; PixArt: that and adaLN-single's 6D
+    modulation, and its `text_tokens` text states with their keep-mask, `mask_itemsize` bytes a value or
+    0 without one: they travel with every patch) — and from the last stage, the ring: K patch latents
+    (fp32) of the images behind that batch (`batch` is two guidance halves over `cfg`) and their slot."""
     stages, patches = sizes[STAGE], self.patches(sizes)
     micro_steps = max(patches, stages)
     p, dim = config.patch_size, config.inner_dim
     tokens = (height // p) * (width // p) // patches
-    vectors = 1 if isinstance(config, DiTConfig) else 7  # per sample, D wide: the conditioning (PixArt: + 6D modulation)
-    activation = batch * (tokens + vectors) * dim
-    latent_patch = batch * (height // patches) * width * config.in_channels  # an upper bound: per image, not pair
-    return {"stages": micro_steps * activation * activation_bytes, "ring": micro_steps * latent_patch * 4}
+    vectors = 1 if isinstance(config, DiTConfig) else 7 + text_tokens
+    activation = batch * ((tokens + vectors) * dim * activation_bytes + text_tokens * mask_itemsize)
+    images = batch * sizes.get(CFG, 1) // 2
+    latent_patch = images * (height // patches) * width * config.in_channels * 4
+    return {"stages": micro_steps * activation, "ring": micro_steps * (latent_patch + 4)}  # + its s32 slot
 
   def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
     """What a stage carries between steps: a full-sequence K and V per self-attention layer of its

@@ -1,0 +1,75 @@
+"""PipeFusion's per-step traffic read from the compiled program (sharding/accounting/comm.py) equals
+its analytic volume (`expected_traffic`: patch activations per stage boundary with their
+conditioning, and the latent ring), for N = 2, 4 stages and M = N, 2N patches, DiT and PixArt.
+
+Five steps without extra warm-up: the synchronous step, the pipeline's start and its drain are one
+step each (XLA inlines those scans), so the one step loop left is the steady phase's two steps,
+each a scan of K = max(M, N) micro-steps that the reader counts K times.
+"""
+
+import jax
+import pytest
+from flax import nnx
+
+from dfjax.sampling import lower_sample
+from models.dit import DiTConfig, DiTTransformer2DModel, PixArtTransformer2DModel
+from models.dit_config import PixArtConfig
+from sharding.accounting import comm
+from sharding.axes import CFG
+from sharding.mesh import axis_sizes, make_mesh
+from sharding.strategies import Guidance, Strategy
+from test_pipefusion import HEIGHT, TINY_DIT, TINY_PIXART, WIDTH, _args
+
+STEPS = 5
+TEXT_TOKENS = 5  # test_pipefusion's PixArt conditioning: 5 text tokens and an f32 keep-mask
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {"dit": DiTTransformer2DModel(DiTConfig.from_diffusers_config(TINY_DIT), rngs=nnx.Rngs(0)),
+          "pixart": PixArtTransformer2DModel(PixArtConfig.from_diffusers_config(TINY_PIXART), rngs=nnx.Rngs(0))}
+
+
+def _steady_traffic(model, stages: int, patches: int, cfg: int = 1) -> tuple[comm.StepTraffic, dict]:
+  """(the one step loop's traffic from the HLO, the mesh's sizes) of PipeFusion on stage × cfg devices."""
+  mesh = make_mesh(1, cfg, 1, stage=stages, devices=jax.devices()[:stages * cfg])
+  args, kwargs = _args(model, mesh, Strategy.pipefusion(num_patches=patches), steps=STEPS)
+  (steady,) = comm.traffic_per_step(lower_sample(*args, **kwargs).compile().as_text())
+  return steady, axis_sizes(mesh)
+
+
+def _expected(model, sizes, patches: int) -> dict[str, int]:
+  text = dict(text_tokens=TEXT_TOKENS, mask_itemsize=4) if isinstance(model, PixArtTransformer2DModel) else {}
+  batch = 2 // sizes[CFG]  # one image: the guidance pair, split over cfg
+  return Strategy.pipefusion(num_patches=patches).expected_traffic(model.config, HEIGHT, WIDTH, sizes, batch, 4,
+                                                                   **text)
+
+
+def test_dit_two_stages_by_hand(models):
+  steady, sizes = _steady_traffic(models["dit"], stages=2, patches=2)
+  # per micro-step (K = 2): the token patch (2 samples × 16 tokens × 16 wide) and the conditioning (2 × 16)
+  # to the next stage; the new latent patch (1 image × 8 × 8 × 4) and its s32 slot back to stage 0
+  per_micro_step = (2 * 16 * 16 + 2 * 16) * 4 + 8 * 8 * 4 * 4 + 4
+  assert steady.by_kind == {"collective-permute": (2 * 4, 2 * per_micro_step)}
+  assert sum(_expected(models["dit"], sizes, 2).values()) == 2 * per_micro_step
+
+
+@pytest.mark.parametrize("family,stages,patches", [
+    pytest.param("pixart", 2, 4, marks=pytest.mark.slow), pytest.param("dit", 2, 4, marks=pytest.mark.slow), pytest.param("dit", 4, 4, marks=pytest.mark.slow),
+    pytest.param("dit", 4, 8, marks=pytest.mark.slow), pytest.param("pixart", 2, 2, marks=pytest.mark.slow),
+    pytest.param("pixart", 4, 4, marks=pytest.mark.slow), pytest.param("pixart", 4, 8, marks=pytest.mark.slow)])
+def test_steady_step_traffic_equals_the_analytic_volume(models, family, stages, patches):
+  steady, sizes = _steady_traffic(models[family], stages, patches)
+  assert set(steady.by_kind) == {"collective-permute"}  # only point-to-point sends between stages
+  assert steady.total_bytes == sum(_expected(models[family], sizes, patches).values())
+
+
+@pytest.mark.slow
+def test_guidance_over_cfg_adds_each_micro_steps_prediction_gather(models):
+  model = models["pixart"]
+  steady, sizes = _steady_traffic(model, stages=2, patches=2, cfg=2)
+  rows = HEIGHT // 2
+  # the guided noise prediction (in_channels: the learned variance is not combined) of each micro-step
+  guidance = Guidance.for_mesh(True, sizes).expected_traffic(2 * rows * WIDTH * model.config.in_channels, 4)
+  assert steady.by_kind["collective-permute"][1] == sum(_expected(model, sizes, 2).values())
+  assert steady.by_kind["all-gather"][1] == guidance["guidance"]
