@@ -24,7 +24,10 @@ component's params (sharding/stage_params.py), where the authors replicate the m
 The prediction of step t is made from a latent N − 1 steps old (stride 2: 2(N − 1)), so after
 warm-up the result differs from `single`; with every step in warm-up it equals `single`.
 Unlike the authors' blocking broadcasts of every component's output to every rank, transfers are
-point to point and carried, so XLA may overlap them.
+point to point and carried, so XLA may overlap them; they are packed into rounds of one permute
+(sharding/exchange/rounds.py), so each device carries one buffer per round, not every delivery.
+The same code runs every family the segments describe (the UNet's blocks, a DiT's or PixArt's
+transformer blocks): what crosses a cut is traced from the model (sharding/stage_carry.py).
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from models.build import segment_names
 from models.parallel import SINGLE_DEVICE
 from sharding.accounting import stages as stage_accounting
 from sharding.axes import STAGE
-from sharding.exchange.stages import broadcast_from_stage, send
+from sharding.exchange.rounds import exchange, packed, plan_rounds, unpacked
+from sharding.exchange.stages import broadcast_from_stage
 from sharding.stage_carry import run_stage
 from sharding.strategies.base import Phase
 from sharding.strategies.staged import (Staged, balanced_cuts, check_cuts, on_stage, segment_flops, stages_of,
@@ -120,6 +125,24 @@ class AsyncDiff(Staged):
     return tuple((k, d) for k, t in enumerate(layout.transfers) for d, role in enumerate(roles)
                  if role.component == t.destination)
 
+  def _first_devices(self, sizes) -> dict[int, int]:
+    """{component: the first device running it}, the one that sends its activations."""
+    first = {}
+    for d, role in enumerate(self._roles(sizes)):
+      first.setdefault(role.component, d)
+    return first
+
+  def _senders(self, layout, sizes) -> tuple[int, ...]:
+    """The device sending each delivery."""
+    first = self._first_devices(sizes)
+    return tuple(first[layout.transfers[k].source] for k, _ in self._deliveries(layout, sizes))
+
+  def _rounds(self, layout, sizes):
+    """The deliveries packed into rounds of one permute (sharding/exchange/rounds.py): the carry's buffers."""
+    senders = self._senders(layout, sizes)
+    return plan_rounds([(s, d, layout.transfers[k].dtype, int(np.prod(layout.transfers[k].shape, dtype=np.int64)))
+                        for s, (k, d) in zip(senders, self._deliveries(layout, sizes))])
+
   def validate(self, config, height, width, sizes):
     super().validate(config, height, width, sizes)
     segments = len(segment_names(config))
@@ -159,8 +182,9 @@ class AsyncDiff(Staged):
     x_next, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
     if not records:
       return x_next, sched_state, {}
-    inputs = tuple(jax.tree.leaves(received[layout.transfers[k].destination])[layout.transfers[k].destination_leaf]
-                   for k, _ in self._deliveries(layout, sizes))
+    values = {j: jax.tree.leaves(received[layout.transfers[k].destination])[layout.transfers[k].destination_leaf]
+              for j, (k, _) in enumerate(self._deliveries(layout, sizes))}
+    inputs = packed(self._rounds(layout, sizes), values, lax.axis_index(STAGE), by_receiver=True)
     return x_next, sched_state, {"inputs": inputs, "outputs": (jnp.zeros_like(out),) * self.stride}
 
   def _asynchronous_step(self, sizes, start, num_steps, run, x, sched_state, stale, i):
@@ -172,27 +196,30 @@ class AsyncDiff(Staged):
     x, sched_state = jax.tree.map(lambda now, late: jnp.where(first, now, late), (x, sched_state), deferred)
 
     layout, deliveries, roles = run.layout, self._deliveries(run.layout, sizes), self._roles(sizes)
+    rounds = self._rounds(layout, sizes)
     x_in, cond = run.model_inputs(run.sched.scale_model_input(x, i))
     here = lax.axis_index(STAGE)
     made = []
     for device, role in enumerate(roles):
       t = run.sched.model_timestep(jnp.minimum(i + role.offset, num_steps - 1))
-      compute = functools.partial(self._component, run, deliveries, role.component, device)
+      compute = functools.partial(self._component, run, deliveries, rounds, role.component, device)
       made.append(on_stage(here == device, compute, stale["inputs"], x_in, t, cond))
-    source = {role.component: d for d, role in reversed(list(enumerate(roles)))}  # a component's first device
-    inputs = tuple(send(made[source[layout.transfers[k].source]][k], source[layout.transfers[k].source], d)
-                   for k, d in deliveries)
+    senders = self._senders(layout, sizes)
+    values = {j: made[senders[j]][k] for j, (k, _) in enumerate(deliveries)}
+    inputs = exchange(rounds, packed(rounds, values, here))
     outputs = tuple(broadcast_from_stage(made[d], d) for d in self._predictors(sizes))
     return x, sched_state, {"inputs": inputs, "outputs": outputs}
 
-  def _component(self, run, deliveries, component, device, received, x_in, t, cond):
+  def _component(self, run, deliveries, rounds, component, device, received, x_in, t, cond):
     """One device's component on what it received: the model output if it is the last, else what it sends."""
     layout = run.layout
     model = run.model(component)
     if component == 0:
       carry = model.first_carry(x_in, t, **cond)
     else:
-      mine = {k: buffer for (k, d), buffer in zip(deliveries, received) if d == device}
+      shapes = {j: layout.transfers[k].shape for j, (k, _) in enumerate(deliveries)}
+      buffers = unpacked(rounds, received, device, shapes)
+      mine = {deliveries[j][0]: buffer for j, buffer in buffers.items()}
       carry = layout.stage_input(component, mine, layout.conditioning(model, x_in, t, cond))
     carry = run_stage(model, carry, layout.stage_of_segment, component, SINGLE_DEVICE)
     return layout.prediction(carry) if component == layout.stages - 1 else layout.sent(component, carry)
@@ -205,16 +232,18 @@ class AsyncDiff(Staged):
 
   # ------------------------------------------------------------------------ accounting and reports
 
-  def _transfers(self, config, height, width, sizes):
+  def _analytic_rounds(self, config, height, width, sizes):
+    """The rounds `_rounds` packs the deliveries into, from the analytic transfers (values per sample)."""
     stage_of = stages_of(self.cuts_for(config, height, width, self.components(sizes)), len(segment_names(config)))
-    receivers = self.stage_of_device(sizes)
-    return [(name, values * receivers.count(reader))
-            for name, _, reader, values in stage_accounting.transfers(config, height, width, stage_of)]
+    roles, first = self._roles(sizes), self._first_devices(sizes)
+    return plan_rounds([(first[source], d, "activation", values)
+                        for _, source, reader, values in stage_accounting.transfers(config, height, width, stage_of)
+                        for d, role in enumerate(roles) if role.component == reader])
 
   def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
-    """Per step (per iteration with stride 2): every point-to-point activation, summed over the devices
-    that receive them, and the broadcast model outputs."""
-    activations = sum(values for _, values in self._transfers(config, height, width, sizes))
+    """Per step (per iteration with stride 2): each round's buffer (one permute: the activations one
+    device receives from one sender, padded to the round's largest), and the broadcast model outputs."""
+    activations = sum(r.size for r in self._analytic_rounds(config, height, width, sizes))
     prediction = self.stride * stage_accounting.prediction_values(config, height, width)
     return {"activations": batch * activation_bytes * activations, "prediction": batch * activation_bytes * prediction}
 
@@ -222,7 +251,7 @@ class AsyncDiff(Staged):
     return frozenset({"activations", "prediction"})
 
   def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
-    """Every device carries one buffer per point-to-point send and per deferred model output."""
+    """Every device carries each round's buffer (what it receives in it, or zeros) and the deferred model outputs."""
     return self.expected_traffic(config, height, width, sizes, batch, activation_bytes)
 
   def options(self):
