@@ -67,7 +67,6 @@ class PipeFusion(Staged):
   stage_layers: tuple[int, ...] | None = None
 
   name = "pipefusion"
-  axes = frozenset({STAGE, PATCH, ULYSSES})  # patch / ulysses: sequence parallelism inside each stage
   families = frozenset({DiTConfig, PixArtConfig})  # it cuts a transformer's blocks into stages
   description = ("PipeFusion: DiT blocks in stages, row patches pipelined through them over stale "
                  "per-layer K/V buffers; only patch activations cross a stage")
@@ -95,9 +94,6 @@ class PipeFusion(Staged):
   def latent_spec(self):
     return P(DATA)  # every device holds the whole latents; a stage's sequence ranks each take their rows
 
-  def image_splits(self, num_devices):
-    return [{STAGE: num_devices}]  # hybrids with sequence parallelism are asked for by the mesh
-
   def layers_per_stage(self, config, stages: int) -> tuple[int, ...]:
     """Blocks of each stage: `stage_layers`, or ⌈L/N⌉ each with the last taking the rest."""
     total = config.num_layers
@@ -124,7 +120,9 @@ class PipeFusion(Staged):
     if not isinstance(config, TransformerConfig):
       raise ValueError("pipefusion pipelines the blocks of a diffusion transformer (DiT, PixArt); this model is a "
                        "UNet: use single, exact, displaced, naive, ulysses or ring (or asyncdiff) for it.")
-    super().validate(config, height, width, sizes)
+    # `axes` names `stage` alone: callers read `patch` in a strategy's axes as "rows split over patch, no
+    # stages" (bench simulate, generate's meshes); the sequence axes inside each stage are checked below.
+    super().validate(config, height, width, {**sizes, PATCH: 1, ULYSSES: 1})
     self.layers_per_stage(config, sizes[STAGE])
     patches, ranks = self.patches(sizes), self.sequence(sizes).ranks
     token_rows = height // config.patch_size
