@@ -118,8 +118,8 @@ def _mesh(**degrees):
     ("dit", dict(stage=2, patch=2, ulysses=2)),  # both inside each stage: 1 token row per rank
     pytest.param("dit", dict(stage=2, patch=2), marks=pytest.mark.slow),
     pytest.param("dit", dict(stage=2, patch=1, ulysses=2), marks=pytest.mark.slow),
-    pytest.param("pixart", dict(cfg=2, stage=2, patch=2), marks=pytest.mark.slow),
-    pytest.param("pixart", dict(cfg=2, stage=2, patch=1, ulysses=2), marks=pytest.mark.slow)])
+    pytest.param("pixart", dict(stage=2, patch=2), marks=pytest.mark.slow),
+    pytest.param("pixart", dict(stage=2, patch=1, ulysses=2), marks=pytest.mark.slow)])
 def test_sequence_parallel_stages_with_warm_up_over_every_step_equal_single(request, family, degrees):
   model = request.getfixturevalue(family)
   batch = 2 if family == "pixart" else 1
