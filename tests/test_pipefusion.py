@@ -1,7 +1,9 @@
 """PipeFusion on 8 virtual CPU devices, fp32: with warm-up over every step it equals `single`; one
 patch through N stages is a plain pipeline, exact at every step; after warm-up, M ≥ N patches
-really use stale K/V (different from `single`) and stay close; each device holds only its
-stage's params; bad settings name the valid choices."""
+really use stale K/V (different from `single`) and stay close; with sequence parallelism inside
+each stage (`patch`: K/V gathered, `ulysses`: all-to-alls) it is exact with warm-up and, after it,
+no further from `single` than plain PipeFusion; each device holds only its stage's params; bad
+settings name the valid choices."""
 
 import jax
 import numpy as np
@@ -101,10 +103,47 @@ def test_after_warm_up_patches_use_stale_kv_no_worse_than_distrifusion(dit, stag
   assert 1e-5 < error <= 1.25 * baseline, (error, baseline)
 
 
+@pytest.fixture(scope="module")
+def pixart():
+  model = PixArtTransformer2DModel(PixArtConfig.from_diffusers_config(TINY_PIXART), rngs=nnx.Rngs(1))
+  _perturb(model)
+  return model
+
+
+def _mesh(**degrees):
+  return make_mesh(**degrees, devices=jax.devices()[:int(np.prod(list(degrees.values())))])
+
+
+@pytest.mark.parametrize("family,degrees", [
+    ("dit", dict(stage=2, patch=2, ulysses=2)),  # both inside each stage: 1 token row per rank
+    pytest.param("dit", dict(stage=2, patch=2), marks=pytest.mark.slow),
+    pytest.param("dit", dict(stage=2, patch=1, ulysses=2), marks=pytest.mark.slow),
+    pytest.param("pixart", dict(stage=2, patch=2), marks=pytest.mark.slow),
+    pytest.param("pixart", dict(stage=2, patch=1, ulysses=2), marks=pytest.mark.slow)])
+def test_sequence_parallel_stages_with_warm_up_over_every_step_equal_single(request, family, degrees):
+  model = request.getfixturevalue(family)
+  batch = 2 if family == "pixart" else 1
+  expected = _run(model, None, Strategy.single(), batch=batch)
+  got = _run(model, _mesh(**degrees), Strategy.pipefusion(num_patches=2, warmup_steps=STEPS), batch=batch)
+  assert _error(got, expected) <= 1e-5
+
+
 @pytest.mark.slow
-def test_cfg_and_stages_compose_on_a_pixart(dit_single):
-  pixart = PixArtTransformer2DModel(PixArtConfig.from_diffusers_config(TINY_PIXART), rngs=nnx.Rngs(1))
-  _perturb(pixart)
+@pytest.mark.parametrize("degrees", [dict(stage=2, patch=2), dict(stage=2, patch=1, ulysses=2)])
+def test_sequence_parallel_stages_after_warm_up_are_stale_but_no_further_than_plain_pipefusion(dit, degrees):
+  """The ranks of a stage hold the whole patch's fresh K/V (a rank's own tokens' alone would miss the
+  others'), so the hybrid's staleness is plain PipeFusion's: the same error from `single`."""
+  args = dict(steps=6, scheduler="dpmpp_2m")
+  single = _run(dit, None, Strategy.single(), **args)
+  strategy = Strategy.pipefusion(num_patches=4, warmup_steps=1)
+  plain = _run(dit, _mesh(stage=2, patch=1), strategy, **args)
+  hybrid = _run(dit, _mesh(**degrees), strategy, **args)
+  error, baseline = _error(hybrid, single), _error(plain, single)
+  assert 1e-5 < error <= baseline * (1 + 1e-3), (error, baseline)
+
+
+@pytest.mark.slow
+def test_cfg_and_stages_compose_on_a_pixart(pixart):
   expected = _run(pixart, None, Strategy.single(), batch=2)
   mesh = make_mesh(cfg=2, stage=2, patch=1, devices=jax.devices()[:4])
   got = _run(pixart, mesh, Strategy.pipefusion(num_patches=1), batch=2)  # one patch: exact at every step
@@ -124,12 +163,16 @@ def test_each_device_holds_only_its_stages_params(dit):
   assert {shard.data.shape for shard in rows.addressable_shards} == {(1, staged.bytes_per_device() // 4)}
 
 
-def test_stale_kv_buffers_are_the_analytic_bytes(dit):
+@pytest.mark.parametrize("ulysses", [1, 2])
+def test_stale_kv_buffers_are_the_analytic_bytes(dit, ulysses):
+  """Per layer, the whole sequence's K and V of the device's heads (all of them, or 1/ulysses)."""
   strategy = Strategy.pipefusion(num_patches=4, stage_layers=(3, 1))
-  args, kwargs = _args(dit, make_mesh(stage=2, patch=1, devices=jax.devices()[:2]), strategy)
+  args, kwargs = _args(dit, _mesh(stage=2, patch=1, ulysses=ulysses), strategy)
   kv = stale_buffer_shapes(*args, **kwargs)["kv"]
   assert kv.shape[0] == 3  # K/V slots of the larger stage, in every device
-  expected = strategy.stale_bytes(dit.config, HEIGHT, WIDTH, {"stage": 2}, 2, activation_bytes=4)
+  tokens, heads = (HEIGHT // 2) * (WIDTH // 2), TINY_DIT["num_attention_heads"] // ulysses
+  assert kv.shape[1:] == (2, 2, tokens, heads, TINY_DIT["attention_head_dim"])  # K/V, guidance pair, S, N/U, D
+  expected = strategy.stale_bytes(dit.config, HEIGHT, WIDTH, {"stage": 2, "ulysses": ulysses}, 2, activation_bytes=4)
   assert kv.size * kv.dtype.itemsize == expected["kv"]
 
 
@@ -149,5 +192,10 @@ def test_bad_settings_name_the_valid_choices(dit):
   unet = UNet2DConditionModel(UNetConfig.from_diffusers_config(CONFIGS["sd15"]), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="this model is a UNet: use single, exact, displaced"):
     Strategy.pipefusion().validate(unet.config, 16, 16, {"data": 1, "cfg": 1, "stage": 2, "patch": 1, "tensor": 1})
+  sizes = {"data": 1, "cfg": 1, "stage": 2, "patch": 2, "ulysses": 1, "tensor": 1}
+  with pytest.raises(ValueError, match=r"4 patches has 2 token rows, which do not split over patch × ulysses = 2 × 2 = 4.*: 1, 2 "):
+    Strategy.pipefusion(num_patches=4).validate(dit.config, HEIGHT, WIDTH, {**sizes, "patch": 2, "ulysses": 2})
+  with pytest.raises(ValueError, match=r"pipefusion splits .* ulysses=4 does not divide the 2 heads.*degrees: \[1, 2\]"):
+    Strategy.pipefusion(num_patches=1).validate(dit.config, HEIGHT, WIDTH, {**sizes, "patch": 1, "ulysses": 4})
   with pytest.raises(ValueError, match="warmup_steps=-1 must be an integer ≥ 0"):
     Strategy.pipefusion(warmup_steps=-1)

@@ -4,8 +4,8 @@
 all-reduced) through `dfjax.sample` equals `single` on a UNet (tensor 2, 4, 8; at 8 GroupNorm groups
 straddle devices) and a DiT, and moves the analytic bytes per step, read from the compiled HLO;
 degrees that do not divide the heads are refused naming the valid ones. Hybrids of data, cfg,
-patch and tensor on one 8-device mesh equal `single` too. Every param is perturbed first, so zero
-biases cannot hide a bias added on every shard.
+patch and tensor (and PipeFusion's stage × patch × cfg, on a DiT) on one 8-device mesh equal
+`single` too. Every param is perturbed first, so zero biases cannot hide a bias added on every shard.
 """
 
 import jax
@@ -129,20 +129,31 @@ def test_tensor_splits_each_device_s_params(unet):
 
 # ---------------------------------------------------------------------------------- hybrids on one mesh
 
-HYBRIDS = {  # mesh sizes → the strategy that splits the image
-    "data2-patch4": (dict(data=2, patch=4), Strategy.exact()),
-    "cfg2-patch2-tensor2": (dict(cfg=2, patch=2, tensor=2), Strategy.exact()),
-    "data2-cfg2-tensor2": (dict(data=2, cfg=2, tensor=2), Strategy.tensor()),
+HYBRIDS = {  # mesh sizes → the strategy that splits the image, and the model family it runs
+    "data2-patch4": (dict(data=2, patch=4), Strategy.exact(), "unet"),
+    "cfg2-patch2-tensor2": (dict(cfg=2, patch=2, tensor=2), Strategy.exact(), "unet"),
+    "data2-cfg2-tensor2": (dict(data=2, cfg=2, tensor=2), Strategy.tensor(), "unet"),
+    # PipeFusion's two stages, each with the sequence split over patch (synchronous: warm-up over every step)
+    "cfg2-stage2-patch2": (dict(cfg=2, stage=2, patch=2), Strategy.pipefusion(num_patches=2, warmup_steps=STEPS),
+                           "dit"),
 }
-SLOW_HYBRIDS = ("data2-patch4", "data2-cfg2-tensor2")  # 8-device compiles: the three-way one runs by default
+SLOW_HYBRIDS = ("data2-patch4", "data2-cfg2-tensor2", "cfg2-stage2-patch2")  # 8-device compiles: one by default
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_HYBRIDS else n
                                   for n in HYBRIDS])
-def test_hybrid_mesh_equals_single_and_moves_its_analytic_bytes(unet, unet_single, name):
-  degrees, strategy = HYBRIDS[name]
+def test_hybrid_mesh_equals_single_and_moves_its_analytic_bytes(request, unet_single, name):
+  degrees, strategy, family = HYBRIDS[name]
   mesh = make_mesh(**degrees)  # every axis not named has size 1: 8 devices in all
   sizes = axis_sizes(mesh)
+  if family == "dit":
+    single, got, _ = _dit_single_and_tensor(request.getfixturevalue("dit"), mesh, strategy)
+    assert _relative_error(got, single) <= 1e-5
+    # Its bytes are not checked yet: pipefusion's expected_traffic covers the pipelined step alone (not
+    # the synchronous one this runs, nor the sequence ranks' gathers), and the HLO reader's trip counts of
+    # the micro-step scan nested in the step scan are being fixed (sharding/accounting/comm.py).
+    return
+  unet = request.getfixturevalue("unet")
   batch = BATCH if sizes["data"] > 1 else 1
   got, kinds = _compiled_run(*_unet_args(unet, mesh, strategy, batch))
   assert _relative_error(got, unet_single(batch)) <= 1e-5

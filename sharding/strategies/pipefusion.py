@@ -33,12 +33,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax.sharding import PartitionSpec as P
+
 from models.dit_config import DiTConfig, PixArtConfig, TransformerConfig
 from models.parallel import call_recording
-from sharding.axes import CFG, STAGE
-from sharding.contexts.pipefusion import PipeFusionContext
+from sharding.axes import CFG, DATA, PATCH, STAGE, ULYSSES
+from sharding.contexts.pipefusion import PipeFusionContext, SequenceSplit
 from sharding.exchange.stages import broadcast_from_stage, send, to_next_stage
 from sharding.strategies.base import Phase
+from sharding.strategies.sequence import check_head_split, divides_heads
 from sharding.strategies.staged import Staged, run_stage, synchronous_forward
 from sharding.varying import axes_varying, varying_over
 
@@ -83,6 +86,14 @@ class PipeFusion(Staged):
   def patches(self, sizes) -> int:
     return sizes[STAGE] if self.num_patches is None else self.num_patches
 
+  def sequence(self, sizes) -> SequenceSplit:
+    """Each stage's sequence ranks: the mesh's `patch` (fresh K/V gathered, any head count) × `ulysses`
+    (all-to-alls, heads split) devices."""
+    return SequenceSplit(ring=sizes[PATCH], ulysses=sizes[ULYSSES])
+
+  def latent_spec(self):
+    return P(DATA)  # every device holds the whole latents; a stage's sequence ranks each take their rows
+
   def layers_per_stage(self, config, stages: int) -> tuple[int, ...]:
     """Blocks of each stage: `stage_layers`, or ⌈L/N⌉ each with the last taking the rest."""
     total = config.num_layers
@@ -109,14 +120,26 @@ class PipeFusion(Staged):
     if not isinstance(config, TransformerConfig):
       raise ValueError("pipefusion pipelines the blocks of a diffusion transformer (DiT, PixArt); this model is a "
                        "UNet: use single, exact, displaced, naive, ulysses or ring (or asyncdiff) for it.")
-    super().validate(config, height, width, sizes)
+    # `axes` names `stage` alone: callers read `patch` in a strategy's axes as "rows split over patch, no
+    # stages" (bench simulate, generate's meshes); the sequence axes inside each stage are checked below.
+    super().validate(config, height, width, {**sizes, PATCH: 1, ULYSSES: 1})
     self.layers_per_stage(config, sizes[STAGE])
-    patches = self.patches(sizes)
+    patches, ranks = self.patches(sizes), self.sequence(sizes).ranks
     token_rows = height // config.patch_size
     if token_rows % patches:
       valid = [m for m in range(1, token_rows + 1) if token_rows % m == 0]
       raise ValueError(f"{height} latent rows are {token_rows} token rows, which do not split into "
                        f"num_patches={patches} patches: valid patch counts: {', '.join(map(str, valid))}.")
+    if (token_rows // patches) % ranks:
+      rows = token_rows // patches
+      valid = [n for n in range(1, rows + 1) if rows % n == 0]
+      raise ValueError(f"each of the {patches} patches has {rows} token rows, which do not split over patch × "
+                       f"ulysses = {sizes[PATCH]} × {sizes[ULYSSES]} = {ranks} sequence ranks per stage: valid "
+                       f"patch × ulysses products: {', '.join(map(str, valid))} (or fewer patches).")
+    if sizes[ULYSSES] > 1:
+      valid = [u for u in range(1, ranks + 1) if divides_heads(config, u)]
+      check_head_split(config, self.name, ULYSSES, sizes[ULYSSES], f"valid ulysses degrees: {valid}",
+                       "or put the sequence ranks on patch (K/V gathered, any head count)")
 
   # -------------------------------------------------------------------------- phases
 
@@ -147,8 +170,10 @@ class PipeFusion(Staged):
     geometry = _Geometry.of(self, run, x, sizes)
     x_in, cond = run.model_inputs(run.sched.scale_model_input(x, i))
     record = lambda stage, sent: _slots(sent, geometry.layers)  # noqa: E731
-    out, kv = synchronous_forward(run, geometry.stage_of, x_in, run.sched.model_timestep(i), cond,
-                                  PipeFusionContext(geometry.patches), record=record)
+    ctx = PipeFusionContext(geometry.patches, sequence=geometry.sequence)
+    out, kv = synchronous_forward(run, geometry.stage_of, geometry.sequence.local_rows(x_in),
+                                  run.sched.model_timestep(i), cond, ctx, record=record)
+    out = geometry.sequence.gather_rows(out)  # P·B, H, W, C: every sequence rank's rows
     x, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
     ring = {"x": jnp.zeros_like(x[:, :geometry.rows]), "slot": jnp.int32(0)}
     return x, sched_state, geometry.typed({"x": x, "sched": sched_state, "ring": ring, "kv": kv,
@@ -174,12 +199,12 @@ class PipeFusion(Staged):
       active = current | late
       x_patch = lax.dynamic_slice_in_dim(latents, patch * g.rows, g.rows, 1)  # B, h, W, C
       x_in, cond = run.model_inputs(run.sched.scale_model_input(x_patch, j))
-      operands = (x_in, run.sched.model_timestep(j), cond, activation, kv, patch)
+      operands = (g.sequence.local_rows(x_in), run.sched.model_timestep(j), cond, activation, kv, patch)
       branches = [functools.partial(self._stage_branch, run, g, s) for s in range(g.stages)]
       branches.append(functools.partial(_idle_branch, run, g))
       sent_on, kv, out = lax.switch(jnp.where(active, here, g.stages), branches, *operands)
-      # outside the branches: the guidance pair's collective, the scheduler, the transfers
-      eps = run.guided(out, x_patch)
+      # outside the branches: the sequence ranks' and the guidance pair's collectives, the scheduler, the transfers
+      eps = run.guided(g.sequence.gather_rows(out), x_patch)
       rows = lambda a: lax.dynamic_slice_in_dim(a, patch * g.rows, g.rows, 1)  # noqa: E731
       new_patch, new_sched = run.sched.step(jax.tree.map(rows, sched), eps, j, x_patch)
       finished = active & (here == g.stages - 1)
@@ -199,7 +224,7 @@ class PipeFusion(Staged):
     """Stage `stage`'s blocks on one patch: (the activation to send on, updated K/V slots, the model output)."""
     model = run.model(stage)
     keys = g.keys[stage]
-    ctx = PipeFusionContext(g.patches, patch, {key: kv[slot] for slot, key in enumerate(keys)})
+    ctx = PipeFusionContext(g.patches, patch, {key: kv[slot] for slot, key in enumerate(keys)}, g.sequence)
     carry = model.first_carry(x_in, t, **cond) if stage == 0 else activation
     body = lambda m, c: run_stage(m, c, g.stage_of_blocks, stage, ctx)  # noqa: E731
     carry, sent = call_recording(body, model, carry)
@@ -229,10 +254,10 @@ class PipeFusion(Staged):
 
   def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
     """What a stage carries between steps: a full-sequence K and V per self-attention layer of its
-    largest stage, for the guidance pair's batch."""
+    largest stage, for the guidance pair's batch (of the device's heads, 1/ulysses of them)."""
     layers = max(self.layers_per_stage(config, sizes[STAGE]))
     tokens = (height // config.patch_size) * (width // config.patch_size)
-    return {"kv": layers * 2 * batch * tokens * config.inner_dim * activation_bytes}
+    return {"kv": layers * 2 * batch * tokens * config.inner_dim * activation_bytes // sizes[ULYSSES]}
 
   def options(self):
     return f"{self.num_patches or 'N'} patches, warm-up {self.warmup_steps}" + (
@@ -267,15 +292,16 @@ class _Geometry:
   stages: int
   patches: int
   rows: int  # latent rows of a patch
+  sequence: SequenceSplit  # a stage's sequence ranks, each running rows / ranks of them
   layers: int  # K/V slots per stage (its most blocks)
   stage_of: tuple[int, ...]  # each segment's stage
   stage_of_blocks: tuple[int, ...]  # the same without the final layer (run apart, on the last stage)
   stage_of_out: tuple[int, ...]  # only the final layer
   keys: tuple[tuple[str, ...], ...]  # each stage's self-attention layer keys, in order
   activation: object  # ShapeDtypeStructs of what crosses a cut for one patch
-  out_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]  # a sequence rank's rows of a patch
   out_dtype: object
-  axes: frozenset[str]  # what activations, K/V and outputs vary over: the model inputs' axes and the stage
+  axes: frozenset[str]  # what activations, K/V and outputs vary over: the model inputs', stage, sequence axes
   latent_axes: frozenset[str]  # what the latents being updated vary over: the loop's latents' and the stage
   @property
   def micro_steps(self) -> int:
@@ -285,23 +311,24 @@ class _Geometry:
   def of(cls, strategy: PipeFusion, run, x, sizes) -> _Geometry:
     config = run.config
     b, height, width, _ = x.shape
-    stages, patches = sizes[STAGE], strategy.patches(sizes)
+    stages, patches, sequence = sizes[STAGE], strategy.patches(sizes), strategy.sequence(sizes)
     rows = height // patches
+    local_rows = rows // sequence.ranks
     stage_of = strategy.stage_of_segment(config, height, width, sizes)
     last = len(stage_of) - 1
     blocks = tuple(s if i < last else -1 for i, s in enumerate(stage_of))
     out = tuple(-1 if i < last else s for i, s in enumerate(stage_of))
     counts = strategy.layers_per_stage(config, stages)
-    x_in, cond = run.model_inputs(x[:, :rows])
+    x_in, cond = run.model_inputs(x[:, :local_rows])
     model = run.model(0)
     t = jnp.float32(0)
     first = jax.eval_shape(lambda: model.first_carry(x_in, t, **cond))
     embedded = jax.eval_shape(lambda c: model.segments()[0](c, ctx=PipeFusionContext(patches)), first)
     keys = tuple(_stage_keys(run, stage, blocks, first if stage == 0 else embedded, patches) for stage in range(stages))
-    out_shape = (x_in.shape[0], rows, width, config.out_channels)
-    axes = frozenset().union(*(axes_varying(leaf) for leaf in jax.tree.leaves((x_in, cond)))) | {STAGE}
-    return cls(stages, patches, rows, max(counts), stage_of, blocks, out, keys, embedded, out_shape, x_in.dtype,
-               axes, axes_varying(x) | {STAGE})
+    out_shape = (x_in.shape[0], local_rows, width, config.out_channels)
+    axes = frozenset().union(*(axes_varying(leaf) for leaf in jax.tree.leaves((x_in, cond))), sequence.axes) | {STAGE}
+    return cls(stages, patches, rows, sequence, max(counts), stage_of, blocks, out, keys, embedded, out_shape,
+               x_in.dtype, axes, axes_varying(x) | {STAGE})
 
   def typed(self, stale: dict) -> dict:
     """The carry with one type in every step (so the drain's broadcast over stages gives the loop's
