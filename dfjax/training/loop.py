@@ -149,20 +149,27 @@ _train_step_fast_compile = jax.jit(_step, static_argnames="cfg", donate_argnums=
                                    compiler_options=FAST_COMPILE)
 
 
-def _loss(params, graphdef, x0_bhwc, labels_b, key, cfg: TrainConfig) -> jax.Array:
-  """MSE of the scheduler's prediction target at uniform timesteps, labels dropped at random."""
-  schedule = SchedulerConfig.from_diffusers_config(VARIANTS[cfg.model].scheduler_config)
-  alphas_cumprod = train_alphas_cumprod(schedule)
+def noised_batch(key: jax.Array, x0_bhwc: jax.Array, labels_b: jax.Array, cfg: TrainConfig):
+  """A step's random draws from its key, for the variant's own noise schedule and target (the
+  pipelined trainer makes the same ones): (noisy images, timesteps, regression target, labels
+  dropped to the null class)."""
+  spec = VARIANTS[cfg.model]
+  alphas_cumprod = train_alphas_cumprod(SchedulerConfig.from_diffusers_config(spec.scheduler_config))
   sqrt_ab = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)  # T
   sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)  # T
   t_key, noise_key, drop_key = jax.random.split(key, 3)
-  b = x0_bhwc.shape[0]
-  t_b = jax.random.randint(t_key, (b,), 0, sqrt_ab.shape[0])  # B
+  t_b = jax.random.randint(t_key, (x0_bhwc.shape[0],), 0, sqrt_ab.shape[0])  # B
   eps_bhwc = jax.random.normal(noise_key, x0_bhwc.shape, jnp.float32)  # B, H, W, C
   alpha_b111, sigma_b111 = sqrt_ab[t_b, None, None, None], sqrt_1mab[t_b, None, None, None]
   x_bhwc = alpha_b111 * x0_bhwc + sigma_b111 * eps_bhwc  # B, H, W, C
-  target_bhwc = prediction_target(schedule.prediction_type, x0_bhwc, eps_bhwc, alpha_b111, sigma_b111)
-  labels_b = drop_labels(labels_b, drop_key, VARIANTS[cfg.model].num_classes, cfg.label_drop)  # B
+  target_bhwc = prediction_target(spec.prediction_type, x0_bhwc, eps_bhwc, alpha_b111, sigma_b111)
+  dropped_b = drop_labels(labels_b, drop_key, spec.num_classes, cfg.label_drop)  # B
+  return x_bhwc, t_b, target_bhwc, dropped_b
+
+
+def _loss(params, graphdef, x0_bhwc, labels_b, key, cfg: TrainConfig) -> jax.Array:
+  """MSE of the scheduler's prediction target at uniform timesteps, labels dropped at random."""
+  x_bhwc, t_b, target_bhwc, labels_b = noised_batch(key, x0_bhwc, labels_b, cfg)
   pred_bhwc = nnx.merge(graphdef, params)(x_bhwc, t_b, labels_b)  # B, H, W, C
   return jnp.mean(jnp.square(pred_bhwc.astype(jnp.float32) - target_bhwc))
 

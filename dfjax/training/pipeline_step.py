@@ -42,11 +42,9 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
-from dfjax.training.loop import FAST_COMPILE, TrainConfig, make_optimizer
-from dfjax.training.model import SCHEDULER_CONFIG, VARIANTS, ClassConditionalUNet
+from dfjax.training.loop import FAST_COMPILE, TrainConfig, make_optimizer, noised_batch
+from dfjax.training.model import VARIANTS, ClassConditionalUNet
 from dfjax.training.pipeline_plan import PipelinePlan
-from models.class_tokens import drop_labels
 from models.parallel import SINGLE_DEVICE
 from sharding.axes import DATA, STAGE
 from sharding.exchange.stages import to_next_stage, to_previous_stage
@@ -55,23 +53,6 @@ from sharding.strategies.staged import run_stage
 
 
 # ---------------------------------------------------------------------------------- the batch
-
-def noised_batch(key: jax.Array, x0_bhwc: jax.Array, labels_b: jax.Array, cfg: TrainConfig):
-  """The step's random draws, as `dfjax.training.loop._loss` makes them from the same key:
-  (noisy images, timesteps, the regression target, labels dropped to the null class)."""
-  schedule = SchedulerConfig.from_diffusers_config(SCHEDULER_CONFIG)
-  alphas_cumprod = train_alphas_cumprod(schedule)
-  sqrt_ab = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)  # T
-  sqrt_1mab = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)  # T
-  t_key, noise_key, drop_key = jax.random.split(key, 3)
-  t_b = jax.random.randint(t_key, (x0_bhwc.shape[0],), 0, sqrt_ab.shape[0])  # B
-  eps_bhwc = jax.random.normal(noise_key, x0_bhwc.shape, jnp.float32)  # B, H, W, C
-  alpha_b111, sigma_b111 = sqrt_ab[t_b, None, None, None], sqrt_1mab[t_b, None, None, None]
-  x_bhwc = alpha_b111 * x0_bhwc + sigma_b111 * eps_bhwc  # B, H, W, C
-  target_bhwc = prediction_target(schedule.prediction_type, x0_bhwc, eps_bhwc, alpha_b111, sigma_b111)
-  dropped_b = drop_labels(labels_b, drop_key, VARIANTS[cfg.model].num_classes, cfg.label_drop)  # B
-  return x_bhwc, t_b, target_bhwc, dropped_b
-
 
 def step_key(cfg: TrainConfig, step) -> jax.Array:
   """The PRNG key of training step `step` (as `dfjax.training.loop` derives it)."""
