@@ -21,10 +21,9 @@ from dfjax import images, metrics
 from dfjax.bench import table
 from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
-from dfjax.generation import REFERENCE, GenerateConfig, check_output_path, resolve_patch
+from dfjax.generation import REFERENCE, GenerateConfig, check_output_path, strategy_meshes
 from dfjax.pipelines import load_pipeline
-from sharding.axes import PATCH
-from sharding.mesh import describe, make_mesh
+from sharding.mesh import describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +65,14 @@ def run(args, config: GenerateConfig) -> list[PromptRun]:
   height, width = pipe.check_size(args.height, args.width)
   latent_rows = height // pipe.vae_scale_factor
   runs, reference = [], None
-  for name in config.strategies:
-    strategy = config.strategy(name)
-    patch = resolve_patch(pipe.denoiser.config, latent_rows, config.patch, config.cfg, jax.device_count()) \
-        if PATCH in strategy.axes else 1
-    mesh = make_mesh(1, config.cfg, patch)
+  strategies = [config.strategy(name) for name in config.strategy_names()]
+  if config.strategies is None:  # the defaults are those that run this model's family
+    strategies = [s for s in strategies if s.supports(pipe.denoiser.config)]
+  meshes, skipped = strategy_meshes(strategies, pipe.denoiser.config, latent_rows, config, jax.device_count())
+  for name, why in skipped.items():
+    print(f"skipped {name} (does not fit this model and mesh): {why}")
+  for strategy in (s for s in strategies if s.name in meshes):
+    name, mesh = strategy.name, meshes[strategy.name]
     call = lambda: pipe(args.prompt, args.negative_prompt, height=height, width=width, num_steps=config.steps,
                         guidance_scale=config.guidance_scale, seed=config.seed, mesh=mesh, strategy=strategy,
                         vae_patch=args.vae_patch, scheduler=config.scheduler)
