@@ -56,8 +56,9 @@ def test_pipefusion_micro_steps_cost_the_slowest_stage_on_one_patch_plus_its_tra
   run = simulate_stages.pipefusion_run(config, 128, stages, patches, steps, 2)
   assert run.unit_flops == pytest.approx(slowest / patches)
   # per micro-step: one patch's activation (16 of 64 tokens + 7 conditioning vectors, 48 wide, bf16) for the
-  # CFG pair, and the ring's patch latent (4 of 16 rows × 16 × 4 channels, fp32)
-  assert run.unit_sync_bytes == 2 * (16 + 7) * 48 * 2 + 2 * 4 * 16 * 4 * 4
+  # CFG pair, and the ring's patch latent of the one image behind the pair (4 of 16 rows × 16 × 4 channels,
+  # fp32) with its s32 slot
+  assert run.unit_sync_bytes == 2 * (16 + 7) * 48 * 2 + 4 * 16 * 4 * 4 + 4
   micro_steps = max(patches, stages)
   units = (steps - 1) * micro_steps + stages - 1  # one synchronous step; the drain at the end
   micro_s = slowest / patches / RATE + run.unit_sync_bytes / 1e6
