@@ -207,6 +207,7 @@ def test_bench_unet_times_jax_and_diffusers(config_file, capsys, returned):
   assert jax_timing.flops == by_impl["diffusers eager"].flops  # one analytic count for every row
 
 
+@pytest.mark.slow  # 25 s; the simulated programs' shapes stay in the default run
 def test_bench_simulate_measures_and_projects(config_file, capsys, returned):
   runs = returned(simulate, "run")
   code = commands.main(["bench", "simulate", "--config", config_file, "--resolution", "128", "--patch", "2",

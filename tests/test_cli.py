@@ -26,6 +26,7 @@ TWO_LEVEL_UNET = {
 }
 
 
+@pytest.mark.slow  # 59 s; HLO = analytic per strategy stays in the default run (test_strategies, test_sequence)
 def test_bench_strategies_measures_traffic_and_stale_memory_equal_to_analytic(tmp_path, capsys, returned):
   config = tmp_path / "config.json"
   config.write_text(json.dumps(TWO_LEVEL_UNET))

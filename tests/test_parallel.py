@@ -41,6 +41,7 @@ def _per_device(tree):
   return jax.tree.map(lambda a: a[None], tree)
 
 
+@pytest.mark.slow  # 22 s
 def test_displaced_unet_step_is_the_same_plainly_under_checkpoint_and_remat():
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(TWO_LEVEL_UNET), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)

@@ -127,6 +127,7 @@ def test_displaced_steps_consume_only_the_input_halo_and_exact_steps_everything(
   assert len(exact) > 2
 
 
+@pytest.mark.slow  # 20 s
 def test_fresh_input_halo_brings_displaced_closer_to_single(model, single, monkeypatch):
   """DistriFusion's authors give the first conv this step's latent rows; stale ones (dfjax before) cost accuracy."""
   fresh = _relative_error(_run(model, mesh=make_mesh(1, 1, 4), strategy=Strategy.displaced(warmup_steps=1)), single)

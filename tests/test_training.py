@@ -51,7 +51,7 @@ def dit_runs(tmp_path_factory):
   return _run_pair(tmp_path_factory.mktemp("train-dit"), "dit-tiny")
 
 
-@pytest.mark.parametrize("pair", ["runs", "dit_runs"])
+@pytest.mark.parametrize("pair", ["runs", pytest.param("dit_runs", marks=pytest.mark.slow)])  # the DiT: 15 s
 def test_resumed_run_equals_uninterrupted_run(pair, request):
   whole, resumed = request.getfixturevalue(pair)
   a, b = load_trained(whole), load_trained(resumed)
