@@ -28,9 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
             sample_size=16, attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-# ~200 MB of float32 weights: big enough that the write takes a while (51 MB was written before the
-# polling test process, late in a full suite run, saw it start).
-BIG = dict(TINY, block_out_channels=(128, 256, 512), norm_num_groups=32, cross_attention_dim=256,
+# ~51 MB of float32 weights: big enough that the write takes a while.
+BIG = dict(TINY, block_out_channels=(64, 128, 256), norm_num_groups=32, cross_attention_dim=256,
            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
