@@ -80,9 +80,11 @@ def _moment_reached(dst: Path, moment: str) -> bool:
 def _convert_interrupted(src: Path, dst: Path, signum: int, moment: str) -> subprocess.CompletedProcess:
   """Runs `python -m dfjax convert SRC DST --overwrite`, sending `signum` once `moment` is reached."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  # SIGINT at its default in the child: a test run started in the background by a shell (`pytest &`) ignores
+  # SIGINT, and an ignored disposition is inherited across exec, so the conversion would never see it.
   proc = subprocess.Popen([sys.executable, "-m", "dfjax", "--cpu-devices", "1", "convert", str(src), str(dst),
                            "--overwrite"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   while proc.poll() is None and not _moment_reached(dst, moment):
     time.sleep(0.002)
   proc.send_signal(signum)
