@@ -133,6 +133,11 @@ class GenerateConfig:
     """The strategies to try: those named, else DEFAULT_STRATEGIES (of which those that fit run)."""
     return DEFAULT_STRATEGIES if self.strategies is None else self.strategies
 
+  def for_model(self, strategies: list[Strategy], model_config) -> list[Strategy]:
+    """Of `strategies`, those to try on the model: every named one; of the defaults, those that run
+    its family (the others are not offered, rather than skipped with a reason)."""
+    return strategies if self.strategies is not None else [s for s in strategies if s.supports(model_config)]
+
   def strategy(self, name: str) -> Strategy:
     """The named strategy, with those of this run's strategy options (warm-up, GroupNorm mode) it takes."""
     return with_shared_options(name, {"warmup_steps": self.warmup_steps, "groupnorm": self.groupnorm})
@@ -340,8 +345,7 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   unet_config = source.unet.config
   size = config.size or _model_size(unet_config)
   unet_config.check_latent_size(size, size)
-  if config.strategies is None:  # the defaults are those that run this model's family
-    strategies = [s for s in strategies if s.supports(unet_config)]
+  strategies = config.for_model(strategies, unet_config)
   meshes, skipped = strategy_meshes(strategies, unet_config, size, config, len(jax.devices()))
   strategies = [s for s in strategies if s.name in meshes]
   bar.total = 2 + 2 * len(strategies)  # loading, then each strategy's compile and run, then writing

@@ -65,9 +65,8 @@ def run(args, config: GenerateConfig) -> list[PromptRun]:
   height, width = pipe.check_size(args.height, args.width)
   latent_rows = height // pipe.vae_scale_factor
   runs, reference = [], None
-  strategies = [config.strategy(name) for name in config.strategy_names()]
-  if config.strategies is None:  # the defaults are those that run this model's family
-    strategies = [s for s in strategies if s.supports(pipe.denoiser.config)]
+  strategies = config.for_model([config.strategy(name) for name in config.strategy_names()],
+                                pipe.denoiser.config)
   meshes, skipped = strategy_meshes(strategies, pipe.denoiser.config, latent_rows, config, jax.device_count())
   for name, why in skipped.items():
     print(f"skipped {name} (does not fit this model and mesh): {why}")
