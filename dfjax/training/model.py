@@ -220,14 +220,10 @@ def _variants() -> dict[str, ModelSpec]:
       # Seconds to compile and run: the tests' model.
       "tiny": UNetSpec(_unet_config((8, 16), (plain, plain), (1, 1), groups=4, token_dim=16),
                        data.num_classes, 2, fast_compile=True),
-      # 8×8-pixel patches: 8×8 = 64 tokens, 8 token rows (row patches of 2, 4 or 8 devices); 8
-      # heads, so that ulysses splits them over 2, 4 or 8 devices. Few tokens keep a CPU training
-      # step cheap; the final layer draws each patch's 192 pixel values from its 128-wide token.
-      "dit": DiTSpec(_dit_config(128, 8, 4, patch=8, num_classes=data.num_classes)),
-      # The shipped DiT's successor (issue 18; in training, not yet shipped): 4×4-pixel patches, so
-      # a 128-wide token draws 48 pixel values instead of 192 (the 8×8 DiT reaches 30 % class
-      # accuracy); 16 token rows, still split by 2, 4 or 8 row patches.
-      "dit-p4": DiTSpec(_dit_config(128, 8, 4, patch=4, num_classes=data.num_classes)),
+      # 4×4-pixel patches: 16×16 = 256 tokens, 16 token rows (row patches of 2, 4 or 8 devices); 8
+      # heads, so that ulysses splits them over 2, 4 or 8 devices. A 128-wide token draws 48 pixel
+      # values (with 8×8 patches it drew 192, and the DiT reached 30 % class accuracy).
+      "dit": DiTSpec(_dit_config(128, 8, 4, patch=4, num_classes=data.num_classes)),
       "dit-tiny": DiTSpec(_dit_config(32, 8, 1, patch=8, num_classes=data.num_classes), fast_compile=True),
   }
 
