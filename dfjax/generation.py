@@ -294,7 +294,7 @@ def strategy_meshes(strategies: list[Strategy], config, size: int, run: Generate
   stages = run.stage or min(DEFAULT_STAGES, per_image)
   meshes, skipped = {}, {}
   for strategy in strategies:
-    pipeline = STAGE in strategy.axes
+    pipeline = strategy.method_axis == STAGE
     try:
       meshes[strategy.name] = strategy_mesh(strategy, config, size, run.cfg, stages if pipeline else per_image,
                                             given=(run.stage if pipeline else run.patch) is not None)

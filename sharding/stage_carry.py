@@ -182,6 +182,19 @@ class CarryLayout:
     return jax.tree.leaves(carry)[self.prediction_leaf]
 
 
+def run_constant_leaves(model: nnx.Module, x, timesteps, cond: Mapping) -> tuple[int, ...]:
+  """The leaves of the first segment's output carry made from the conditioning alone — from neither the
+  latent nor the timestep (a PixArt's projected text states and keep-mask): the same at every step of a
+  run, so a pipeline can hand them to each stage once instead of with every activation. Traced, like the
+  layout (inside a trace: `model` may close over its tracers)."""
+  def embedded(x, timesteps, cond):
+    return jax.tree.leaves(model.segments()[0](model.first_carry(x, timesteps, **cond), ctx=SINGLE_DEVICE))
+
+  program = jax.make_jaxpr(embedded)(x, timesteps, dict(cond)).jaxpr
+  varying = _depends_on(program, set(program.invars[:2]))  # x and the timestep: the first two inputs
+  return tuple(i for i, v in enumerate(program.outvars) if not _in(v, varying))
+
+
 def _in(v, variables: set) -> bool:
   return not isinstance(v, Literal) and v in variables
 

@@ -25,7 +25,7 @@ from models.config import UNetConfig
 from models.presets import transformer_config, unet_preset
 from sharding.accounting import analytic
 from sharding.mesh import axis_sizes, describe, make_mesh
-from sharding.strategies import Strategy
+from sharding.strategies import Strategy, strategy_class, strategy_names
 
 # Two levels keep tracing and compiling short; every exchange kind is there (halo convs incl. the
 # strided one, self-attention K/V, GroupNorm moments) and SDXL's micro-conditioning.
@@ -274,6 +274,19 @@ def test_bench_strategies_skips_a_split_that_does_not_fit_and_refuses_a_count_no
     strategies.runs_that_fit(config, 12, [8], 1, [Strategy.ring()])
   with pytest.raises(ValueError, match="'sdxl' is not a dit preset; valid: dit-xl-2-256"):
     model_config("dit", "sdxl")
+
+
+def test_bench_strategies_on_a_stage_by_patch_mesh_runs_pipefusion_beside_the_row_strategies():
+  """Which strategy runs on a mesh is asked of the strategy (its method's axis), not read off its axes:
+  pipefusion, whose stages hold `patch` ranks, is the stage × patch hybrid; the row strategies get all four."""
+  every = [Strategy.from_name(name) for name in strategy_names()
+           if strategy_class(name).axes and strategy_class(name).supports(model_config("dit", None))]
+  degrees = {"data": 1, "cfg": 1, "stage": 2, "patch": 2, "ulysses": 1, "tensor": 1}
+  plans = strategies._hybrid_plans(every, degrees, model_config("dit", None), 16)
+  assert [(s.name, describe(mesh)) for s, mesh in plans] == [
+      *((name, "cfg=1×patch=4") for name in ("exact", "displaced", "naive", "ulysses", "ring")),
+      ("pipefusion", "cfg=1×stage=2×patch=2")]
+  assert "pipefusion" not in simulate.simulated_strategies()  # projected from FLOPs (simulate_stages) instead
 
 
 @pytest.mark.slow

@@ -59,6 +59,9 @@ def test_pipefusion_micro_steps_cost_the_slowest_stage_on_one_patch_plus_its_tra
   # CFG pair, and the ring's patch latent of the one image behind the pair (4 of 16 rows × 16 × 4 channels,
   # fp32) with its s32 slot
   assert run.unit_sync_bytes == 2 * (16 + 7) * 48 * 2 + 4 * 16 * 4 * 4 + 4
+  # a synchronous step: the 64 tokens across the cut and the prediction broadcast (16 × 16 × 8), bf16, and
+  # once, beside them, PixArt-α's 120 T5 text states (48 wide, bf16) with their int32 mask, for the pair
+  assert run.warm_bytes == 2 * 2 * (64 * 48 + 16 * 16 * 8) + 2 * 120 * (48 * 2 + 4)
   micro_steps = max(patches, stages)
   units = (steps - 1) * micro_steps + stages - 1  # one synchronous step; the drain at the end
   micro_s = slowest / patches / RATE + run.unit_sync_bytes / 1e6

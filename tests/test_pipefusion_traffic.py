@@ -1,6 +1,8 @@
 """PipeFusion's per-step traffic read from the compiled program (sharding/accounting/comm.py) equals
-its analytic volume (`expected_traffic`: patch activations per stage boundary with their
-conditioning, and the latent ring), for N = 2, 4 stages and M = N, 2N patches, DiT and PixArt.
+its analytic volume (`expected_traffic`: patch activations per stage boundary with their per-sample
+vectors — PixArt's text states stay on each stage from the synchronous step — the latent ring, and
+with sequence ranks inside each stage their K/V gathers, all-to-alls and output gather), for N = 2, 4
+stages and M = N, 2N patches, DiT and PixArt, alone and with `patch` / `ulysses` inside the stages.
 
 Five steps without extra warm-up: the synchronous step, the pipeline's start and its drain are one
 step each (XLA inlines those scans), so the one step loop left is the steady phase's two steps,
@@ -16,12 +18,11 @@ from models.dit import DiTConfig, DiTTransformer2DModel, PixArtTransformer2DMode
 from models.dit_config import PixArtConfig
 from sharding.accounting import comm
 from sharding.axes import CFG
-from sharding.mesh import axis_sizes, make_mesh
+from sharding.mesh import axis_sizes
 from sharding.strategies import Guidance, Strategy
-from test_pipefusion import HEIGHT, TINY_DIT, TINY_PIXART, WIDTH, _args
+from test_pipefusion import HEIGHT, TINY_DIT, TINY_PIXART, WIDTH, _args, _mesh
 
 STEPS = 5
-TEXT_TOKENS = 5  # test_pipefusion's PixArt conditioning: 5 text tokens and an f32 keep-mask
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,18 @@ def models():
           "pixart": PixArtTransformer2DModel(PixArtConfig.from_diffusers_config(TINY_PIXART), rngs=nnx.Rngs(0))}
 
 
-def _steady_traffic(model, stages: int, patches: int, cfg: int = 1) -> tuple[comm.StepTraffic, dict]:
-  """(the one step loop's traffic from the HLO, the mesh's sizes) of PipeFusion on stage × cfg devices."""
-  mesh = make_mesh(1, cfg, 1, stage=stages, devices=jax.devices()[:stages * cfg])
+def _steady_traffic(model, stages: int, patches: int, cfg: int = 1, **sequence) -> tuple[comm.StepTraffic, dict]:
+  """(the one step loop's traffic from the HLO, the mesh's sizes) of PipeFusion on cfg × stage (× `sequence`:
+  patch, ulysses degrees) devices."""
+  mesh = _mesh(cfg=cfg, stage=stages, **{"patch": 1, **sequence})
   args, kwargs = _args(model, mesh, Strategy.pipefusion(num_patches=patches), steps=STEPS)
   (steady,) = comm.traffic_per_step(lower_sample(*args, **kwargs).compile().as_text())
   return steady, axis_sizes(mesh)
 
 
 def _expected(model, sizes, patches: int) -> dict[str, int]:
-  text = dict(text_tokens=TEXT_TOKENS, mask_itemsize=4) if isinstance(model, PixArtTransformer2DModel) else {}
   batch = 2 // sizes[CFG]  # one image: the guidance pair, split over cfg
-  return Strategy.pipefusion(num_patches=patches).expected_traffic(model.config, HEIGHT, WIDTH, sizes, batch, 4,
-                                                                   **text)
+  return Strategy.pipefusion(num_patches=patches).expected_traffic(model.config, HEIGHT, WIDTH, sizes, batch, 4)
 
 
 def test_dit_two_stages_by_hand(models):
@@ -52,6 +52,29 @@ def test_dit_two_stages_by_hand(models):
   per_micro_step = (2 * 16 * 16 + 2 * 16) * 4 + 8 * 8 * 4 * 4 + 4
   assert steady.by_kind == {"collective-permute": (2 * 4, 2 * per_micro_step)}
   assert sum(_expected(models["dit"], sizes, 2).values()) == 2 * per_micro_step
+
+
+def test_pixart_text_states_stay_on_each_stage_after_the_synchronous_step(models):
+  steady, sizes = _steady_traffic(models["pixart"], stages=2, patches=2)
+  # per micro-step (K = 2): the token patch (2 samples × 16 tokens × 16 wide) and the timestep embedding and
+  # adaLN-single's modulation (2 × 7 × 16), not the 5 text states and their mask; the ring as for a DiT
+  per_micro_step = (2 * 16 * 16 + 2 * 7 * 16) * 4 + 8 * 8 * 4 * 4 + 4
+  assert steady.by_kind == {"collective-permute": (2 * 5, 2 * per_micro_step)}  # 3 activation leaves, 2 ring
+  assert sum(_expected(models["pixart"], sizes, 2).values()) == 2 * per_micro_step
+
+
+@pytest.mark.parametrize("family,sequence", [
+    ("dit", dict(patch=2)), pytest.param("dit", dict(ulysses=2), marks=pytest.mark.slow),
+    pytest.param("dit", dict(patch=2, ulysses=2), marks=pytest.mark.slow),
+    pytest.param("pixart", dict(patch=2), marks=pytest.mark.slow),
+    pytest.param("pixart", dict(ulysses=2), marks=pytest.mark.slow)])
+def test_sequence_ranks_inside_the_stages_add_their_exchanges(models, family, sequence):
+  """Inside each stage: `patch` ranks' K/V all-gathers, `ulysses` ranks' all-to-alls, the output's rows gathered."""
+  steady, sizes = _steady_traffic(models[family], 2, 2, **sequence)
+  expected = _expected(models[family], sizes, 2)
+  assert steady.total_bytes == sum(expected.values()) and expected["sequence"] > 0
+  kinds = {"collective-permute", "all-gather"} | ({"all-to-all"} if "ulysses" in sequence else set())
+  assert set(steady.by_kind) == kinds
 
 
 @pytest.mark.parametrize("family,stages,patches", [

@@ -49,9 +49,9 @@ MIB = 2**20
 
 
 def simulated_strategies() -> tuple[str, ...]:
-  """The registered strategies this bench simulates: those that split rows over `patch` (asked when called,
-  so a strategy registered later is one too)."""
-  return tuple(name for name in strategy_names() if PATCH in strategy_class(name).axes)
+  """The registered strategies this bench simulates: those whose method splits rows over `patch` (asked when
+  called, so a strategy registered later is one too)."""
+  return tuple(name for name in strategy_names() if strategy_class(name).method_axis == PATCH)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,10 @@ from dfjax.bench.simulate import (LINKS, PIXART_DEVICES, PIXART_SECONDS, PIXART_
 from dfjax.bench.table import Column
 from dfjax.bench.unet import DTYPES, latent_size
 from models.build import segment_names
+from dfjax.inputs import TEXT_TOKENS
+from dfjax.pipelines.pipeline import KINDS
 from models.config import UNetConfig
+from models.dit_config import PixArtConfig
 from models.presets import FAMILIES
 from sharding.accounting import stages as stage_accounting
 from sharding.axes import STAGE
@@ -46,6 +49,8 @@ from sharding.strategies import Strategy
 from sharding.strategies.staged import segment_flops, stages_of
 
 STAGE_STRATEGIES = ("asyncdiff", "pipefusion")
+PIXART_TEXT_TOKENS = KINDS["PixArtAlphaPipeline"].max_sequence_length  # 120 T5 tokens per prompt
+MASK_ITEMSIZE = 4  # the text keep-mask: the tokenizer's int32 (dfjax/tokenizers.py)
 BATCH = 2  # one image with classifier-free guidance on every device, as in both papers
 PCIE4 = Link("PCIe 4.0 x16", 32e9, "PCIe 4.0 x16: 16 lanes × 2 GB/s per direction, no NVLink")
 
@@ -133,9 +138,15 @@ class StageRun:
     return platform.published.get((self.resolution, name, self.devices))
 
 
+def text_tokens(config) -> int:
+  """The text tokens the model's pipeline conditions on: PixArt-α's 120 T5 tokens, Stable Diffusion's 77
+  CLIP tokens (a DiT has none: its class label is not a sequence)."""
+  return PIXART_TEXT_TOKENS if isinstance(config, PixArtConfig) else TEXT_TOKENS
+
+
 def model_flops(config, side: int) -> list[float]:
   """Each segment's FLOPs for one step of the guidance pair (BATCH samples)."""
-  return [BATCH * f for f in segment_flops(config, side, side)]
+  return [BATCH * f for f in segment_flops(config, side, side, text_tokens(config))]
 
 
 def stage_flops(flops: Sequence[float], cuts: Sequence[int]) -> list[float]:
@@ -201,8 +212,11 @@ def pipefusion_run(config, resolution: int, stages: int, patches: int, steps: in
   traffic = strategy.expected_traffic(config, side, side, sizes, BATCH, activation_bytes)
   warm = strategy.phases(steps, sizes)[0].stop
   units = (steps - warm) * micro_steps + (stages - 1 if steps > warm else 0)  # the drain
+  # a synchronous step's carry also takes the text states (and their mask) across each cut; pipelined steps not
+  text = (stages - 1) * strategy.conditioning_bytes(config, BATCH, activation_bytes, text_tokens(config),
+                                                     MASK_ITEMSIZE)
   return StageRun(resolution, "pipefusion", label, stages, steps, warm,
-                  warm_flops=sum(flops), warm_bytes=synchronous_bytes(config, side, cuts, activation_bytes),
+                  warm_flops=sum(flops), warm_bytes=synchronous_bytes(config, side, cuts, activation_bytes) + text,
                   units=units, units_per_step=micro_steps, unit_flops=max(stage_flops(flops, cuts)) / patches,
                   unit_sync_bytes=sum(traffic.values()) / micro_steps)  # waited for: not overlapped
 

@@ -92,8 +92,7 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   config, (batch, height, width, channels) = model.config, noise.shape
   images = batch // sizes[DATA]  # this device's images
   local_batch = 2 * images // sizes[CFG]  # its share of their guidance pairs
-  expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes,
-                                       **_text_traffic(strategy, cond))
+  expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
   prediction_values = images * height // _row_splits(strategy, sizes) * width * channels
   expected |= Guidance.for_mesh(True, sizes).expected_traffic(prediction_values, dtype_bytes)
   expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
@@ -105,15 +104,6 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
                      traffic[-1].total_bytes if traffic else 0, sum(expected.values()),
                      _stale_bytes(stale, expected_stale), sum(expected_stale.values()),
                      describe(mesh), by_axis[-1] if by_axis else {}, param_bytes)
-
-
-def _text_traffic(strategy: Strategy, cond) -> dict[str, int]:
-  """PipeFusion sends a PixArt's text states (and keep-mask) with every patch: its analytic volume needs
-  their length (the other strategies never move the text)."""
-  text, mask = cond.encoder_hidden_states, cond.encoder_attention_mask
-  if strategy.name != "pipefusion" or text is None:
-    return {}
-  return {"text_tokens": text.shape[1], "mask_itemsize": 0 if mask is None else np.dtype(mask.dtype).itemsize}
 
 
 def _stale_bytes(stale, expected_stale: Mapping[str, int]) -> int:
@@ -159,24 +149,18 @@ def _hybrid_plans(strategies: list[Strategy], degrees: Mapping[str, int], config
   for axis in (PATCH, TENSOR):  # a pure split: all of an image's devices on the method's own axis
     mesh = make_mesh(degrees[DATA], degrees[CFG], **{PATCH: 1, axis: per_image})
     pure += [(strategy, mesh) for strategy in strategies
-             if _method_axis(strategy) == axis and split != [axis]
+             if strategy.method_axis == axis and split != [axis]
              and {axis: per_image} in strategy.image_splits(per_image)  # not usp: its splits are hybrids
              and _fits(strategy, config, side, mesh)]
   hybrid_mesh = make_mesh(**degrees)
   hybrid = [(strategy, hybrid_mesh) for strategy in strategies
-            if set(split) <= strategy.axes and split and _method_axis(strategy) == split[0]]
+            if set(split) <= strategy.axes and split and strategy.method_axis == split[0]]
   if not hybrid:
     raise ValueError(f"no strategy splits an image over {' × '.join(sorted(split))}; strategies and the axes "
                      f"they split: {', '.join(f'{s.name} {sorted(s.axes)}' for s in strategies)}.")
   for strategy, mesh in hybrid:  # a hybrid that does not fit is the user's to fix: say so before running
     strategy.validate(config, side, side, axis_sizes(mesh))
   return pure + hybrid
-
-
-def _method_axis(strategy: Strategy) -> str | None:
-  """The outermost image axis a strategy splits: its own method's (row and sequence strategies: patch;
-  `tensor`: tensor; pipefusion: stage)."""
-  return next((axis for axis in IMAGE_AXES if axis in strategy.axes), None)
 
 
 def _fits(strategy: Strategy, config, side: int, mesh: Mesh) -> bool:
@@ -199,7 +183,7 @@ def run(config: str | None, resolution: int, patches: list[int], cfg: int, steps
   every = [with_shared_options(name, {"warmup_steps": warmup_steps}) for name in strategy_names()
            if strategy_class(name).axes and strategy_class(name).supports(model_config_)]
   if mesh is None:  # the pure `tensor` strategy runs on a --mesh (beside its hybrids)
-    plans = runs_that_fit(model_config_, side, patches, cfg, [s for s in every if _method_axis(s) != TENSOR])
+    plans = runs_that_fit(model_config_, side, patches, cfg, [s for s in every if s.method_axis != TENSOR])
   else:
     plans = _hybrid_plans(every, mesh, model_config_, side)
     cfg = mesh[CFG]

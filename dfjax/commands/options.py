@@ -99,8 +99,8 @@ def _shown(default) -> str:
 
 
 def strategies_over(axis: str) -> str:
-  """The registered strategies that split an image over mesh `axis`, e.g. 'exact, displaced, naive'."""
-  return ", ".join(n for n in strategy_names() if axis in strategy_class(n).axes)
+  """The registered strategies whose method splits an image over mesh `axis`, e.g. 'exact, displaced, naive'."""
+  return ", ".join(n for n in strategy_names() if strategy_class(n).method_axis == axis)
 
 
 def strategies_taking(option: str) -> str:

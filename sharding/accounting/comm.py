@@ -124,19 +124,21 @@ def _group_size(inst: hlo.Instruction) -> int:
 def _collectives(module: hlo.Module, computation: str, runs: int = 1):
   """(instruction, its computation's shape table, how many times it runs per run of `computation`) for
   every collective `computation` runs, directly or through what it calls: a nested loop's body
-  `trip_count` times per run, its condition once more."""
+  `trip_count` times per run, its condition once more; of a conditional's branches only the one that
+  receives the most (each device runs one: PipeFusion's stages, whose sequence ranks exchange inside)."""
   instructions = module.computations[computation]
   shapes = {i.name: i.shape for i in instructions}
   for inst in instructions:
     if collective_kind(inst.opcode):
       yield inst, shapes, runs
-    for called in inst.called():
-      if called not in module.computations:
-        continue
+    called = [c for c in inst.called() if c in module.computations]
+    if inst.opcode == "conditional" and len(called) > 1:  # a device runs one branch: count the heaviest
+      called = [max(called, key=lambda c: sum(r * _received_bytes(i, s) for i, s, r in _collectives(module, c)))]
+    for name in called:
       repeats = 1
       if inst.opcode == "while":
-        repeats = inst.trip_count() + (0 if _is_body(inst, called) else 1)
-      yield from _collectives(module, called, runs * repeats)
+        repeats = inst.trip_count() + (0 if _is_body(inst, name) else 1)
+      yield from _collectives(module, name, runs * repeats)
 
 
 def step_loops(module: hlo.Module) -> list[str]:

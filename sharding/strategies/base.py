@@ -99,6 +99,10 @@ class Strategy:
   name: ClassVar[str] = ""
   description: ClassVar[str] = ""
   axes: ClassVar[frozenset[str]] = frozenset()
+  # The axis its own method splits an image over — patch (the row and sequence methods), tensor, stage
+  # (the pipelines); None: it splits nothing. `axes` may name more: methods it runs inside its own
+  # (pipefusion's sequence axes inside each stage). Callers ask this what a strategy is, not `axes`.
+  method_axis: ClassVar[str | None] = None
   # Pipeline methods whose stages each embed their own step's conditioning: the conditioning
   # embeddings' params go on every stage, and the run traces what crosses each cut (`run.layout`).
   stages_make_conditioning: ClassVar[bool] = False

@@ -31,6 +31,7 @@ class RowPatches(Strategy):
   """What the row-patch strategies share: the `patch` axis (and `tensor`) and its row-split check."""
 
   axes = frozenset({PATCH, TENSOR})
+  method_axis = PATCH
 
   def validate(self, config, height, width, sizes):
     super().validate(config, height, width, sizes)

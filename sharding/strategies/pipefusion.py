@@ -16,7 +16,9 @@ The first `1 + warmup_steps` steps run the whole image through the stages synchr
 filling the K/V buffers; the first pipelined step starts the pipeline, the last one drains it.
 
 Everything that lives across steps — K/V buffers, the activation in flight, the ring's patch,
-the latents and scheduler state being updated patch by patch — is the scan carry; the sampling
+the latents and scheduler state being updated patch by patch, and the run's constant conditioning
+each stage received in the synchronous step (PixArt's text states and mask, which so cross a cut
+only there, not with every patch) — is the scan carry; the sampling
 loop's own latents pass through untouched until the drain broadcasts the result.
 
 Shape letters: P·B the guidance pair's batch, h a patch's latent rows, W columns, C channels,
@@ -37,12 +39,13 @@ from jax.sharding import PartitionSpec as P
 
 from models.dit_config import DiTConfig, PixArtConfig, TransformerConfig
 from models.parallel import call_recording
-from sharding.axes import CFG, DATA, PATCH, STAGE, ULYSSES
+from sharding.axes import CFG, DATA, PATCH, SEQUENCE, STAGE, ULYSSES
 from sharding.contexts.pipefusion import PipeFusionContext, SequenceSplit
 from sharding.exchange.stages import broadcast_from_stage, send, to_next_stage
 from sharding.strategies.base import Phase
 from sharding.strategies.sequence import check_head_split, divides_heads
-from sharding.strategies.staged import Staged, run_stage, synchronous_forward
+from sharding.stage_carry import run_constant_leaves
+from sharding.strategies.staged import Staged, run_stage, synchronous_stages
 from sharding.varying import axes_varying, varying_over
 
 
@@ -67,6 +70,7 @@ class PipeFusion(Staged):
   stage_layers: tuple[int, ...] | None = None
 
   name = "pipefusion"
+  axes = frozenset({STAGE, *SEQUENCE})  # its stages, and each stage's sequence ranks (`sequence`)
   families = frozenset({DiTConfig, PixArtConfig})  # it cuts a transformer's blocks into stages
   description = ("PipeFusion: DiT blocks in stages, row patches pipelined through them over stale "
                  "per-layer K/V buffers; only patch activations cross a stage")
@@ -90,6 +94,10 @@ class PipeFusion(Staged):
     """Each stage's sequence ranks: the mesh's `patch` (fresh K/V gathered, any head count) × `ulysses`
     (all-to-alls, heads split) devices."""
     return SequenceSplit(ring=sizes[PATCH], ulysses=sizes[ULYSSES])
+
+  def image_splits(self, num_devices):
+    """All of an image's devices on `stage` (sequence ranks inside the stages: a hybrid mesh's)."""
+    return [{STAGE: num_devices}]
 
   def latent_spec(self):
     return P(DATA)  # every device holds the whole latents; a stage's sequence ranks each take their rows
@@ -120,9 +128,7 @@ class PipeFusion(Staged):
     if not isinstance(config, TransformerConfig):
       raise ValueError("pipefusion pipelines the blocks of a diffusion transformer (DiT, PixArt); this model is a "
                        "UNet: use single, exact, displaced, naive, ulysses or ring (or asyncdiff) for it.")
-    # `axes` names `stage` alone: callers read `patch` in a strategy's axes as "rows split over patch, no
-    # stages" (bench simulate, generate's meshes); the sequence axes inside each stage are checked below.
-    super().validate(config, height, width, {**sizes, PATCH: 1, ULYSSES: 1})
+    super().validate(config, height, width, sizes)
     self.layers_per_stage(config, sizes[STAGE])
     patches, ranks = self.patches(sizes), self.sequence(sizes).ranks
     token_rows = height // config.patch_size
@@ -145,8 +151,9 @@ class PipeFusion(Staged):
 
   def phases(self, num_steps, sizes, *, simulated=False):
     if simulated:
-      raise ValueError("pipefusion has no one-device simulation: its stages run different code, so "
-                       "`bench simulate` cannot time one device's program of the mesh yet.")
+      raise ValueError("pipefusion has no one-device simulation (each stage runs its own blocks, so no one "
+                       "device's program stands for the mesh): `dfjax bench simulate --strategies pipefusion` "
+                       "projects it from FLOP counts and its analytic traffic instead (dfjax/bench/simulate_stages.py).")
     synchronous = min(num_steps, 1 + self.warmup_steps)
     phases = [Phase(0, synchronous, step=functools.partial(self._synchronous_step, sizes=sizes), records=True)]
     pipelined = num_steps - synchronous
@@ -165,19 +172,25 @@ class PipeFusion(Staged):
   # -------------------------------------------------------------------------- the warm-up step
 
   def _synchronous_step(self, run, x, sched_state, stale, i, *, sizes):
-    """The whole image through every stage in order (exact); its K/V fill each stage's buffers."""
+    """The whole image through every stage in order (exact); its K/V fill each stage's buffers, and each stage
+    keeps the run's constant conditioning it received (PixArt's text states and mask) for the pipelined steps."""
     del stale
     geometry = _Geometry.of(self, run, x, sizes)
     x_in, cond = run.model_inputs(run.sched.scale_model_input(x, i))
     record = lambda stage, sent: _slots(sent, geometry.layers)  # noqa: E731
     ctx = PipeFusionContext(geometry.patches, sequence=geometry.sequence)
-    out, kv = synchronous_forward(run, geometry.stage_of, geometry.sequence.local_rows(x_in),
-                                  run.sched.model_timestep(i), cond, ctx, record=record)
+    out, received, kv = synchronous_stages(run, geometry.stage_of, geometry.sequence.local_rows(x_in),
+                                           run.sched.model_timestep(i), cond, ctx, record=record)
     out = geometry.sequence.gather_rows(out)  # P·B, H, W, C: every sequence rank's rows
     x, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
     ring = {"x": jnp.zeros_like(x[:, :geometry.rows]), "slot": jnp.int32(0)}
+    here, constants = lax.axis_index(STAGE), geometry.zeros(geometry.constants)
+    for stage in range(1, geometry.stages):  # what this device's stage received (stage 0 makes its own)
+      constants = jax.tree.map(lambda kept, got, stage=stage: jnp.where(here == stage, got, kept), constants,
+                               geometry.split(received[stage])[1])
     return x, sched_state, geometry.typed({"x": x, "sched": sched_state, "ring": ring, "kv": kv,
-                                           "activation": geometry.idle_activation_like()})
+                                           "activation": geometry.zeros(geometry.activation),
+                                           "conditioning": constants})
 
   # -------------------------------------------------------------------------- a pipelined step
 
@@ -188,6 +201,7 @@ class PipeFusion(Staged):
 
     def micro_step(carry, tau):
       latents, sched, kv, ring, activation = carry["x"], carry["sched"], carry["kv"], carry["ring"], carry["activation"]
+      constants = carry["conditioning"]
       arrived = ring["slot"] > 0  # stage 0: a finished patch's new latent from the last stage
       latents = jnp.where(arrived, lax.dynamic_update_slice_in_dim(latents, ring["x"], (ring["slot"] - 1) * g.rows, 1),
                           latents)
@@ -199,7 +213,7 @@ class PipeFusion(Staged):
       active = current | late
       x_patch = lax.dynamic_slice_in_dim(latents, patch * g.rows, g.rows, 1)  # B, h, W, C
       x_in, cond = run.model_inputs(run.sched.scale_model_input(x_patch, j))
-      operands = (g.sequence.local_rows(x_in), run.sched.model_timestep(j), cond, activation, kv, patch)
+      operands = (g.sequence.local_rows(x_in), run.sched.model_timestep(j), cond, activation, constants, kv, patch)
       branches = [functools.partial(self._stage_branch, run, g, s) for s in range(g.stages)]
       branches.append(functools.partial(_idle_branch, run, g))
       sent_on, kv, out = lax.switch(jnp.where(active, here, g.stages), branches, *operands)
@@ -211,7 +225,7 @@ class PipeFusion(Staged):
       put = lambda full, part: jnp.where(finished, lax.dynamic_update_slice_in_dim(full, part, patch * g.rows, 1), full)  # noqa: E731
       latents, sched = put(latents, new_patch), jax.tree.map(put, sched, new_sched)
       ring = send({"x": new_patch, "slot": jnp.where(finished, patch + 1, 0)}, g.stages - 1, 0)
-      return g.typed({"x": latents, "sched": sched, "ring": ring, "kv": kv,
+      return g.typed({"x": latents, "sched": sched, "ring": ring, "kv": kv, "conditioning": constants,
                       "activation": to_next_stage(sent_on, g.stages)}), None
 
     ticks = g.micro_steps + (g.stages - 1 if drain else 0)
@@ -220,37 +234,64 @@ class PipeFusion(Staged):
       x = broadcast_from_stage(stale["x"], g.stages - 1)
     return x, sched_state, stale
 
-  def _stage_branch(self, run, g: _Geometry, stage: int, x_in, t, cond, activation, kv, patch):
-    """Stage `stage`'s blocks on one patch: (the activation to send on, updated K/V slots, the model output)."""
+  def _stage_branch(self, run, g: _Geometry, stage: int, x_in, t, cond, activation, constants, kv, patch):
+    """Stage `stage`'s blocks on one patch: (the activation to send on, updated K/V slots, the model output).
+
+    Stage 0 embeds the patch (its text states too: compute, no transfer); a later stage joins the patch's
+    activation to the run's constant conditioning it kept from the synchronous step."""
     model = run.model(stage)
     keys = g.keys[stage]
     ctx = PipeFusionContext(g.patches, patch, {key: kv[slot] for slot, key in enumerate(keys)}, g.sequence)
-    carry = model.first_carry(x_in, t, **cond) if stage == 0 else activation
+    carry = model.first_carry(x_in, t, **cond) if stage == 0 else g.join(activation, constants)
     body = lambda m, c: run_stage(m, c, g.stage_of_blocks, stage, ctx)  # noqa: E731
     carry, sent = call_recording(body, model, carry)
     kv = _slots(sent, g.layers, like=kv)
     if stage == g.stages - 1:
       out = run_stage(model, carry, g.stage_of_out, stage, ctx).h  # the final layer: P·B, h, W, C_out
-      return varying_over((g.idle_activation_like(), kv, out), g.axes)
-    return varying_over((carry, kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
+      return varying_over((g.zeros(g.activation), kv, out), g.axes)
+    return varying_over((g.split(carry)[0], kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
 
-  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes, text_tokens=0,
-                       mask_itemsize=0):
-    """Per pipelined step, what a stage receives in its K micro-steps (each permute's whole output):
-    from the stage before, K patch activations for the `batch` samples its model call runs — the tokens
-    and the per-sample conditioning, D wide (DiT: the embedding; PixArt: that and adaLN-single's 6D
-    modulation, and its `text_tokens` text states with their keep-mask, `mask_itemsize` bytes a value or
-    0 without one: they travel with every patch) — and from the last stage, the ring: K patch latents
-    (fp32) of the images behind that batch (`batch` is two guidance halves over `cfg`) and their slot."""
+  def expected_traffic(self, config, height, width, sizes, batch, activation_bytes):
+    """Per pipelined step, what a stage receives in its K micro-steps (each permute's whole output), plus,
+    inside a stage of R > 1 sequence ranks, their own exchanges.
+
+    stages    from the stage before, K patch activations for the `batch` samples its model call runs: the
+              rank's tokens (1/R of the patch's) and the per-sample vectors, D wide (DiT: the conditioning embedding; PixArt: the
+              timestep embedding and adaLN-single's 6D modulation). PixArt's text states and mask do not
+              travel: each stage kept them from the synchronous step (`conditioning_bytes`).
+    ring      from the last stage, K patch latents (fp32) of the images behind that batch (`batch` is two
+              guidance halves over `cfg`) and their s32 slot.
+    sequence  (R > 1) per micro-step, the active stage's self-attention layers (its most blocks'):
+              `patch` ranks gather the patch's fresh K/V of their heads (the ring members' (R_p − 1)/R_p of
+              it); `ulysses` ranks swap q, k, v and the output for heads (4 all-to-alls, (U − 1)/U of
+              each); the model output's rows gathered from every rank. Stage-local (not over `stage`).
+    """
     stages, patches = sizes[STAGE], self.patches(sizes)
     micro_steps = max(patches, stages)
     p, dim = config.patch_size, config.inner_dim
     tokens = (height // p) * (width // p) // patches
-    vectors = 1 if isinstance(config, DiTConfig) else 7 + text_tokens
-    activation = batch * ((tokens + vectors) * dim * activation_bytes + text_tokens * mask_itemsize)
+    ring, ulysses = sizes.get(PATCH, 1), sizes.get(ULYSSES, 1)
+    vectors = 1 if isinstance(config, DiTConfig) else 7
+    activation = batch * (tokens // (ring * ulysses) + vectors) * dim * activation_bytes
     images = batch * sizes.get(CFG, 1) // 2
     latent_patch = images * (height // patches) * width * config.in_channels * 4
-    return {"stages": micro_steps * activation, "ring": micro_steps * (latent_patch + 4)}  # + its s32 slot
+    traffic = {"stages": micro_steps * activation, "ring": micro_steps * (latent_patch + 4)}  # + its s32 slot
+    if ring * ulysses > 1:
+      layers = max(self.layers_per_stage(config, stages))
+      patch_kv = 2 * batch * tokens * dim * activation_bytes // ulysses  # a patch's K and V, the rank's heads
+      local_tokens = batch * tokens // (ring * ulysses) * dim * activation_bytes  # one rank's q (or k, v, o)
+      per_layer = patch_kv * (ring - 1) // ring + 4 * local_tokens * (ulysses - 1) // ulysses
+      output = batch * (height // patches) * width * config.out_channels * activation_bytes
+      traffic["sequence"] = micro_steps * (layers * per_layer + output * (ring * ulysses - 1) // (ring * ulysses))
+    return traffic
+
+  def conditioning_bytes(self, config, batch, activation_bytes, text_tokens=0, mask_itemsize=0):
+    """What a stage after the first receives once per synchronous step (the first only, by default), beside
+    the activation: PixArt's `text_tokens` projected text states, D wide, and their keep-mask
+    (`mask_itemsize` bytes a value, 0 without one), for the `batch` samples. DiT: nothing."""
+    if isinstance(config, DiTConfig):
+      return 0
+    return batch * text_tokens * (config.inner_dim * activation_bytes + mask_itemsize)
 
   def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
     """What a stage carries between steps: a full-sequence K and V per self-attention layer of its
@@ -264,10 +305,10 @@ class PipeFusion(Staged):
         f", stage layers {list(self.stage_layers)}" if self.stage_layers else "")
 
 
-def _idle_branch(run, g, x_in, t, cond, activation, kv, patch):
+def _idle_branch(run, g, x_in, t, cond, activation, constants, kv, patch):
   """A stage with no patch this micro-step: sends nothing, keeps its buffers."""
-  del run, x_in, t, cond, activation, patch
-  return varying_over((g.idle_activation_like(), kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
+  del run, x_in, t, cond, activation, constants, patch
+  return varying_over((g.zeros(g.activation), kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
 
 
 def _slots(sent: dict, layers: int, like=None) -> jax.Array:
@@ -298,7 +339,10 @@ class _Geometry:
   stage_of_blocks: tuple[int, ...]  # the same without the final layer (run apart, on the last stage)
   stage_of_out: tuple[int, ...]  # only the final layer
   keys: tuple[tuple[str, ...], ...]  # each stage's self-attention layer keys, in order
-  activation: object  # ShapeDtypeStructs of what crosses a cut for one patch
+  carry_tree: jax.tree_util.PyTreeDef  # the model's carry at a cut
+  constant_leaves: tuple[int, ...]  # its leaves made from the conditioning alone (`run_constant_leaves`)
+  activation: tuple  # ShapeDtypeStructs of its other leaves: what crosses a cut with each patch
+  constants: tuple  # ShapeDtypeStructs of the constant ones: each stage keeps them from the synchronous step
   out_shape: tuple[int, ...]  # a sequence rank's rows of a patch
   out_dtype: object
   axes: frozenset[str]  # what activations, K/V and outputs vary over: the model inputs', stage, sequence axes
@@ -324,11 +368,14 @@ class _Geometry:
     t = jnp.float32(0)
     first = jax.eval_shape(lambda: model.first_carry(x_in, t, **cond))
     embedded = jax.eval_shape(lambda c: model.segments()[0](c, ctx=PipeFusionContext(patches)), first)
+    leaves, carry_tree = jax.tree.flatten(embedded)
+    constant = run_constant_leaves(model, x_in, t, cond)
+    split = lambda keep: tuple(leaf for k, leaf in enumerate(leaves) if (k in constant) == keep)  # noqa: E731
     keys = tuple(_stage_keys(run, stage, blocks, first if stage == 0 else embedded, patches) for stage in range(stages))
     out_shape = (x_in.shape[0], local_rows, width, config.out_channels)
     axes = frozenset().union(*(axes_varying(leaf) for leaf in jax.tree.leaves((x_in, cond))), sequence.axes) | {STAGE}
-    return cls(stages, patches, rows, sequence, max(counts), stage_of, blocks, out, keys, embedded, out_shape,
-               x_in.dtype, axes, axes_varying(x) | {STAGE})
+    return cls(stages, patches, rows, sequence, max(counts), stage_of, blocks, out, keys, carry_tree, constant,
+               split(False), split(True), out_shape, x_in.dtype, axes, axes_varying(x) | {STAGE})
 
   def typed(self, stale: dict) -> dict:
     """The carry with one type in every step (so the drain's broadcast over stages gives the loop's
@@ -336,8 +383,21 @@ class _Geometry:
     return {name: varying_over(value, self.latent_axes if name in ("x", "sched", "ring") else self.axes)
             for name, value in stale.items()}
 
-  def idle_activation_like(self):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.activation)
+  def split(self, carry) -> tuple[tuple, tuple]:
+    """A carry at a cut → (its leaves that cross with each patch, its run-constant leaves)."""
+    leaves = jax.tree.leaves(carry)
+    return tuple(tuple(leaf for k, leaf in enumerate(leaves) if (k in self.constant_leaves) == keep)
+                 for keep in (False, True))
+
+  def join(self, activation, constants):
+    """`split`'s inverse: the carry a stage runs its blocks on."""
+    moving, kept = iter(activation), iter(constants)
+    leaves = [next(kept) if k in self.constant_leaves else next(moving) for k in range(self.carry_tree.num_leaves)]
+    return jax.tree.unflatten(self.carry_tree, leaves)
+
+  @staticmethod
+  def zeros(shapes: tuple) -> tuple:
+    return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
 
 
 def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[str, ...]:

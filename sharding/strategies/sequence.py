@@ -23,6 +23,7 @@ class SequenceParallel(Strategy):
   """A sequence method: its context (and its one-device simulation) and its attention traffic kind."""
 
   axes = frozenset({PATCH, TENSOR})  # a `tensor` axis composes (sharding/contexts/tensor.py)
+  method_axis = PATCH
   context: ClassVar[type[SequenceContext]]
   simulated_context: ClassVar[type[SequenceContext]]
   attention: ClassVar[str]

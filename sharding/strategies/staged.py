@@ -78,6 +78,7 @@ class Staged(Strategy):
   """The pipeline family's base: its `stage` axis; subclasses say where the cuts fall (`cuts_for`)."""
 
   axes = frozenset({STAGE})
+  method_axis = STAGE
 
   def cuts_for(self, config, height: int, width: int, stages: int) -> tuple[int, ...]:
     """The cut indices for `stages` stages of this model at this latent size."""

@@ -27,6 +27,7 @@ class Tensor(Strategy):
   name = "tensor"
   description = "Megatron tensor parallelism: heads and inner channels split, partial sums all-reduced, exact"
   axes = frozenset({TENSOR})
+  method_axis = TENSOR
 
   def phases(self, num_steps, sizes, *, simulated=False):
     context = over_tensor(SINGLE_DEVICE, sizes)

@@ -25,6 +25,7 @@ class Usp(SequenceParallel):
   description = ("USP: Ulysses all-to-alls within the ulysses axis × ring attention over patch, exact "
                  "(make_mesh(patch=R, ulysses=U))")
   axes = frozenset(SEQUENCE)
+  method_axis = PATCH  # its outer sequence axis: the ring over `patch`
   context = UspContext
   simulated_context = SimulatedUspContext
   attention = "usp"
