@@ -278,14 +278,15 @@ def test_bench_strategies_skips_a_split_that_does_not_fit_and_refuses_a_count_no
 
 def test_bench_strategies_on_a_stage_by_patch_mesh_runs_pipefusion_beside_the_row_strategies():
   """Which strategy runs on a mesh is asked of the strategy (its method's axis), not read off its axes:
-  pipefusion, whose stages hold `patch` ranks, is the stage × patch hybrid; the row strategies get all four."""
+  pipefusion, whose stages hold `patch` ranks, is the stage × patch hybrid; the row strategies and tensor get
+  all four devices."""
   every = [Strategy.from_name(name) for name in strategy_names()
            if strategy_class(name).axes and strategy_class(name).supports(model_config("dit", None))]
   degrees = {"data": 1, "cfg": 1, "stage": 2, "patch": 2, "ulysses": 1, "tensor": 1}
   plans = strategies._hybrid_plans(every, degrees, model_config("dit", None), 16)
   assert [(s.name, describe(mesh)) for s, mesh in plans] == [
       *((name, "cfg=1×patch=4") for name in ("exact", "displaced", "naive", "ulysses", "ring")),
-      ("pipefusion", "cfg=1×stage=2×patch=2")]
+      ("tensor", "cfg=1×patch=1×tensor=4"), ("pipefusion", "cfg=1×stage=2×patch=2")]
   assert "pipefusion" not in simulate.simulated_strategies()  # projected from FLOPs (simulate_stages) instead
 
 

@@ -50,7 +50,7 @@ def test_asyncdiff_compute_is_the_slowest_component_after_a_synchronous_warm_up(
 
 def test_pipefusion_micro_steps_cost_the_slowest_stage_on_one_patch_plus_its_transfer():
   config = model_config("pixart", "tiny-pixart")  # 2 blocks: stage 0 = embed + block 0, stage 1 = block 1 + out
-  embed, block0, block1, out = [2 * f for f in segment_flops(config, 16, 16)]
+  embed, block0, block1, out = [2 * f for f in segment_flops(config, 16, 16, text_tokens=120)]  # PixArt-α's T5
   slowest = max(embed + block0, block1 + out)
   stages, patches, steps = 2, 4, 5
   run = simulate_stages.pipefusion_run(config, 128, stages, patches, steps, 2)
@@ -73,7 +73,7 @@ def test_pipefusion_micro_steps_cost_the_slowest_stage_on_one_patch_plus_its_tra
 def test_a_patch_strategy_beside_them_computes_one_nth_of_the_model():
   config = model_config("pixart", "tiny-pixart")
   (run,) = simulate_stages.patch_runs(config, 128, 4, "displaced", 20, 2)
-  assert run.unit_flops == pytest.approx(sum(2 * f for f in segment_flops(config, 16, 16)) / 4)
+  assert run.unit_flops == pytest.approx(sum(2 * f for f in segment_flops(config, 16, 16, text_tokens=120)) / 4)
   assert run.warm == 5 and run.units == 15  # displaced's default: the first step and 4 warm-up steps exact
 
 

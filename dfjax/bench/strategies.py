@@ -75,7 +75,8 @@ def columns(single_s: float) -> tuple[Column, ...]:
 
 def _row_splits(strategy: Strategy, sizes: Mapping[str, int]) -> int:
   """How many devices split the latent's rows (its latent_spec's row entry: patch, usp's patch × ulysses)."""
-  rows = strategy.latent_spec()[1]
+  spec = strategy.latent_spec()
+  rows = spec[1] if len(spec) > 1 else None  # pipefusion's P(DATA): every device holds whole latents
   return math.prod(sizes[axis] for axis in ((rows,) if isinstance(rows, str) else rows or ()))
 
 
