@@ -68,7 +68,8 @@ def test_strategy_choices_and_help_come_from_the_registry(monkeypatch, capsys):
   class Toy(Strategy):
     name = "toy"
     description = "a strategy this test registers"
-    axes = frozenset({PATCH})  # splits rows: bench simulate offers it too
+    axes = frozenset({PATCH})
+    method_axis = PATCH  # its method splits rows: bench simulate offers it too
 
   parser = commands.build_parser()
   assert parser.parse_args(["generate", "--strategy", "single", "toy"]).strategies == ["single", "toy"]
