@@ -1,13 +1,14 @@
 """DiffusionPipe's pipelined training step (dfjax/training/pipeline_step.py) on 8 CPU devices, fp32:
-one pipelined step, under every schedule, with and without data parallelism, equals the
-single-device step of `dfjax.training.loop` (its `_loss` on the whole batch, the class tokens
-frozen, its optimiser on the UNet): loss, gradients (read from AdamW's first moment, so one compiled
+one pipelined step, under every schedule, with and without data parallelism, of the UNet and of the
+DiT, equals the single-device step of `dfjax.training.loop` (its `_loss` on the whole batch, the
+UNet's class tokens frozen, its optimiser on the denoiser): loss, gradients (read from AdamW's first moment, so one compiled
 step serves the whole comparison), and the params and EMA after two steps; the
 class tokens computed in the bubbles for the next batch are bit-identical to computing them up
 front. Plans that do not fit are refused with the valid choices; a pipelined `dfjax train` run
 stopped and resumed gives the uninterrupted run's loss curve and weights."""
 
 import csv
+import dataclasses
 import functools
 
 import jax
@@ -20,7 +21,7 @@ from flax import nnx
 from dfjax import commands
 from dfjax.training import TrainConfig, load_trained
 from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer
-from dfjax.training.model import VARIANTS, ClassConditionalUNet
+from dfjax.training.model import VARIANTS
 from dfjax.training.pipeline_calibrate import describe_costs
 from dfjax.training.pipeline_plan import PipelineConfig, analytic_costs, make_plan
 from dfjax.training.pipeline_schedule import BACKWARD, FORWARD
@@ -29,17 +30,23 @@ from dfjax.training.pipeline_train import train_pipelined
 
 BATCH, IMAGE = 16, (8, 8, 3)
 CFG = TrainConfig(out="", model="tiny", batch=BATCH, warmup_steps=1, weight_decay=0.01)
+IMAGES = {"tiny": IMAGE, "dit-tiny": (16, 16, 3)}  # the DiT's 8×8 patches: 2 × 2 tokens
 
 
-def _batches():
-  rng = np.random.default_rng(0)
-  return [(rng.uniform(-1, 1, (BATCH, *IMAGE)).astype(np.float32), rng.integers(0, 4, BATCH).astype(np.int32))
-          for _ in range(3)]
+def _cfg(model):
+  return dataclasses.replace(CFG, model=model)
 
 
 @functools.cache
-def _model():
-  return ClassConditionalUNet(VARIANTS["tiny"], rngs=nnx.Rngs(jax.random.key(0)))
+def _batches(model):
+  rng = np.random.default_rng(0)
+  return [(rng.uniform(-1, 1, (BATCH, *IMAGES[model])).astype(np.float32),
+           rng.integers(0, 4, BATCH).astype(np.int32)) for _ in range(3)]
+
+
+@functools.cache
+def _model(model):
+  return VARIANTS[model].build(rngs=nnx.Rngs(jax.random.key(0)))
 
 
 def _first_moment(opt_state):
@@ -48,29 +55,34 @@ def _first_moment(opt_state):
   return optax.tree_utils.tree_get(opt_state, "mu")
 
 
-@functools.cache
-def _reference():
-  """Two single-device steps: loop._loss on the whole batch, gradients of the UNet's params only
-  (the class tokens frozen), loop's optimiser (global-norm clipping, AdamW) and EMA on them."""
-  full = nnx.state(_model(), nnx.Param)
-  tokens = full["class_tokens"]
-  optimizer = make_optimizer(CFG)[0]
+def _denoiser_key(model):
+  return "unet" if "class_tokens" in nnx.state(_model(model), nnx.Param) else "dit"
 
-  def loss_of(unet, images, labels, step):
-    params = nnx.State({"unet": unet, "class_tokens": tokens})
-    return _loss(params, _graphdef(CFG.model), images, labels, step_key(CFG, step), CFG.static())
+
+@functools.cache
+def _reference(model):
+  """Two single-device steps: loop._loss on the whole batch, gradients of the denoiser's params only
+  (the UNet's class tokens frozen; the DiT has none), loop's optimiser (global-norm clipping, AdamW)
+  and EMA on them."""
+  full, key, cfg = nnx.state(_model(model), nnx.Param), _denoiser_key(model), _cfg(model)
+  frozen = {name: part for name, part in full.items() if name != key}
+  optimizer = make_optimizer(cfg)[0]
+
+  def loss_of(denoiser, images, labels, step):
+    params = nnx.State({key: denoiser, **frozen})
+    return _loss(params, _graphdef(model), images, labels, step_key(cfg, step), cfg.static())
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def one_step(unet, opt_state, ema, images, labels, step):
     loss, g = jax.value_and_grad(loss_of)(unet, images, labels, step)
     updates, opt_state = optimizer.update(g, opt_state, unet)
     unet = optax.apply_updates(unet, updates)
-    decay = jnp.minimum(CFG.ema_decay, (1.0 + step) / (10.0 + step))
+    decay = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
     return loss, unet, opt_state, jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, unet)
 
-  unet = full["unet"]
+  unet = full[key]
   opt_state, ema, losses = optimizer.init(unet), unet, []
-  for step, (images, labels) in enumerate(_batches()[:2]):
+  for step, (images, labels) in enumerate(_batches(model)[:2]):
     loss, unet, opt_state, ema = one_step(unet, opt_state, ema, images, labels, jnp.int32(step))
     losses.append(loss)
     if step == 0:
@@ -79,13 +91,13 @@ def _reference():
 
 
 @functools.cache
-def _pipelined(stages, microbatches, data, schedule):
+def _pipelined(stages, microbatches, data, schedule, model="tiny"):
   """Two pipelined steps (one compile): their losses, the first moment after the first step, the
-  params and EMA after both, and the next batch's class tokens (from the bubbles, and up front)."""
-  plan = make_plan(PipelineConfig(stages, microbatches, data, schedule), CFG.model, BATCH, IMAGE)
-  ex = executor_for(CFG, plan)
-  batches = _batches()
-  state = jax.device_put(ex.state_from(_model()), ex.shardings())
+  params and EMA after both, and the next batch's condition (from the bubbles, and up front)."""
+  plan = make_plan(PipelineConfig(stages, microbatches, data, schedule), model, BATCH, IMAGES[model])
+  ex = executor_for(_cfg(model), plan)
+  batches = _batches(model)
+  state = jax.device_put(ex.state_from(_model(model)), ex.shardings())
   tokens = ex.frozen_outputs(state, *batches[0])
   losses, carried, up_front = [], [], []
   for step in range(2):
@@ -94,9 +106,9 @@ def _pipelined(stages, microbatches, data, schedule):
     carried.append(np.asarray(tokens))
     up_front.append(np.asarray(ex.frozen_outputs(state, *batches[step + 1])))
     if step == 0:
-      moment = ex.unet_params(_first_moment(state["opt_state"]))  # read before the next step donates it
-  return {"losses": losses, "moment": moment, "params": ex.unet_params(state["params"]),
-          "ema": ex.unet_params(state["ema"]), "carried": carried, "up_front": up_front, "plan": plan,
+      moment = ex.denoiser_params(_first_moment(state["opt_state"]))  # read before the next step donates it
+  return {"losses": losses, "moment": moment, "params": ex.denoiser_params(state["params"]),
+          "ema": ex.denoiser_params(state["ema"]), "carried": carried, "up_front": up_front, "plan": plan,
           "row": state["params"]["rows"]["float32"]}
 
 
@@ -108,21 +120,26 @@ def _close(actual, expected, rtol):
     assert float(np.max(np.abs(a - e))) <= rtol * scale, (float(np.max(np.abs(a - e))), scale)
 
 
-CASES = [(2, 2, 2, "diffusionpipe")]  # the default suite's one compile; the grid below is slow
-GRID = [(s, m, d, sched) for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4) for m in (1, 2, 4, 8)
-        for d in (1, 2) if (s, m, d, sched) not in CASES]
+# the default suite's compiles: the UNet's and the DiT's smallest pipelined case; the grids are slow
+CASES = [(2, 2, 2, "diffusionpipe", "tiny"), (2, 2, 1, "diffusionpipe", "dit-tiny")]
+GRID = [(s, m, d, sched, "tiny") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4)
+        for m in (1, 2, 4, 8) for d in (1, 2) if (s, m, d, sched, "tiny") not in CASES]
+# dit-tiny has 3 segments (embed, its one block, out): S = 2 and 3
+DIT_GRID = [(s, m, d, sched, "dit-tiny") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 3)
+            for m in (1, 4) for d in (1, 2) if (s, m, d, sched, "dit-tiny") not in CASES]
 
 
-@pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow) for c in GRID],
-                         ids=lambda c: "S{}-M{}-D{}-{}".format(*c))
+@pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow) for c in GRID + DIT_GRID],
+                         ids=lambda c: "{4}-S{0}-M{1}-D{2}-{3}".format(*c))
 def test_pipelined_step_equals_single_device(case):
-  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference()
+  model = case[-1]
+  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference(model)
   np.testing.assert_allclose(got["losses"], np.asarray(ref_losses), rtol=1e-5)
   _close(got["moment"], ref_moment, 1e-5)
   _close(got["params"], ref_params, 1e-5)
   _close(got["ema"], ref_ema, 1e-5)
   # the parameters moved (the comparison is not of two copies of the init)
-  init = nnx.state(_model().unet, nnx.Param)
+  init = nnx.state(_model(model).denoiser, nnx.Param)
   assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(init))) > 1e-4
   # the frozen part's outputs from the bubbles (cross-iteration) = computing them up front, bit for bit
@@ -243,3 +260,57 @@ def test_calibrated_plan_times_every_segment():
   table = describe_costs(plan.segment_names, analytic_costs(CFG.model, IMAGE, plan.microbatch)[0],
                          (plan.forward, plan.backward))
   assert all(name in table for name in plan.segment_names) and "timed backward ms" in table
+
+
+def test_calibrated_costs_decide_the_partition(monkeypatch):
+  """`calibrate`: the plan is made with the timed costs, not the FLOPs. Timings skewed as on a device
+  where the first segment is slow (here injected in place of the timing) move the cut: the slow
+  segment gets a stage of its own, where the analytic FLOPs put more segments with it."""
+  from dfjax.training import pipeline_plan
+
+  names = pipeline_plan.segment_names(CFG.model)
+  timed = ([50.0] + [1.0] * (len(names) - 1), [100.0] + [2.0] * (len(names) - 1))
+  asked = []
+  monkeypatch.setattr(pipeline_plan, "timed_costs", lambda *args: asked.append(args) or timed)
+  calibrated = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe", calibrate=True), CFG.model, 8, IMAGE)
+  analytic = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe"), CFG.model, 8, IMAGE)
+  assert asked == [(CFG.model, IMAGE, 4)]  # timed once, for the plan's micro-batch of 4
+  assert (calibrated.forward, calibrated.backward) == tuple(map(tuple, timed))
+  assert calibrated.stage_of_segment == (0,) + (1,) * (len(names) - 1)
+  assert analytic.stage_of_segment.count(0) > 1
+  assert calibrated.describe_partition().startswith("stage 0: embed (89.3 % of the forward)")  # 50 / (50 + 6)
+
+
+def _percent_column(line, index):
+  return float([part for part in line.split() if part.endswith("%")][index].rstrip("%"))
+
+
+@pytest.mark.slow
+def test_dfjax_train_calibrate_plans_with_the_printed_timings(tmp_path, capsys):
+  """`dfjax train --calibrate` end to end: the printed table's timed forward shares are the shares the
+  printed partition reports (so the plan used the timed costs), and the run trains."""
+  out = tmp_path / "run"
+  assert commands.main(["train", "--out", str(out), "--model", "tiny", "--steps", "1", "--batch", "4",
+                        "--pipeline-stages", "2", "--micro-batches", "2", "--calibrate"]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  names = make_plan(PipelineConfig(2, 2), CFG.model, 4, (64, 64, 3)).segment_names
+  table = {line.split()[0]: line for line in printed if line.split() and line.split()[0] in names}
+  timed_share = {name: _percent_column(line, 1) for name, line in table.items()}  # columns: FLOPs, forward, backward
+  stages = [line for line in printed if line.startswith("stage ")]
+  assert len(stages) == 2 and len(table) == len(names)
+  for line in stages:
+    members = line.split(": ", 1)[1].split(" (")[0].split(", ")
+    assert float(line.split("(")[-1].split(" %")[0]) == pytest.approx(sum(timed_share[n] for n in members), abs=0.5)
+  assert _loss_csv(out / "model")
+
+
+@pytest.mark.slow
+def test_bench_train_calibrate(capsys):
+  """`dfjax bench train --calibrate`: every method planned with the timed costs, printed with the table."""
+  assert commands.main(["bench", "train", "--devices", "2", "--micro-batches", "2", "--batch", "4",
+                        "--image-size", "8", "--iters", "1", "--calibrate"]) == 0
+  printed = capsys.readouterr().out
+  assert "timed backward ms" in printed and "planned with the timed ones" in printed
+  assert "under segment costs timed on this device" in printed
+  for method in ("data", "gpipe", "1f1b", "diffusionpipe"):
+    assert any(line.startswith(method) for line in printed.splitlines())

@@ -3,7 +3,9 @@
 Measured: every method trains the same model on the same global batch through the same executor
 (dfjax/training/pipeline_step.py; data parallel is its one-stage case over every device): steps per
 second after compilation, each device's idle fraction in the executed schedule (its timeline
-under the analytic per-segment FLOPs: a virtual CPU device has no clock of its own), and the
+under the analytic per-segment FLOPs: a virtual CPU device has no clock of its own; with
+`--calibrate`, under each segment's forward and backward timed once on this machine, the costs the
+partition is then planned with too), and the
 compiled step's temporary memory per device (XLA's memory analysis of the SPMD program: 1F1B's
 activation stash holds about S micro-batches where GPipe's holds all M). On a CPU the
 devices share the cores, so the steps/s say what the executor costs, not what a pipeline gains.
@@ -27,7 +29,9 @@ from dfjax.bench.flops import segment_flops
 from dfjax.bench.table import Column, render
 from dfjax.bench.timing import device_name
 from dfjax.training.loop import TrainConfig
-from dfjax.training.pipeline_plan import PipelineConfig, make_plan
+from dfjax.training.pipeline_backbone import Backbone
+from dfjax.training.pipeline_calibrate import describe_costs
+from dfjax.training.pipeline_plan import PipelineConfig, analytic_costs, make_plan
 from dfjax.training.pipeline_schedule import FrozenJob, Timeline, plan
 from dfjax.training.pipeline_step import executor_for
 from models.build import unet_param_shapes
@@ -68,21 +72,28 @@ def device_idle(timeline: Timeline) -> tuple[float, ...]:
   return tuple(1.0 - (timeline.busy(s) + share) / span if span else 0.0 for s in range(timeline.stages))
 
 
-def _methods(devices: int, microbatches: int) -> list[tuple[str, PipelineConfig]]:
-  return [("data", PipelineConfig(1, 1, devices, "1f1b")),
-          *((name, PipelineConfig(devices, microbatches, 1, name)) for name in ("gpipe", "1f1b", "diffusionpipe"))]
+def _methods(devices: int, microbatches: int, calibrate: bool) -> list[tuple[str, PipelineConfig]]:
+  return [("data", PipelineConfig(1, 1, devices, "1f1b", calibrate)),
+          *((name, PipelineConfig(devices, microbatches, 1, name, calibrate))
+            for name in ("gpipe", "1f1b", "diffusionpipe"))]
 
 
 def measure(model: str = "tiny", batch: int = 8, image_size: int = 32, devices: int = 4, microbatches: int = 4,
-            iters: int = 3) -> list[TrainRow]:
-  """Steps/s and idle fractions of the four methods on `devices` devices, one global batch."""
+            iters: int = 3, *, calibrate: bool = False, echo=print) -> list[TrainRow]:
+  """Steps/s and idle fractions of the four methods on `devices` devices, one global batch
+  (`calibrate`: planned with timed segment costs, which `echo` prints beside the analytic FLOPs)."""
   cfg = TrainConfig(out="", model=model, batch=batch, warmup_steps=1)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
   labels = rng.integers(0, 4, batch).astype(np.int32)
   rows = []
-  for method, pipeline in _methods(devices, microbatches):
+  for method, pipeline in _methods(devices, microbatches, calibrate):
     run_plan = make_plan(pipeline, model, batch, (image_size, image_size, 3))
+    if calibrate and method == "diffusionpipe":
+      analytic = analytic_costs(model, run_plan.image_shape, run_plan.microbatch)[0]
+      echo(f"{method}'s segment costs per micro-batch of {run_plan.microbatch} (planned with the timed ones):\n"
+           + describe_costs(run_plan.segment_names, analytic, (run_plan.forward, run_plan.backward))
+           + "\n" + run_plan.describe_partition())
     ex = executor_for(cfg, run_plan)
     state = jax.device_put(ex.init_state(0), ex.shardings())
     tokens = ex.frozen_outputs(state, images, labels)
@@ -173,11 +184,13 @@ COLUMNS = [Column("method", "method", align="<", width=13), Column("S", "stages"
            Column("DiffusionPipe ×", "speedup_of_diffusionpipe", ".2f"), Column("paper ×", "paper", ".2f")]
 
 
-def run(model: str, batch: int, image_size: int, devices: int, microbatches: int, iters: int) -> tuple[list, list]:
-  measured = measure(model, batch, image_size, devices, microbatches, iters)
-  print(f"measured: {model} UNet, global batch {batch} of {image_size}² images, {devices} devices "
-        f"({device_name()}; virtual CPU devices share the cores: steps/s are the executor's cost, not a "
-        "pipeline's gain); idle = the executed schedule's timeline under analytic FLOPs")
+def run(model: str, batch: int, image_size: int, devices: int, microbatches: int, iters: int,
+        calibrate: bool = False) -> tuple[list, list]:
+  measured = measure(model, batch, image_size, devices, microbatches, iters, calibrate=calibrate)
+  costs = "segment costs timed on this device (--calibrate)" if calibrate else "analytic FLOPs"
+  print(f"measured: {model} ({Backbone.of(model).kind}), global batch {batch} of {image_size}² images, {devices} "
+        f"devices ({device_name()}; virtual CPU devices share the cores: steps/s are the executor's cost, not a "
+        f"pipeline's gain); idle = the executed schedule's timeline under {costs}")
   print(render(COLUMNS, measured))
   projected = project()
   print("\nprojection (modelled, not measured): SD2.1 UNet at 768² + frozen OpenCLIP ViT-H text encoder + "

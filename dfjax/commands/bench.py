@@ -197,5 +197,8 @@ def _add_train(benches) -> None:
   parser.add_argument("--devices", type=int, default=4, help="pipeline stages, and data-parallel replicas")
   parser.add_argument("--micro-batches", type=int, default=4)
   parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--calibrate", action="store_true",
+                      help="plan every method with each segment's forward and backward timed once on this device "
+                           "(printed beside the analytic FLOPs) instead of the analytic FLOPs")
   parser.set_defaults(run=lambda args: train.run(args.model, args.batch, args.image_size, args.devices,
-                                                 args.micro_batches, args.iters))
+                                                 args.micro_batches, args.iters, args.calibrate))

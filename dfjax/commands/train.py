@@ -44,7 +44,8 @@ def register(commands) -> None:
                      name="pipeline_stages"),
       "microbatches": Flag("micro-batches per data shard's batch (pipelined training)", name="micro_batches"),
       "data": Flag("data-parallel degree beside the pipeline (the mesh is data × stages devices)"),
-      "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the frozen class tokens in its bubbles)",
+      "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the UNet's frozen class tokens in its "
+                       "bubbles; a DiT has no frozen part)",
                        choices=[s.value for s in Schedule]),
       "calibrate": Flag("plan the pipeline with each segment's forward and backward timed once on this device "
                         "(printed beside the analytic FLOPs) instead of the FLOPs alone")})

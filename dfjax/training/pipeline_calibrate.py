@@ -1,4 +1,4 @@
-"""DiffusionPipe's cost calibration: each UNet segment's forward and backward timed once on this device.
+"""DiffusionPipe's cost calibration: each backbone segment's forward and backward timed once on this device.
 
 The partitioner and the bubble filler (dfjax/training/pipeline_schedule.py) take per-segment costs;
 by default analytic FLOPs (`pipeline_plan.analytic_costs`, the backward at twice the forward).
@@ -10,6 +10,7 @@ runs, as one run on a shared CPU is noise). `describe_costs` prints both side by
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dfjax.training.loop import FAST_COMPILE
-from dfjax.training.model import VARIANTS, ClassConditionalUNet
+from dfjax.training.pipeline_backbone import Backbone
 from models.parallel import SINGLE_DEVICE
 
 
@@ -33,19 +34,23 @@ def _seconds(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def timed_costs(model: str, image_shape: Sequence[int], microbatch: int, *, repeats: int = 3,
+@functools.lru_cache(maxsize=16)
+def timed_costs(model: str, image_shape: tuple[int, ...], microbatch: int, *, repeats: int = 3,
                 seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(forward, backward) seconds per micro-batch of each segment of `model`'s UNet on the default device."""
-  spec = VARIANTS[model]
-  options = FAST_COMPILE if spec.fast_compile else None  # the executor's compiled code, not faster code
-  unet = ClassConditionalUNet(spec, rngs=nnx.Rngs(jax.random.key(seed))).unet
-  graphdef, params = nnx.split(unet, nnx.Param)
+  """(forward, backward) seconds per micro-batch of each segment of `model`'s UNet or DiT on the default
+  device; timed once per process (the schedules `dfjax bench train` compares share one timing)."""
+  backbone = Backbone.of(model)
+  options = FAST_COMPILE if backbone.spec.fast_compile else None  # the executor's compiled code, not faster code
+  denoiser = backbone.build(rngs=nnx.Rngs(jax.random.key(seed))).denoiser
+  graphdef, params = nnx.split(denoiser, nnx.Param)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((microbatch, *image_shape)), jnp.float32)
-  context = jnp.asarray(rng.standard_normal((microbatch, spec.num_tokens, spec.token_dim)), jnp.float32)
-  carry = unet.first_carry(x, jnp.full((microbatch,), 500, jnp.int32), context)
+  condition = backbone.condition_shape(microbatch)
+  condition = (jnp.asarray(rng.standard_normal(condition.shape), condition.dtype) if condition.dtype == jnp.float32
+               else jnp.zeros(condition.shape, condition.dtype))
+  carry = backbone.first_carry(denoiser, x, jnp.full((microbatch,), 500, jnp.int32), condition)
   forward, backward = [], []
-  for index in range(len(unet.segments())):
+  for index in range(len(denoiser.segments())):
     def segment(params, carry, index=index):
       return nnx.merge(graphdef, params).segments()[index](carry, ctx=SINGLE_DEVICE)
 

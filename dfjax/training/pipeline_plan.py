@@ -8,9 +8,11 @@ executor's `lax.scan` indexes by (tick, stage): which branch runs, on which micr
 arrives from the neighbouring stages, and which buffer slot holds it (`Slots`: as many as are in
 flight at once).
 
-The frozen part (the class-token embedding, one layer) is a `FrozenJob` over a data shard's batch:
-DiffusionPipe's filler places pieces of it (runs of whole samples) into the bubbles, for the next
-step's batch; what does not fit, and all of it under GPipe / 1F1B, runs after the pipeline.
+The backbone is a UNet or a DiT (dfjax/training/pipeline_backbone.py). The UNet's frozen part (the
+class-token embedding, one layer) is a `FrozenJob` over a data shard's batch: DiffusionPipe's filler
+places pieces of it (runs of whole samples) into the bubbles, for the next step's batch; what does
+not fit, and all of it under GPipe / 1F1B, runs after the pipeline. The DiT has no frozen part (it
+embeds the labels in its trainable "embed" segment): its labels pass straight through.
 """
 
 from __future__ import annotations
@@ -20,13 +22,11 @@ from collections.abc import Sequence
 
 import jax
 
-from dfjax.bench.flops import segment_flops
 from dfjax.training import pipeline_schedule as ps
+from dfjax.training.pipeline_backbone import Backbone
 from dfjax.training.pipeline_calibrate import timed_costs
-from dfjax.training.model import VARIANTS
 from models.build import segment_costs
-from models.config import UNetConfig
-from models.layers import Workload
+from models.build import segment_names as model_segment_names
 from sharding.mesh import make_mesh
 from sharding.strategies.staged import stages_of
 
@@ -38,7 +38,7 @@ class PipelineConfig:
   """How `dfjax train` pipelines: `--pipeline-stages`, `--micro-batches`, `--data`, `--schedule`.
 
   Attributes:
-    stages: pipeline stages S (consecutive UNet segments each).
+    stages: pipeline stages S (consecutive segments of the UNet or DiT each).
     microbatches: micro-batches M per data shard's batch.
     data: data-parallel degree D (the mesh is D × S devices).
     schedule: "gpipe", "1f1b" or "diffusionpipe" (1F1B with the frozen work in its bubbles).
@@ -82,7 +82,7 @@ class PipelinePlan:
   Attributes:
     config: the PipelineConfig.
     batch: the global batch B; image_shape: (H, W, C).
-    segment_names: the UNet's segments; stage_of_segment: the stage running each.
+    segment_names: the backbone's segments; stage_of_segment: the stage running each.
     forward, backward: each segment's cost per micro-batch (FLOPs, or seconds when timed).
     timeline: the schedule's ticked timeline (with the frozen pieces for DiffusionPipe).
     frozen_pieces: (first sample, samples) of each frozen piece, in the order the filler placed them.
@@ -212,16 +212,15 @@ class PipelinePlan:
 
 
 def segment_names(model: str) -> tuple[str, ...]:
-  config = UNetConfig.from_diffusers_config(VARIANTS[model].unet_config)
-  return tuple(segment_costs(config, Workload(rows=8, cols=8, text_tokens=1)))
+  return model_segment_names(Backbone.of(model).config)
 
 
 def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(forward, backward) FLOPs per micro-batch of each segment; the backward at twice the forward."""
-  spec = VARIANTS[model]
-  config = UNetConfig.from_diffusers_config(spec.unet_config)
-  flops = segment_flops(config, *image_shape[:2], batch=microbatch, text_tokens=spec.num_tokens)
-  forward = tuple(float(f) for f in flops.values())
+  backbone = Backbone.of(model)
+  backbone.config.check_latent_size(*image_shape[:2])
+  costs = segment_costs(backbone.config, backbone.workload(image_shape))
+  forward = tuple(float(microbatch * sum(cost.flops.values())) for cost in costs.values())
   return forward, tuple(2.0 * f for f in forward)
 
 
@@ -240,7 +239,7 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
   s, m, d = pipeline.stages, pipeline.microbatches, pipeline.data
   if s > len(names):
     listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
-    raise ValueError(f"--pipeline-stages {s}: the {model!r} UNet has {len(names)} segments ({listed}); "
+    raise ValueError(f"--pipeline-stages {s}: the {model!r} {Backbone.of(model).kind} has {len(names)} segments ({listed}); "
                      f"use 1 to {len(names)} stages")
   if batch % (d * m):
     valid = [k for k in range(1, batch // d + 1) if batch % (d * k) == 0] if batch % d == 0 else []
@@ -253,12 +252,14 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
                      f"choose stages × data ≤ {devices} (on a CPU, --cpu-devices N)")
   micro = batch // (d * m)
   if costs is None:
-    costs = (timed_costs if pipeline.calibrate else analytic_costs)(model, image_shape, micro)
+    costs = (timed_costs if pipeline.calibrate else analytic_costs)(model, tuple(image_shape), micro)
   forward, backward = map(tuple, costs)
-  spec = VARIANTS[model]
-  shard = batch // d
-  job = ps.FrozenJob(CLASS_TOKENS, (float(shard * spec.num_tokens * spec.token_dim),), shard)
-  timeline = ps.plan(pipeline.schedule, forward, backward, s, m, frozen=[job])
+  backbone, shard = Backbone.of(model), batch // d
+  jobs = []
+  if backbone.has_frozen:  # the class-token lookup: one layer, a copy of T × D values per sample
+    spec = backbone.spec
+    jobs.append(ps.FrozenJob(CLASS_TOKENS, (float(shard * spec.num_tokens * spec.token_dim),), shard))
+  timeline = ps.plan(pipeline.schedule, forward, backward, s, m, frozen=jobs)
   placed = [t.action.samples for t in timeline.actions if t.action.kind == ps.FROZEN]
   pieces = tuple(zip((sum(placed[:i]) for i in range(len(placed))), placed))
   done = sum(placed)

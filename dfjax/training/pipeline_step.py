@@ -1,6 +1,7 @@
 """DiffusionPipe's pipelined training step: one `jax.jit` over a (data D × stage S) mesh.
 
-The class-conditional UNet's segments are cut into S consecutive stages (`PipelinePlan`); each
+The class-conditional UNet's or DiT's segments (dfjax/training/pipeline_backbone.py) are cut into
+S consecutive stages (`PipelinePlan`); each
 device holds only its stage's params, AdamW moments and EMA, packed into its row of (S, n)
 buffers sharded over `stage` (sharding/stage_params.py). A step is a `lax.scan` over the plan's
 lock-step ticks (dfjax/training/pipeline_schedule.py): at each tick every device looks up its
@@ -11,7 +12,7 @@ action in a static (ticks, S) table and runs it with `lax.switch` —
   B(m)   the backward: `jax.vjp` of the stage, recomputed from the stashed input, with the
          gradient received from the next stage (the last stage starts from the loss);
   piece  a piece of the frozen class-token embedding's work for the NEXT step's batch, in a
-         bubble (DiffusionPipe's cross-iteration overlap, partial batches);
+         bubble (DiffusionPipe's cross-iteration overlap, partial batches; the UNet only);
 
 — then every stage sends its activation to the next stage and its gradient to the previous one
 (`ppermute`, outside the branches). What crosses a cut is a model carry of a different pytree at
@@ -20,11 +21,14 @@ shape everywhere. After the scan, the gradients are summed over `data`, and Adam
 clipping (elementwise on the packed rows: the norm is the only reduction over `stage`) and the EMA
 update the rows, exactly the optimiser `dfjax.training.loop` runs on one device.
 
-The class tokens are frozen in pipeline mode (they keep their initial values): that is the frozen
-part of this model, as the text and VAE encoders are for Stable Diffusion.
+The UNet's class tokens are frozen in pipeline mode (they keep their initial values): that is the
+frozen part of this model, as the text and VAE encoders are for Stable Diffusion. The DiT embeds
+its labels in its trainable "embed" segment, so all of it trains, as in `dfjax.training.loop`, and
+its "condition" (what the previous step hands on) is the dropped labels themselves.
 
 Shape letters: B batch (global), b a data shard's batch, u a micro-batch, H, W, C image, T class
-tokens, D token width, L the padded cut length, k a buffer's slots, n a stage row's length.
+tokens, D token width, L the padded cut length, k a buffer's slots, n a stage row's length; `…` the
+condition's per-sample shape (T, D class tokens for the UNet, none: a label, for the DiT).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dfjax.training.loop import FAST_COMPILE, TrainConfig, make_optimizer, noised_batch
-from dfjax.training.model import VARIANTS, ClassConditionalUNet
+from dfjax.training.pipeline_backbone import Backbone
 from dfjax.training.pipeline_plan import PipelinePlan
 from models.parallel import SINGLE_DEVICE
 from sharding.axes import DATA, STAGE
@@ -97,33 +101,35 @@ class PipelineExecutor:
   """The compiled pieces of pipelined training for one model, image size, batch and plan.
 
   Build it with `PipelineExecutor(cfg, plan)`; `init_state`, `frozen_outputs` and `step` are
-  jitted. State: {"params": {"rows": {dtype: (S, n)}}, "opt_state", "ema", "step", "frozen":
-  the class-token table (replicated)}, rows sharded over `stage`, replicated over `data`.
+  jitted. State: {"params": {"rows": {dtype: (S, n)}}, "opt_state", "ema", "step", and for the UNet
+  "frozen": the class-token table (replicated)}, rows sharded over `stage`, replicated over `data`.
   """
 
   def __init__(self, cfg: TrainConfig, plan: PipelinePlan):
     self.cfg, self.plan = cfg.static(), plan
     self.mesh = plan.mesh()
-    spec = VARIANTS[cfg.model]
-    abstract = nnx.eval_shape(lambda: ClassConditionalUNet(spec, rngs=nnx.Rngs(0)))
-    self.unet_graphdef, unet_state = nnx.split(abstract.unet, nnx.Param)
-    self.tokens_graphdef = nnx.split(abstract.class_tokens, nnx.Param)[0]
-    u, (h, w, c), tokens = plan.microbatch, plan.image_shape, (spec.num_tokens, spec.token_dim)
-    x, t, context = np.zeros((u, h, w, c), np.float32), np.zeros((u,), np.int32), np.zeros((u, *tokens), np.float32)
-    read = params_by_segment(abstract.unet, x, t, encoder_hidden_states=context)
-    self.staged = StagedParams.plan(unet_state, read, plan.stage_of_segment)
+    self.backbone = Backbone.of(cfg.model)
+    abstract = self.backbone.abstract()
+    self.denoiser_graphdef, denoiser_state = nnx.split(abstract.denoiser, nnx.Param)
+    self.frozen_graphdef = nnx.split(abstract.class_tokens, nnx.Param)[0] if self.backbone.has_frozen else None
+    u, (h, w, c) = plan.microbatch, plan.image_shape
+    condition = self.backbone.condition_shape(u)
+    x, t = np.zeros((u, h, w, c), np.float32), np.zeros((u,), np.int32)
+    condition = np.zeros(condition.shape, condition.dtype)
+    read = params_by_segment(abstract.denoiser, x, t, **self.backbone.condition_inputs(condition))
+    self.staged = StagedParams.plan(denoiser_state, read, plan.stage_of_segment)
     if any(slot.stage is None for slot in self.staged.slots):
-      raise ValueError("pipeline training needs every UNet param read by exactly one segment; "
+      raise ValueError(f"pipeline training needs every {self.backbone.kind} param read by exactly one segment; "
                        "this model shares or leaves unread some params")
     self.optimizer = make_optimizer(self.cfg)[0]
     # the carry crossing each cut, for one micro-batch
-    carry = jax.eval_shape(lambda: abstract.unet.first_carry(x, t, context))
+    carry = jax.eval_shape(lambda: self.backbone.first_carry(abstract.denoiser, x, t, condition))
     self.cuts: list[_Flat] = []
     for stage in range(plan.stages - 1):
       carry = jax.eval_shape(functools.partial(self._run_stage, stage), self._abstract_rows(), carry)
       self.cuts.append(_Flat.of(carry))
     self.length = max((cut.size for cut in self.cuts), default=1)
-    options = FAST_COMPILE if spec.fast_compile else None  # as dfjax.training.loop compiles the variant
+    options = FAST_COMPILE if self.backbone.spec.fast_compile else None  # as dfjax.training.loop compiles the variant
     self.init_state = jax.jit(self.fresh_state, compiler_options=options)
     self.frozen_outputs = jax.jit(self._frozen_outputs, compiler_options=options)
     self.step = jax.jit(self._step, donate_argnums=0, compiler_options=options)
@@ -133,11 +139,11 @@ class PipelineExecutor:
   def _abstract_rows(self) -> dict:
     return {dtype: jax.ShapeDtypeStruct((1, n), dtype) for dtype, n in self.staged.row_lengths}
 
-  def _unet(self, rows: dict, stage: int):
-    return nnx.merge(self.unet_graphdef, self.staged.unpack({"rows": rows, "shared": {}}, stage))
+  def _denoiser(self, rows: dict, stage: int):
+    return nnx.merge(self.denoiser_graphdef, self.staged.unpack({"rows": rows, "shared": {}}, stage))
 
   def _run_stage(self, stage: int, rows: dict, carry):
-    return run_stage(self._unet(rows, stage), carry, self.plan.stage_of_segment, stage, SINGLE_DEVICE)
+    return run_stage(self._denoiser(rows, stage), carry, self.plan.stage_of_segment, stage, SINGLE_DEVICE)
 
   def shardings(self) -> dict:
     """The state's placement: rows (and their moments) over `stage`, the rest replicated."""
@@ -154,27 +160,28 @@ class PipelineExecutor:
 
   def fresh_state(self, seed: jax.Array) -> dict:
     """The fresh training state of `seed` (traceable; `init_state` is it jitted)."""
-    model = ClassConditionalUNet(VARIANTS[self.cfg.model], rngs=nnx.Rngs(jax.random.key(seed)))
-    return self.state_from(model)
+    return self.state_from(self.backbone.build(rngs=nnx.Rngs(jax.random.key(seed))))
 
-  def state_from(self, model: ClassConditionalUNet) -> dict:
-    """Fresh training state from a model's params (traceable)."""
-    packed = self.pack_params(nnx.state(model.unet, nnx.Param))
-    return {"params": packed, "opt_state": self.optimizer.init(packed), "ema": jax.tree.map(jnp.copy, packed),
-            "step": jnp.zeros((), jnp.int32),
-            "frozen": jax.tree.map(jnp.copy, nnx.state(model.class_tokens, nnx.Param))}  # `step` donates the state
+  def state_from(self, model: nnx.Module) -> dict:
+    """Fresh training state from a joint model's params (traceable)."""
+    packed = self.pack_params(nnx.state(model.denoiser, nnx.Param))
+    state = {"params": packed, "opt_state": self.optimizer.init(packed), "ema": jax.tree.map(jnp.copy, packed),
+             "step": jnp.zeros((), jnp.int32)}
+    if self.backbone.has_frozen:  # copied: `step` donates the state
+      state["frozen"] = jax.tree.map(jnp.copy, nnx.state(model.class_tokens, nnx.Param))
+    return state
 
-  def pack_params(self, unet_params) -> dict:
-    """UNet params → {"rows": {dtype: (S, n)}} (traceable: StagedParams.pack's layout)."""
+  def pack_params(self, denoiser_params) -> dict:
+    """Denoiser params → {"rows": {dtype: (S, n)}} (traceable: StagedParams.pack's layout)."""
     rows = {dtype: [[] for _ in range(self.plan.stages)] for dtype, _ in self.staged.row_lengths}
-    for slot, leaf in zip(self.staged.slots, jax.tree.leaves(unet_params)):
+    for slot, leaf in zip(self.staged.slots, jax.tree.leaves(denoiser_params)):
       rows[slot.dtype][slot.stage].append(jnp.ravel(leaf))
     lengths = dict(self.staged.row_lengths)
     return {"rows": {dtype: jnp.stack([jnp.pad(jnp.concatenate(parts), (0, lengths[dtype] - sum(p.size for p in parts)))
                                        for parts in per_stage]) for dtype, per_stage in rows.items()}}
 
-  def unet_params(self, packed: dict) -> nnx.State:
-    """{"rows": …} → the UNet's params as one state (on the host: gathers every stage)."""
+  def denoiser_params(self, packed: dict) -> nnx.State:
+    """{"rows": …} → the denoiser's params as one state (on the host: gathers every stage)."""
     rows = jax.device_get(packed["rows"])
     values = []
     for slot in self.staged.slots:
@@ -182,23 +189,24 @@ class PipelineExecutor:
       values.append(jnp.asarray(row[slot.start:slot.start + slot.size].reshape(slot.shape)))
     return jax.tree.unflatten(self.staged.treedef, values)
 
-  def model(self, state: dict, *, ema: bool) -> ClassConditionalUNet:
-    """The trained pair (UNet from the rows, EMA or raw; the frozen class tokens)."""
-    abstract = nnx.eval_shape(lambda: ClassConditionalUNet(VARIANTS[self.cfg.model], rngs=nnx.Rngs(0)))
-    nnx.update(abstract.unet, self.unet_params(state["ema"] if ema else state["params"]))
-    nnx.update(abstract.class_tokens, jax.device_get(state["frozen"]))
+  def model(self, state: dict, *, ema: bool) -> nnx.Module:
+    """The trained joint model (the denoiser from the rows, EMA or raw; the frozen class tokens)."""
+    abstract = self.backbone.abstract()
+    nnx.update(abstract.denoiser, self.denoiser_params(state["ema"] if ema else state["params"]))
+    if self.backbone.has_frozen:
+      nnx.update(abstract.class_tokens, jax.device_get(state["frozen"]))
     return abstract
 
   # -- the frozen part
 
-  def _class_tokens(self, frozen, labels_b):
-    return nnx.merge(self.tokens_graphdef, frozen)(labels_b)  # b, T, D
+  def _condition(self, frozen, labels_b):
+    return self.backbone.condition(self.frozen_graphdef, frozen, labels_b)  # b, …
 
   def _frozen_outputs(self, state: dict, images_bhwc: jax.Array, labels_b: jax.Array) -> jax.Array:
-    """The frozen part's outputs for step state["step"]'s batch, computed up front: the first step's
-    input (later steps get them from the previous step's bubbles)."""
+    """The condition of step state["step"]'s batch (the frozen part's outputs), computed up front: the
+    first step's input (later steps get them from the previous step's bubbles)."""
     dropped_b = noised_batch(step_key(self.cfg, state["step"]), images_bhwc, labels_b, self.cfg)[3]
-    return self._class_tokens(state["frozen"], dropped_b)  # B, T, D
+    return self._condition(state.get("frozen"), dropped_b)  # B, …
 
   # -- the step
 
@@ -211,7 +219,7 @@ class PipelineExecutor:
     step = state["step"].astype(jnp.float32)
     decay = jnp.minimum(self.cfg.ema_decay, (1.0 + step) / (10.0 + step))  # as loop._step
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state["ema"], params)
-    new = {"params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1, "frozen": state["frozen"]}
+    new = {**state, "params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1}
     return new, loss, next_tokens
 
   def _loss_and_grads(self, state, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b):
@@ -230,7 +238,7 @@ class PipelineExecutor:
                         check_vma=False)
     on_data = lambda a: jax.reshard(a, NamedSharding(self.mesh, batch))  # noqa: E731
     return run(jax.reshard(state["params"], NamedSharding(self.mesh, row)),
-               jax.reshard(state["frozen"], NamedSharding(self.mesh, rep)),
+               jax.reshard(state.get("frozen", {}), NamedSharding(self.mesh, rep)),
                *map(on_data, (tokens_btd, x_bhwc, t_b, target_bhwc, next_dropped_b)))
 
   def _on_device(self, params, frozen, tokens_btd, x_bhwc, t_b, target_bhwc, next_dropped_b, *, scale):
@@ -247,7 +255,8 @@ class PipelineExecutor:
       """(rows, input buffer, m) → output buffer (L,), or the loss on the last stage."""
       def run(rows, in_l, m):
         if stage == 0:
-          carry = self._unet(rows, 0).first_carry(microbatch(x_bhwc, m), microbatch(t_b, m), microbatch(tokens_btd, m))
+          carry = self.backbone.first_carry(self._denoiser(rows, 0), microbatch(x_bhwc, m), microbatch(t_b, m),
+                                            microbatch(tokens_btd, m))
         else:
           carry = self.cuts[stage - 1].unpack(in_l)
         carry = self._run_stage(stage, rows, carry)
@@ -281,7 +290,7 @@ class PipelineExecutor:
 
     def frozen_piece(start, samples):
       def branch(work, in_l, grad_l, m):
-        tokens = self._class_tokens(frozen, next_dropped_b[start:start + samples])  # pieces, T, D
+        tokens = self._condition(frozen, next_dropped_b[start:start + samples])  # pieces, T, D
         return {**work, "next_tokens": lax.dynamic_update_slice_in_dim(work["next_tokens"], tokens, start, 0)}, \
             zero_l, zero_l
       return branch
@@ -309,7 +318,7 @@ class PipelineExecutor:
 
     b = next_dropped_b.shape[0]
     work = {"grads": jax.tree.map(jnp.zeros_like, rows), "loss": jnp.zeros((), jnp.float32),
-            "next_tokens": jnp.zeros((b, *self._class_tokens(frozen, next_dropped_b[:1]).shape[1:]), jnp.float32)}
+            "next_tokens": jnp.zeros(self.backbone.condition_shape(b).shape, self.backbone.condition_shape(b).dtype)}
     buffers = (jnp.zeros((activations.count, length), wire), jnp.zeros((gradients.count, length), wire))
     (work, _, _), _ = lax.scan(tick, (work, *buffers), jnp.arange(plan.ticks))
     grads = jax.tree.map(lambda g: lax.psum(g, DATA), work["grads"])
@@ -317,15 +326,17 @@ class PipelineExecutor:
     next_tokens = lax.psum(work["next_tokens"], STAGE)  # each piece was written on one stage, zeros elsewhere
     for start, samples in plan.leftover_pieces:  # frozen work the bubbles had no room for
       next_tokens = next_tokens.at[start:start + samples].set(
-          self._class_tokens(frozen, next_dropped_b[start:start + samples]))
+          self._condition(frozen, next_dropped_b[start:start + samples]))
     return loss, {"rows": grads}, next_tokens
 
 
 def _store(buffers_kl: jax.Array, value_l: jax.Array, slot: jax.Array) -> jax.Array:
-  """Slot `slot` of `buffers_kl` set to `value_l` (slot < 0: nothing arrived, unchanged)."""
-  updated = lax.dynamic_update_slice_in_dim(buffers_kl, value_l[None], jnp.maximum(slot, 0), 0)
-  return jnp.where(slot >= 0, updated, buffers_kl)
-
+  """Slot `slot` of `buffers_kl` set to `value_l` (slot < 0: nothing arrived, unchanged). One slot is
+  written, in place in the scan's carry: where nothing arrived, slot 0 is rewritten with itself (a
+  select over the whole buffer would copy all k slots every tick)."""
+  index = jnp.maximum(slot, 0)
+  kept_l = lax.dynamic_index_in_dim(buffers_kl, index, 0, keepdims=False)
+  return lax.dynamic_update_index_in_dim(buffers_kl, jnp.where(slot >= 0, value_l, kept_l), index, 0)
 
 
 @functools.lru_cache(maxsize=8)

@@ -6,8 +6,9 @@ per-device timeline, writes it as OUT/pipeline.png, and runs the resumable step 
 checkpoints, now of the per-stage state (each stage's rows are saved from, and restored onto, its
 own devices), the same loss curve and export.
 
-The frozen class tokens of a step's batch come from the previous step's bubbles (cross-iteration
-overlap); the first step of a process computes them up front, which gives the same values, so a
+The backbone is the UNet or the DiT (dfjax/training/pipeline_backbone.py). A step's condition (the
+UNet's frozen class tokens; the DiT's labels) comes from the previous step's bubbles (cross-iteration
+overlap); the first step of a process computes it up front, which gives the same values, so a
 resumed run continues exactly.
 """
 
@@ -22,7 +23,6 @@ import jax
 from dfjax import data
 from dfjax.training.checkpointed import CHECKPOINTS, run_steps
 from dfjax.training.loop import TrainConfig, export_run, make_optimizer
-from dfjax.training.model import VARIANTS, UNetSpec
 from dfjax.training.pipeline_chart import describe, draw
 from dfjax.training.pipeline_calibrate import describe_costs
 from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, analytic_costs, make_plan
@@ -59,10 +59,6 @@ class Pipelined:
 
 def plan_for(cfg: TrainConfig, pipeline: PipelineConfig) -> PipelinePlan:
   """The plan of `dfjax train`'s pipelined step (its batch of `data.IMAGE_SIZE`² RGB images)."""
-  if not isinstance(VARIANTS[cfg.model], UNetSpec):
-    raise ValueError(f"the pipelined step cuts a class-conditional UNet at its segments; --model {cfg.model} "
-                     f"is not one: train it without --pipeline-stages, or pick a UNet ("
-                     f"{', '.join(n for n, s in VARIANTS.items() if isinstance(s, UNetSpec))})")
   return make_plan(pipeline, cfg.model, cfg.batch, (data.IMAGE_SIZE, data.IMAGE_SIZE, 3))
 
 
