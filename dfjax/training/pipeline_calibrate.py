@@ -45,9 +45,9 @@ def timed_costs(model: str, image_shape: tuple[int, ...], microbatch: int, *, re
   graphdef, params = nnx.split(denoiser, nnx.Param)
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((microbatch, *image_shape)), jnp.float32)
-  condition = backbone.condition_shape(microbatch)
-  condition = (jnp.asarray(rng.standard_normal(condition.shape), condition.dtype) if condition.dtype == jnp.float32
-               else jnp.zeros(condition.shape, condition.dtype))
+  shape = backbone.condition_shape(microbatch)  # class tokens (random) or labels (class 0)
+  condition = (jnp.asarray(rng.standard_normal(shape.shape), shape.dtype) if shape.dtype == jnp.float32
+               else jnp.zeros(shape.shape, shape.dtype))
   carry = backbone.first_carry(denoiser, x, jnp.full((microbatch,), 500, jnp.int32), condition)
   forward, backward = [], []
   for index in range(len(denoiser.segments())):

@@ -215,7 +215,8 @@ def segment_names(model: str) -> tuple[str, ...]:
   return model_segment_names(Backbone.of(model).config)
 
 
-def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(forward, backward) FLOPs per micro-batch of each segment; the backward at twice the forward."""
   backbone = Backbone.of(model)
   backbone.config.check_latent_size(*image_shape[:2])
@@ -239,7 +240,8 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
   s, m, d = pipeline.stages, pipeline.microbatches, pipeline.data
   if s > len(names):
     listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
-    raise ValueError(f"--pipeline-stages {s}: the {model!r} {Backbone.of(model).kind} has {len(names)} segments ({listed}); "
+    raise ValueError(f"--pipeline-stages {s}: the {model!r} {Backbone.of(model).kind} has {len(names)} segments "
+                     f"({listed}); "
                      f"use 1 to {len(names)} stages")
   if batch % (d * m):
     valid = [k for k in range(1, batch // d + 1) if batch % (d * k) == 0] if batch % d == 0 else []

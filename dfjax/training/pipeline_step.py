@@ -129,7 +129,8 @@ class PipelineExecutor:
       carry = jax.eval_shape(functools.partial(self._run_stage, stage), self._abstract_rows(), carry)
       self.cuts.append(_Flat.of(carry))
     self.length = max((cut.size for cut in self.cuts), default=1)
-    options = FAST_COMPILE if self.backbone.spec.fast_compile else None  # as dfjax.training.loop compiles the variant
+    # as dfjax.training.loop compiles the variant
+    options = FAST_COMPILE if self.backbone.spec.fast_compile else None
     self.init_state = jax.jit(self.fresh_state, compiler_options=options)
     self.frozen_outputs = jax.jit(self._frozen_outputs, compiler_options=options)
     self.step = jax.jit(self._step, donate_argnums=0, compiler_options=options)
@@ -316,9 +317,9 @@ class PipelineExecutor:
       received = _store(received, arrived_backward, received_at[k, here])
       return (work, stash, received), None
 
-    b = next_dropped_b.shape[0]
+    condition = self.backbone.condition_shape(next_dropped_b.shape[0])  # b, …
     work = {"grads": jax.tree.map(jnp.zeros_like, rows), "loss": jnp.zeros((), jnp.float32),
-            "next_tokens": jnp.zeros(self.backbone.condition_shape(b).shape, self.backbone.condition_shape(b).dtype)}
+            "next_tokens": jnp.zeros(condition.shape, condition.dtype)}
     buffers = (jnp.zeros((activations.count, length), wire), jnp.zeros((gradients.count, length), wire))
     (work, _, _), _ = lax.scan(tick, (work, *buffers), jnp.arange(plan.ticks))
     grads = jax.tree.map(lambda g: lax.psum(g, DATA), work["grads"])
@@ -333,9 +334,10 @@ class PipelineExecutor:
 def _store(buffers_kl: jax.Array, value_l: jax.Array, slot: jax.Array) -> jax.Array:
   """Slot `slot` of `buffers_kl` set to `value_l` (slot < 0: nothing arrived, unchanged).
 
-  The select over the whole buffer does not copy it: XLA updates the scan's carry in place (measured,
-  temporaries of the compiled step: tiny UNet, batch 16 of 8² images, S2 M8 GPipe 4.011 MiB, S4 M8 1F1B 0.538 MiB; reading the
-  kept slot and writing it back, to select one slot only, costs one slot more: 4.024 and 0.554 MiB)."""
+  The select over the whole buffer does not copy it: XLA updates the scan's carry in place. Measured
+  (temporaries of the compiled step, tiny UNet, batch 16 of 8² images): S2 M8 GPipe 4.011 MiB, S4 M8
+  1F1B 0.538 MiB; reading the kept slot and writing it back, to select one slot only, costs one slot
+  more: 4.024 and 0.554 MiB."""
   updated = lax.dynamic_update_slice_in_dim(buffers_kl, value_l[None], jnp.maximum(slot, 0), 0)
   return jnp.where(slot >= 0, updated, buffers_kl)
 
