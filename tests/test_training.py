@@ -148,10 +148,3 @@ def test_default_model_is_trained(name):
     err = float(jnp.mean(jnp.square(predict(noisy, fields) - target)))
     zero = float(jnp.mean(jnp.square(target)))
     assert err < 0.25 * zero, (err, zero)
-
-
-def test_the_pipelined_step_refuses_a_dit():
-  from dfjax.training.pipeline_plan import PipelineConfig
-  from dfjax.training.pipeline_train import plan_for
-  with pytest.raises(ValueError, match="without --pipeline-stages"):
-    plan_for(TrainConfig(out="unused", model="dit"), PipelineConfig())
