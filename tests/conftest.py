@@ -1,19 +1,40 @@
 """Every test sees 8 virtual CPU devices; set before jax is first used."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Backend optimisation level 0 halves XLA:CPU compile times; the tiny test programs run fast anyway.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"
-).strip()
+# Each flag once: pytest-xdist's workers inherit the XLA_FLAGS this file already extended in the controller.
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(
+    _flags + [flag for flag in ("--xla_force_host_platform_device_count=8", TEST_XLA_FLAGS) if flag not in _flags])
+
+# A persistent compilation cache for this test session only: a fresh folder, removed at the end, a subfolder
+# per xdist worker (jax writes entries unlocked), inherited by the subprocesses tests start. A program that
+# several tests build from the same tiny model, inputs and mesh is compiled once.
+_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="dfjax-tests-xla-")
+if _OWN_CACHE:  # the controller, or a run without workers
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+if "PYTEST_XDIST_WORKER" in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                                         os.environ["PYTEST_XDIST_WORKER"])
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+GIB_PER_WORKER = 4  # a worker's peak: its modules' fixtures and compiled programs on 8 virtual devices
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pyproject's addopts): a worker per core, but no more than the memory holds."""
+  memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return max(1, min(len(os.sched_getaffinity(0)), int(memory_gib // GIB_PER_WORKER)))
 
 
 @pytest.fixture
@@ -30,3 +51,8 @@ def returned(monkeypatch):
     monkeypatch.setattr(module, name, recording)
     return values
   return spy
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

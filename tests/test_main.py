@@ -17,14 +17,18 @@ def _console_script() -> str:
   return f"import sys; from {module} import {function}; sys.exit({function}())"
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+def _run_both(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+  """Each `python COMMAND…`, run side by side (each spends seconds importing jax)."""
+  started = [subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for command in commands]
+  outputs = [p.communicate(timeout=300) for p in started]
+  return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(started, outputs)]
 
 
 @pytest.mark.parametrize("case", ["help", "bad input"])
 def test_python_m_dfjax_is_the_dfjax_command(case, tmp_path):
   args = (["--help"] if case == "help" else ["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
-  script, module = _run("-c", _console_script(), *args), _run("-m", "dfjax", *args)
+  script, module = _run_both(["-c", _console_script(), *args], ["-m", "dfjax", *args])
   same = (module.returncode, module.stdout, module.stderr) == (script.returncode, script.stdout, script.stderr)
   assert same, (module, script)
   if case == "help":
