@@ -1,8 +1,6 @@
 """Every test sees 8 virtual CPU devices; set before jax is first used."""
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -13,15 +11,6 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 _flags = os.environ.get("XLA_FLAGS", "").split()
 os.environ["XLA_FLAGS"] = " ".join(
     _flags + [flag for flag in ("--xla_force_host_platform_device_count=8", TEST_XLA_FLAGS) if flag not in _flags])
-
-# A persistent compilation cache for this test session only (a fresh folder, removed at the end), shared by the
-# xdist workers and the subprocesses tests start, which inherit the variables: a program that several tests
-# build from the same tiny model, inputs and mesh is compiled once. A size limit turns on jax's file lock
-# (the filelock package, a dependency of torch), so processes never read an entry while another writes it.
-_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="dfjax-tests-xla-")
-if _OWN_CACHE:  # the controller, or a run without workers
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import jax  # noqa: E402
 
@@ -50,8 +39,3 @@ def returned(monkeypatch):
     monkeypatch.setattr(module, name, recording)
     return values
   return spy
-
-
-def pytest_unconfigure(config):
-  if _OWN_CACHE:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
