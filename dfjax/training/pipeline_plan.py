@@ -241,8 +241,7 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
   if s > len(names):
     listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
     raise ValueError(f"--pipeline-stages {s}: the {model!r} {Backbone.of(model).kind} has {len(names)} segments "
-                     f"({listed}); "
-                     f"use 1 to {len(names)} stages")
+                     f"({listed}); use 1 to {len(names)} stages")
   if batch % (d * m):
     valid = [k for k in range(1, batch // d + 1) if batch % (d * k) == 0] if batch % d == 0 else []
     raise ValueError(f"a batch of {batch} does not split into {d} data shard(s) × {m} micro-batches; "

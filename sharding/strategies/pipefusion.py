@@ -370,12 +370,12 @@ class _Geometry:
     embedded = jax.eval_shape(lambda c: model.segments()[0](c, ctx=PipeFusionContext(patches)), first)
     leaves, carry_tree = jax.tree.flatten(embedded)
     constant = run_constant_leaves(model, x_in, t, cond)
-    split = lambda keep: tuple(leaf for k, leaf in enumerate(leaves) if (k in constant) == keep)  # noqa: E731
+    moving, constants = _partition(leaves, constant)
     keys = tuple(_stage_keys(run, stage, blocks, first if stage == 0 else embedded, patches) for stage in range(stages))
     out_shape = (x_in.shape[0], local_rows, width, config.out_channels)
     axes = frozenset().union(*(axes_varying(leaf) for leaf in jax.tree.leaves((x_in, cond))), sequence.axes) | {STAGE}
     return cls(stages, patches, rows, sequence, max(counts), stage_of, blocks, out, keys, carry_tree, constant,
-               split(False), split(True), out_shape, x_in.dtype, axes, axes_varying(x) | {STAGE})
+               moving, constants, out_shape, x_in.dtype, axes, axes_varying(x) | {STAGE})
 
   def typed(self, stale: dict) -> dict:
     """The carry with one type in every step (so the drain's broadcast over stages gives the loop's
@@ -385,9 +385,7 @@ class _Geometry:
 
   def split(self, carry) -> tuple[tuple, tuple]:
     """A carry at a cut → (its leaves that cross with each patch, its run-constant leaves)."""
-    leaves = jax.tree.leaves(carry)
-    return tuple(tuple(leaf for k, leaf in enumerate(leaves) if (k in self.constant_leaves) == keep)
-                 for keep in (False, True))
+    return _partition(jax.tree.leaves(carry), self.constant_leaves)
 
   def join(self, activation, constants):
     """`split`'s inverse: the carry a stage runs its blocks on."""
@@ -398,6 +396,12 @@ class _Geometry:
   @staticmethod
   def zeros(shapes: tuple) -> tuple:
     return tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+
+
+def _partition(leaves, constant_leaves) -> tuple[tuple, tuple]:
+  """Carry leaves → (those that cross a cut with each patch, the run-constant ones at `constant_leaves`)."""
+  return (tuple(leaf for k, leaf in enumerate(leaves) if k not in constant_leaves),
+          tuple(leaf for k, leaf in enumerate(leaves) if k in constant_leaves))
 
 
 def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[str, ...]:
