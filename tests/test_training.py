@@ -3,6 +3,7 @@ dfjax checkpoint, and the shipped models are trained (they predict the noise far
 
 import csv
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,27 @@ def test_refuses_to_mix_runs(runs, tmp_path):
     shutil.copytree(runs[0], tmp_path / "plain", dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "plain" / "class_tokens")
     load_trained(tmp_path / "plain")
+
+
+def test_a_checkpoint_keeps_the_history_of_its_own_step(runs, tmp_path, monkeypatch):
+  """orbax writes a checkpoint's history JSON in a background thread while the loop trains on: held up
+  (2 s), it must still write what the history was at its step, not what the loop appended since."""
+  from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
+  save = JsonCheckpointHandler._save_fn
+
+  async def slow_save(self, item, directory):
+    time.sleep(2)  # blocks orbax's writer thread, not the loop
+    return await save(self, item, directory)
+
+  monkeypatch.setattr(JsonCheckpointHandler, "_save_fn", slow_save)
+  # the compiled step of `runs` (the intervals do not shape it); step 1's interval still under way at step 2
+  cfg = TrainConfig(out=str(tmp_path), **{**TINY, "save_every": 1, "log_every": 3})
+  assert train(cfg, stop_at=2, progress=False) is None
+  monkeypatch.undo()
+  histories = {step: json.loads((tmp_path / "checkpoints" / str(step) / "history" / "metadata").read_text())
+               for step in (1, 2)}
+  assert [len(histories[step]["pending"]) for step in (1, 2)] == [1, 2]
+  assert histories[1]["pending"] == histories[2]["pending"][:1] and histories[2]["step"] == []
 
 
 def test_dit_export_is_a_class_conditional_dit(dit_runs):

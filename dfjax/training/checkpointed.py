@@ -70,12 +70,13 @@ class RunFields:
                        f"warmup_steps={self.warmup_steps}")
 
   def static(self):
-    """The settings that shape the compiled step (paths blanked): its jit cache key."""
-    return dataclasses.replace(self, out="", export=None)
+    """The settings that shape the compiled step (paths and the checkpoint and logging intervals
+    blanked): its jit cache key, so runs that differ only in those share the program."""
+    return dataclasses.replace(self, out="", export=None, save_every=1, log_every=1)
 
   def resumable_fields(self) -> dict[str, Any]:
-    """The settings a resumed run must share with the run that wrote the checkpoints."""
-    return dataclasses.asdict(self.static())
+    """The settings a resumed run must share with the run that wrote the checkpoints (all but paths)."""
+    return dataclasses.asdict(dataclasses.replace(self, out="", export=None))
 
 
 def run_steps(cfg: RunSettings, *, init_state: Callable[..., Any], train_step: Callable[..., tuple[Any, jax.Array]],
@@ -127,6 +128,8 @@ def run_steps(cfg: RunSettings, *, init_state: Callable[..., Any], train_step: C
     else:
       init = jitted_init or jax.jit(init_state, static_argnames="cfg")
       state = init(jnp.int32(cfg.seed), cfg=static)
+      if state_shardings is None:  # committed to the device a restored state lands on: one compiled step for both
+        state = jax.device_put(state, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
       history = {"step": [], "loss": [], "pending": [], "seconds": 0.0}
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc=desc, unit="step",
@@ -149,7 +152,8 @@ def run_steps(cfg: RunSettings, *, init_state: Callable[..., Any], train_step: C
       bar.update(1)
       if done % cfg.save_every == 0 or done == stop:
         losses = _floats(losses)
-        saved = {**history, "pending": losses,
+        # Copies: orbax writes the JSON in a background thread, while this loop appends to these lists.
+        saved = {"step": list(history["step"]), "loss": list(history["loss"]), "pending": list(losses),
                  "seconds": seconds_before + time.perf_counter() - began}
         with signals_deferred(f"finishing the checkpoint of step {done}, then stopping (continue "
                               "with --resume)"):
