@@ -55,9 +55,12 @@ class Attention(nnx.Module):
     """`context_mask_bs` (cross-attention only): 1 keeps a context token, 0 drops it; as in diffusers,
     (1 − mask)·−10000 is added to the scores."""
     b, t, _ = x_btc.shape
-    source_bsc = x_btc if self.is_self_attention else context_bse
     q_btnh = self._heads(self.to_q(x_btc))  # B, T, N, H
-    k_bsnh, v_bsnh = self._heads(self.to_k(source_bsc)), self._heads(self.to_v(source_bsc))  # B, S, N, H each
+    if self.is_self_attention:
+      k_bsnh, v_bsnh = self._keys_values(x_btc)  # B, S, N, H each (S = T: this device's tokens)
+    else:  # the text's keys and values are the same at every step: the context may have kept them
+      (k_bsnh, v_bsnh), sent = ctx.cross_kv(context_bse, self._keys_values, self.ctx_key)  # B, S, N, H each
+      keep_for_next_step(self, sent)
     if self.upcast and q_btnh.dtype == jnp.float16:
       q_btnh, k_bsnh, v_bsnh = (a.astype(jnp.float32) for a in (q_btnh, k_bsnh, v_bsnh))  # fp32
     if self.is_self_attention:  # keys and values of every token of the image: the context's request
@@ -78,6 +81,10 @@ class Attention(nnx.Module):
           if self.is_self_attention else ())
     attend = Cost({"attention": 2 * 2 * t * s * inner}, kv)  # Q·Kᵀ and P·V
     return self.to_q.cost(t) + self.to_k.cost(s) + self.to_v.cost(s) + attend + self.to_out.cost(t)
+
+  def _keys_values(self, source_bsc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`to_k` and `to_v` of the tokens attended to, split into heads: (B, S, N, H) each."""
+    return self._heads(self.to_k(source_bsc)), self._heads(self.to_v(source_bsc))
 
   def _heads(self, x_bsi: jax.Array) -> jax.Array:
     b, s, _ = x_bsi.shape

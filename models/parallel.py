@@ -11,6 +11,8 @@ context passed to the model at call time:
                                the width it reads is split over devices (tensor parallelism);
   attend(q, k, v, key)         self-attention over every token of the image (the context gathers
                                K/V, or later runs Ulysses or ring attention behind the same call);
+  cross_kv(context, project, key)  cross-attention's K/V of the text, `project(context)`, or the
+                               K/V kept from an earlier step of the run (the text does not change);
   token_extent(rows)           which global rows this device holds (DiT positional embeddings).
 This base class is the single-device context: the whole image is local, so every request is
 answered from local data. `sharding/contexts/` implements the same requests with collectives,
@@ -115,6 +117,16 @@ class ParallelContext:
     """
     del key
     return jax.nn.dot_product_attention(q_btnd, k_btnd, v_btnd), None  # B, T, N, D
+
+  def cross_kv(self, context_bse: jax.Array, project, key: str) -> tuple[tuple[jax.Array, jax.Array], Sent | None]:
+    """Cross-attention's keys and values of the conditioning tokens (the text): `project(context_bse)`,
+    (B, S, N, D) each.
+
+    The text is the same at every step of a run, so a context may answer with the K/V an earlier call
+    of the run sent (PipeFusion computes them once per run); here they are computed.
+    """
+    del key
+    return project(context_bse), None
 
   def token_extent(self, local_rows: int) -> tuple[jax.Array | int, int]:
     """(global index of this device's first row, rows of the whole image) for `local_rows` here."""

@@ -210,7 +210,7 @@ def pipefusion_run(config, resolution: int, stages: int, patches: int, steps: in
   flops = model_flops(config, side)
   micro_steps = max(patches, stages)
   traffic = strategy.expected_traffic(config, side, side, sizes, BATCH, activation_bytes)
-  warm = strategy.phases(steps, sizes)[0].stop
+  warm = strategy.synchronous_steps(steps)
   units = (steps - warm) * micro_steps + (stages - 1 if steps > warm else 0)  # the drain
   # a synchronous step's carry also takes the text states (and their mask) across each cut; pipelined steps not
   text = (stages - 1) * strategy.conditioning_bytes(config, BATCH, activation_bytes, text_tokens(config),

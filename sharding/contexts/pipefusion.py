@@ -12,7 +12,8 @@ Inside a stage, a patch's tokens may be split again over sequence ranks (`Sequen
 *whole* patch's fresh K/V into its buffer (for its heads): a buffer holding only the rank's own
 tokens would miss the other ranks' fresh K/V of this step (xDiT's note on hybrid PipeFusion).
 
-Only image tokens live in the buffer (cross-attention to text never asks the context), so a
+Only image tokens live in the buffer (cross-attention asks the context only for the text's K/V,
+which the stage computes in the run's first step and keeps: the text does not change), so a
 model that attends over text and image tokens together cannot shift the slices (xDiT #600).
 
 Shape letters: B batch, T a patch's tokens, S the sequence (M·T tokens), N heads, D head width,
@@ -79,6 +80,15 @@ class SequenceSplit:
     return alltoall.to_tokens(o_btnd, ULYSSES) if self.ulysses > 1 else o_btnd  # B, T, N, D
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TextKV:
+  """What a cross-attention layer sends in the run's first step: its K/V of the text (2, B, S, N, D),
+  the same at every later step, so the stage keeps it for the run (self-attention sends plain buffers)."""
+
+  kv_2bsnd: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class PipeFusionContext(ParallelContext):
   """One patch of `num_patches` row patches, attending over stale-or-fresh full-sequence K/V.
@@ -89,12 +99,24 @@ class PipeFusionContext(ParallelContext):
     buffers: {layer key: (2, B, S, N/U, D) K/V of the whole sequence}; None when the input is the whole
       image (warm-up): attention is then exact and its K/V fills the buffers (sent).
     sequence: how the stage's tokens are split over its sequence ranks (default: not at all).
+    text_kv: {cross-attention layer key: (2, B, S_text, N, D) its K/V of the text}, kept from the run's
+      first step; None in that step: the layers compute them and send them (`TextKV`).
   """
 
   num_patches: int
   patch: jax.Array | int = 0
   buffers: Mapping[str, jax.Array] | None = None
   sequence: SequenceSplit = SequenceSplit()
+  text_kv: Mapping[str, jax.Array] | None = None
+
+  def cross_kv(self, context_bse, project, key):
+    if self.text_kv is None:  # the run's first step: computed once, kept by the stage for the rest
+      k_bsnd, v_bsnd = project(context_bse)
+      return (k_bsnd, v_bsnd), TextKV(kv.stack(k_bsnd, v_bsnd))
+    if key not in self.text_kv:
+      raise ValueError(f"no kept text K/V for cross-attention layer {key!r}: the model changed between steps.")
+    kept_2bsnd = self.text_kv[key]
+    return (kept_2bsnd[0], kept_2bsnd[1]), None  # the projection (and the text it reads) is not computed
 
   def attend(self, q_btnd, k_btnd, v_btnd, key):
     q_btnd, fresh = self.sequence.attention_operands(q_btnd, k_btnd, v_btnd)  # fresh: 2, B, T, N/U, D

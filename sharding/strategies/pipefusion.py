@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from models.dit_config import DiTConfig, PixArtConfig, TransformerConfig
 from models.parallel import call_recording
 from sharding.axes import CFG, DATA, PATCH, SEQUENCE, STAGE, ULYSSES
-from sharding.contexts.pipefusion import PipeFusionContext, SequenceSplit
+from sharding.contexts.pipefusion import PipeFusionContext, SequenceSplit, TextKV
 from sharding.exchange.stages import broadcast_from_stage, send, to_next_stage
 from sharding.strategies.base import Phase
 from sharding.strategies.sequence import check_head_split, divides_heads
@@ -154,8 +154,11 @@ class PipeFusion(Staged):
       raise ValueError("pipefusion has no one-device simulation (each stage runs its own blocks, so no one "
                        "device's program stands for the mesh): `dfjax bench simulate --strategies pipefusion` "
                        "projects it from FLOP counts and its analytic traffic instead (dfjax/bench/simulate_stages.py).")
-    synchronous = min(num_steps, 1 + self.warmup_steps)
-    phases = [Phase(0, synchronous, step=functools.partial(self._synchronous_step, sizes=sizes), records=True)]
+    synchronous = self.synchronous_steps(num_steps)
+    phases = [Phase(0, 1, step=functools.partial(self._synchronous_step, sizes=sizes, first=True), records=True)]
+    if synchronous > 1:  # the later synchronous steps read what the first one kept
+      step = functools.partial(self._synchronous_step, sizes=sizes, first=False)
+      phases.append(Phase(1, synchronous, step=step, uses_stale=True, records=True))
     pipelined = num_steps - synchronous
     if pipelined >= 1:  # starts the pipeline (nothing behind yet); drains it too when it is the last
       phases.append(self._pipelined(synchronous, synchronous + 1, sizes, behind=False, drain=pipelined == 1))
@@ -165,32 +168,45 @@ class PipeFusion(Staged):
       phases.append(self._pipelined(num_steps - 1, num_steps, sizes, behind=True, drain=True))
     return phases
 
+  def synchronous_steps(self, num_steps: int) -> int:
+    """How many of `num_steps` steps run the whole image through the stages in order: 1 + warmup_steps."""
+    return min(num_steps, 1 + self.warmup_steps)
+
   def _pipelined(self, start, stop, sizes, *, behind: bool, drain: bool) -> Phase:
     step = functools.partial(self._pipelined_step, sizes=sizes, behind=behind, drain=drain)
     return Phase(start, stop, step=step, uses_stale=True, records=True)
 
   # -------------------------------------------------------------------------- the warm-up step
 
-  def _synchronous_step(self, run, x, sched_state, stale, i, *, sizes):
-    """The whole image through every stage in order (exact); its K/V fill each stage's buffers, and each stage
-    keeps the run's constant conditioning it received (PixArt's text states and mask) for the pipelined steps."""
-    del stale
-    geometry = _Geometry.of(self, run, x, sizes)
+  def _synchronous_step(self, run, x, sched_state, stale, i, *, sizes, first: bool):
+    """The whole image through every stage in order (exact); its K/V fill each stage's buffers.
+
+    In the run's `first` step each cross-attention layer computes its K/V of the text and the stage keeps
+    them, and each stage keeps the run's constant conditioning it received (PixArt's text states and mask):
+    the later steps, synchronous or pipelined, read those, so only the activation crosses a cut."""
+    g = _Geometry.of(self, run, x, sizes)
     x_in, cond = run.model_inputs(run.sched.scale_model_input(x, i))
-    record = lambda stage, sent: _slots(sent, geometry.layers)  # noqa: E731
-    ctx = PipeFusionContext(geometry.patches, sequence=geometry.sequence)
-    out, received, kv = synchronous_stages(run, geometry.stage_of, geometry.sequence.local_rows(x_in),
-                                           run.sched.model_timestep(i), cond, ctx, record=record)
-    out = geometry.sequence.gather_rows(out)  # P·B, H, W, C: every sequence rank's rows
+    if first:  # the whole carry crosses each cut
+      ctx, cut = PipeFusionContext(g.patches, sequence=g.sequence), None
+    else:
+      constants = stale["conditioning"]
+      ctx = PipeFusionContext(g.patches, sequence=g.sequence, text_kv=g.kept_text_kv(stale["text_kv"]))
+      cut = (lambda carry: g.split(carry)[0], lambda activation: g.join(activation, constants))
+    out, received, kept = synchronous_stages(run, g.stage_of, g.sequence.local_rows(x_in), run.sched.model_timestep(i),
+                                             cond, ctx, record=lambda stage, sent: g.record(sent), cut=cut)
+    out = g.sequence.gather_rows(out)  # P·B, H, W, C: every sequence rank's rows
     x, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
-    ring = {"x": jnp.zeros_like(x[:, :geometry.rows]), "slot": jnp.int32(0)}
-    here, constants = lax.axis_index(STAGE), geometry.zeros(geometry.constants)
-    for stage in range(1, geometry.stages):  # what this device's stage received (stage 0 makes its own)
-      constants = jax.tree.map(lambda kept, got, stage=stage: jnp.where(here == stage, got, kept), constants,
-                               geometry.split(received[stage])[1])
-    return x, sched_state, geometry.typed({"x": x, "sched": sched_state, "ring": ring, "kv": kv,
-                                           "activation": geometry.zeros(geometry.activation),
-                                           "conditioning": constants})
+    ring = {"x": jnp.zeros_like(x[:, :g.rows]), "slot": jnp.int32(0)}
+    if first:
+      here, constants = lax.axis_index(STAGE), g.zeros(g.constants)
+      for stage in range(1, g.stages):  # what this device's stage received (stage 0 makes its own)
+        constants = jax.tree.map(lambda kept, got, stage=stage: jnp.where(here == stage, got, kept), constants,
+                                 g.split(received[stage])[1])
+      text_kv = kept["text_kv"]
+    else:
+      text_kv = stale["text_kv"]
+    return x, sched_state, g.typed({"x": x, "sched": sched_state, "ring": ring, "kv": kept["kv"], "text_kv": text_kv,
+                                    "activation": g.zeros(g.activation), "conditioning": constants})
 
   # -------------------------------------------------------------------------- a pipelined step
 
@@ -201,7 +217,7 @@ class PipeFusion(Staged):
 
     def micro_step(carry, tau):
       latents, sched, kv, ring, activation = carry["x"], carry["sched"], carry["kv"], carry["ring"], carry["activation"]
-      constants = carry["conditioning"]
+      constants, text_kv = carry["conditioning"], carry["text_kv"]
       arrived = ring["slot"] > 0  # stage 0: a finished patch's new latent from the last stage
       latents = jnp.where(arrived, lax.dynamic_update_slice_in_dim(latents, ring["x"], (ring["slot"] - 1) * g.rows, 1),
                           latents)
@@ -213,7 +229,8 @@ class PipeFusion(Staged):
       active = current | late
       x_patch = lax.dynamic_slice_in_dim(latents, patch * g.rows, g.rows, 1)  # B, h, W, C
       x_in, cond = run.model_inputs(run.sched.scale_model_input(x_patch, j))
-      operands = (g.sequence.local_rows(x_in), run.sched.model_timestep(j), cond, activation, constants, kv, patch)
+      operands = (g.sequence.local_rows(x_in), run.sched.model_timestep(j), cond, activation, constants, kv, text_kv,
+                  patch)
       branches = [functools.partial(self._stage_branch, run, g, s) for s in range(g.stages)]
       branches.append(functools.partial(_idle_branch, run, g))
       sent_on, kv, out = lax.switch(jnp.where(active, here, g.stages), branches, *operands)
@@ -225,8 +242,8 @@ class PipeFusion(Staged):
       put = lambda full, part: jnp.where(finished, lax.dynamic_update_slice_in_dim(full, part, patch * g.rows, 1), full)  # noqa: E731
       latents, sched = put(latents, new_patch), jax.tree.map(put, sched, new_sched)
       ring = send({"x": new_patch, "slot": jnp.where(finished, patch + 1, 0)}, g.stages - 1, 0)
-      return g.typed({"x": latents, "sched": sched, "ring": ring, "kv": kv, "conditioning": constants,
-                      "activation": to_next_stage(sent_on, g.stages)}), None
+      return g.typed({"x": latents, "sched": sched, "ring": ring, "kv": kv, "text_kv": text_kv,
+                      "conditioning": constants, "activation": to_next_stage(sent_on, g.stages)}), None
 
     ticks = g.micro_steps + (g.stages - 1 if drain else 0)
     stale, _ = lax.scan(micro_step, stale, jnp.arange(ticks, dtype=jnp.int32))
@@ -234,14 +251,16 @@ class PipeFusion(Staged):
       x = broadcast_from_stage(stale["x"], g.stages - 1)
     return x, sched_state, stale
 
-  def _stage_branch(self, run, g: _Geometry, stage: int, x_in, t, cond, activation, constants, kv, patch):
+  def _stage_branch(self, run, g: _Geometry, stage: int, x_in, t, cond, activation, constants, kv, text_kv, patch):
     """Stage `stage`'s blocks on one patch: (the activation to send on, updated K/V slots, the model output).
 
-    Stage 0 embeds the patch (its text states too: compute, no transfer); a later stage joins the patch's
-    activation to the run's constant conditioning it kept from the synchronous step."""
+    Stage 0 embeds the patch; a later stage joins the patch's activation to the run's constant conditioning
+    it kept from the first step. Cross-attention reads the text K/V the stage kept, so nothing here reads
+    the text states: XLA drops stage 0's caption projection."""
     model = run.model(stage)
-    keys = g.keys[stage]
-    ctx = PipeFusionContext(g.patches, patch, {key: kv[slot] for slot, key in enumerate(keys)}, g.sequence)
+    buffers = {key: kv[slot] for slot, key in enumerate(g.keys[stage])}
+    kept = {key: text_kv[slot] for slot, key in enumerate(g.text_keys[stage])}
+    ctx = PipeFusionContext(g.patches, patch, buffers, g.sequence, text_kv=kept)
     carry = model.first_carry(x_in, t, **cond) if stage == 0 else g.join(activation, constants)
     body = lambda m, c: run_stage(m, c, g.stage_of_blocks, stage, ctx)  # noqa: E731
     carry, sent = call_recording(body, model, carry)
@@ -305,9 +324,9 @@ class PipeFusion(Staged):
         f", stage layers {list(self.stage_layers)}" if self.stage_layers else "")
 
 
-def _idle_branch(run, g, x_in, t, cond, activation, constants, kv, patch):
+def _idle_branch(run, g, x_in, t, cond, activation, constants, kv, text_kv, patch):
   """A stage with no patch this micro-step: sends nothing, keeps its buffers."""
-  del run, x_in, t, cond, activation, constants, patch
+  del run, x_in, t, cond, activation, constants, text_kv, patch
   return varying_over((g.zeros(g.activation), kv, jnp.zeros(g.out_shape, g.out_dtype)), g.axes)
 
 
@@ -335,10 +354,12 @@ class _Geometry:
   rows: int  # latent rows of a patch
   sequence: SequenceSplit  # a stage's sequence ranks, each running rows / ranks of them
   layers: int  # K/V slots per stage (its most blocks)
+  text_layers: int  # text K/V slots per stage (its most cross-attention layers; 0 without text)
   stage_of: tuple[int, ...]  # each segment's stage
   stage_of_blocks: tuple[int, ...]  # the same without the final layer (run apart, on the last stage)
   stage_of_out: tuple[int, ...]  # only the final layer
   keys: tuple[tuple[str, ...], ...]  # each stage's self-attention layer keys, in order
+  text_keys: tuple[tuple[str, ...], ...]  # each stage's cross-attention layer keys, in order
   carry_tree: jax.tree_util.PyTreeDef  # the model's carry at a cut
   constant_leaves: tuple[int, ...]  # its leaves made from the conditioning alone (`run_constant_leaves`)
   activation: tuple  # ShapeDtypeStructs of its other leaves: what crosses a cut with each patch
@@ -371,17 +392,33 @@ class _Geometry:
     leaves, carry_tree = jax.tree.flatten(embedded)
     constant = run_constant_leaves(model, x_in, t, cond)
     moving, constants = _partition(leaves, constant)
-    keys = tuple(_stage_keys(run, stage, blocks, first if stage == 0 else embedded, patches) for stage in range(stages))
+    keys, text_keys = zip(*(_stage_keys(run, stage, blocks, first if stage == 0 else embedded, patches)
+                            for stage in range(stages)))
     out_shape = (x_in.shape[0], local_rows, width, config.out_channels)
     axes = frozenset().union(*(axes_varying(leaf) for leaf in jax.tree.leaves((x_in, cond))), sequence.axes) | {STAGE}
-    return cls(stages, patches, rows, sequence, max(counts), stage_of, blocks, out, keys, carry_tree, constant,
-               moving, constants, out_shape, x_in.dtype, axes, axes_varying(x) | {STAGE})
+    return cls(stages, patches, rows, sequence, max(counts), max(map(len, text_keys)), stage_of, blocks, out, keys,
+               text_keys, carry_tree, constant, moving, constants, out_shape, x_in.dtype, axes,
+               axes_varying(x) | {STAGE})
 
   def typed(self, stale: dict) -> dict:
     """The carry with one type in every step (so the drain's broadcast over stages gives the loop's
     latents their type back): the latents' part as `latent_axes`, the rest as `axes`."""
     return {name: varying_over(value, self.latent_axes if name in ("x", "sched", "ring") else self.axes)
             for name, value in stale.items()}
+
+  def record(self, sent: dict) -> dict:
+    """What a stage's layers sent in a synchronous step → {"kv": its K/V buffers (`_slots`), "text_kv": its
+    cross-attention layers' text K/V, stacked alike (() without text; absent when they were kept, not sent)}."""
+    texts = {key: value.kv_2bsnd for key, value in sent.items() if isinstance(value, TextKV)}
+    record = {"kv": _slots({key: value for key, value in sent.items() if key not in texts}, self.layers)}
+    if texts or not self.text_layers:
+      record["text_kv"] = _slots(texts, self.text_layers) if self.text_layers else ()
+    return record
+
+  def kept_text_kv(self, text_kv) -> dict:
+    """{cross-attention key: its slot of `text_kv`} for every stage's keys: on a device, stage s's slots are
+    its own stage's, and only its own stage's branch runs there."""
+    return {key: text_kv[slot] for keys in self.text_keys for slot, key in enumerate(keys)}
 
   def split(self, carry) -> tuple[tuple, tuple]:
     """A carry at a cut → (its leaves that cross with each patch, its run-constant leaves)."""
@@ -404,7 +441,10 @@ def _partition(leaves, constant_leaves) -> tuple[tuple, tuple]:
           tuple(leaf for k, leaf in enumerate(leaves) if k in constant_leaves))
 
 
-def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[str, ...]:
-  """The keys of stage `stage`'s self-attention layers, in the order they run (traced, not computed)."""
+def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The keys of stage `stage`'s (self-attention, cross-attention) layers, in the order they run (traced, not
+  computed): the cross-attention layers are those that send the text's K/V (`TextKV`)."""
   body = lambda m, c: run_stage(m, c, stage_of_blocks, stage, PipeFusionContext(patches))  # noqa: E731
-  return tuple(jax.eval_shape(lambda c: call_recording(body, run.model(stage), c)[1], carry))  # merged in the trace
+  sent = jax.eval_shape(lambda c: call_recording(body, run.model(stage), c)[1], carry)  # merged in the trace
+  text = tuple(key for key, value in sent.items() if isinstance(value, TextKV))
+  return tuple(key for key in sent if key not in text), text

@@ -109,7 +109,7 @@ def synchronous_forward(run, stage_of_segment: Sequence[int], x_in, t, cond: dic
 
 
 def synchronous_stages(run, stage_of_segment: Sequence[int], x_in, t, cond: dict, ctx, *, record=None,
-                       devices: Sequence[int] | None = None):
+                       devices: Sequence[int] | None = None, cut=None):
   """Every stage in order: stage s runs its segments on the carry stage s − 1 sent, and sends its own on;
   the last stage's output is broadcast to every device.
 
@@ -121,6 +121,8 @@ def synchronous_stages(run, stage_of_segment: Sequence[int], x_in, t, cond: dict
       requests' `sent`, models/parallel.py) into one pytree shape shared by every stage.
     devices: the stage each device along `stage` runs (default: device s runs stage s); a stage on
       several devices runs on each, and the carry before it reaches each.
+    cut: optional (send, receive): `send(carry)` is what a stage's output carry sends over its cut,
+      `receive(sent)` the next stage's input carry from it (default: the whole carry crosses).
   Returns:
     (the model output's hidden state on every device; the carry each stage received: entry s is stage
     s's input carry, meaningful on its devices, entry 0 None; this device's own stage's record, or
@@ -129,18 +131,21 @@ def synchronous_stages(run, stage_of_segment: Sequence[int], x_in, t, cond: dict
   stages = max(stage_of_segment) + 1
   devices = tuple(range(stages)) if devices is None else tuple(devices)
   mine = jnp.asarray(devices)[lax.axis_index(STAGE)]  # the stage this device runs
+  send, receive = (lambda c: c, lambda c: c) if cut is None else cut
   carry = run.model(0).first_carry(x_in, t, **cond)  # no params: any stage's model builds it
   received, kept = [None], None
   for stage in range(stages):
-    def compute(c, stage=stage):
+    last = stage == stages - 1
+
+    def compute(c, stage=stage, last=last):
       segments = lambda model, c: run_stage(model, c, stage_of_segment, stage, ctx)  # noqa: E731
       out, sent = call_recording(segments, run.model(stage), c)
-      return out, (None if record is None else record(stage, sent))
+      return (out if last else send(out)), (None if record is None else record(stage, sent))
 
     carry, recorded = on_stage(mine == stage, compute, carry)
     if record is not None:
       kept = recorded if kept is None else jax.tree.map(lambda k, r: jnp.where(mine == stage, r, k), kept, recorded)
-    if stage < stages - 1:
-      carry = deliver(carry, devices.index(stage), [d for d, s in enumerate(devices) if s == stage + 1])
+    if not last:
+      carry = receive(deliver(carry, devices.index(stage), [d for d, s in enumerate(devices) if s == stage + 1]))
       received.append(carry)
   return broadcast_from_stage(carry.h, devices.index(stages - 1)), tuple(received), kept
