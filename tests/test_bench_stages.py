@@ -51,7 +51,11 @@ def test_asyncdiff_compute_is_the_slowest_component_after_a_synchronous_warm_up(
 def test_pipefusion_micro_steps_cost_the_slowest_stage_on_one_patch_plus_its_transfer():
   config = model_config("pixart", "tiny-pixart")  # 2 blocks: stage 0 = embed + block 0, stage 1 = block 1 + out
   embed, block0, block1, out = [2 * f for f in segment_flops(config, 16, 16, text_tokens=120)]  # PixArt-α's T5
-  slowest = max(embed + block0, block1 + out)
+  # once per run, not per call: the pair's 120 T5 states (32 wide) through the caption projection (32 → 48,
+  # 48 → 48), and each block's cross-attention K and V projections of them (48 → 48 each)
+  caption, text_kv = 2 * 2 * 120 * (32 + 48) * 48, 2 * 2 * 2 * 120 * 48 * 48
+  first, second = embed + block0 - caption - text_kv, block1 + out - text_kv
+  slowest = max(first, second)
   stages, patches, steps = 2, 4, 5
   run = simulate_stages.pipefusion_run(config, 128, stages, patches, steps, 2)
   assert run.unit_flops == pytest.approx(slowest / patches)
@@ -60,13 +64,15 @@ def test_pipefusion_micro_steps_cost_the_slowest_stage_on_one_patch_plus_its_tra
   # fp32) with its s32 slot
   assert run.unit_sync_bytes == 2 * (16 + 7) * 48 * 2 + 4 * 16 * 4 * 4 + 4
   # a synchronous step: the 64 tokens across the cut and the prediction broadcast (16 × 16 × 8), bf16, and
-  # once, beside them, PixArt-α's 120 T5 text states (48 wide, bf16) with their int32 mask, for the pair
-  assert run.warm_bytes == 2 * 2 * (64 * 48 + 16 * 16 * 8) + 2 * 120 * (48 * 2 + 4)
+  # once per run, beside them, PixArt-α's 120 T5 text states (48 wide, bf16) with their int32 mask, for the pair
+  assert run.warm_bytes == 2 * 2 * (64 * 48 + 16 * 16 * 8)
+  assert run.once_bytes == 2 * 120 * (48 * 2 + 4)
   micro_steps = max(patches, stages)
   units = (steps - 1) * micro_steps + stages - 1  # one synchronous step; the drain at the end
   micro_s = slowest / patches / RATE + run.unit_sync_bytes / 1e6
-  warm_s = (embed + block0 + block1 + out) / RATE + run.warm_bytes / 1e6
-  assert run.run_s(platform(SLOW), 0) == pytest.approx(warm_s + units * micro_s)
+  warm_s = (first + second) / RATE + run.warm_bytes / 1e6
+  once_s = (caption + 2 * text_kv) / RATE + run.once_bytes / 1e6
+  assert run.run_s(platform(SLOW), 0) == pytest.approx(once_s + warm_s + units * micro_s)
   assert run.step_s(platform(SLOW), 0) == pytest.approx(micro_steps * micro_s)
 
 

@@ -15,7 +15,10 @@ strategy's `expected_traffic` over a stated link. Per-device compute is FLOPs / 
   PipeFusion  the first 1 + warmup_steps steps run the whole image through the stages in order; a
               pipelined step is K = max(M, N) micro-steps, each the slowest stage's work on one patch
               (its FLOPs / M: a patch's queries attend over the whole K/V buffer) plus the patch's
-              boundary transfer (not overlapped); the run ends with N − 1 micro-steps of drain.
+              boundary transfer (not overlapped); the run ends with N − 1 micro-steps of drain. The
+              text's work is done once per run, in the first step: the caption projection and every
+              cross-attention layer's K/V projections (`text_flops`), and the text states crossing
+              each cut (`conditioning_bytes`); no other step repeats it.
   patch       (displaced, ulysses, … beside them) each device 1/N of the model's FLOPs; its warm-up steps
               wait for all their traffic, steady steps as simulate.py: max(compute, overlapped) + sync.
 A run is its warm-up steps plus its steady units; × is the single-GPU run over it. These are
@@ -119,6 +122,8 @@ class StageRun:
   unit_sync_bytes: float = 0
   unit_async_bytes: float = 0
   unit_collectives: int = 0
+  once_flops: float = 0  # done once per run, beside the steps (PipeFusion's text projections, the first step)
+  once_bytes: float = 0  # sent once per run (PipeFusion's text states, across each cut)
 
   def unit_s(self, platform: Platform, latency_s: float) -> float:
     comm = comm_seconds(self.unit_sync_bytes, self.unit_async_bytes, self.unit_collectives, platform.link,
@@ -131,7 +136,8 @@ class StageRun:
 
   def run_s(self, platform: Platform, latency_s: float) -> float:
     warm_step = self.warm_flops / platform.flops_per_s + self.warm_bytes / platform.link.bytes_per_s
-    return self.warm * warm_step + self.units * self.unit_s(platform, latency_s)
+    once = self.once_flops / platform.flops_per_s + self.once_bytes / platform.link.bytes_per_s
+    return once + self.warm * warm_step + self.units * self.unit_s(platform, latency_s)
 
   def published_s(self, platform: Platform) -> float | None:
     name = self.label if self.strategy == "asyncdiff" else self.strategy  # AsyncDiff's figures are per NkSs
@@ -212,13 +218,16 @@ def pipefusion_run(config, resolution: int, stages: int, patches: int, steps: in
   traffic = strategy.expected_traffic(config, side, side, sizes, BATCH, activation_bytes)
   warm = strategy.synchronous_steps(steps)
   units = (steps - warm) * micro_steps + (stages - 1 if steps > warm else 0)  # the drain
-  # a synchronous step's carry also takes the text states (and their mask) across each cut; pipelined steps not
-  text = (stages - 1) * strategy.conditioning_bytes(config, BATCH, activation_bytes, text_tokens(config),
-                                                     MASK_ITEMSIZE)
+  # once per run: each stage's text projections, and the text states (and their mask) across each cut
+  text_flops = strategy.text_flops(config, stages, BATCH, text_tokens(config))
+  text_bytes = (stages - 1) * strategy.conditioning_bytes(config, BATCH, activation_bytes, text_tokens(config),
+                                                           MASK_ITEMSIZE)
+  image_flops = [f - text for f, text in zip(stage_flops(flops, cuts), text_flops)]  # each stage's per call
   return StageRun(resolution, "pipefusion", label, stages, steps, warm,
-                  warm_flops=sum(flops), warm_bytes=synchronous_bytes(config, side, cuts, activation_bytes) + text,
-                  units=units, units_per_step=micro_steps, unit_flops=max(stage_flops(flops, cuts)) / patches,
-                  unit_sync_bytes=sum(traffic.values()) / micro_steps)  # waited for: not overlapped
+                  warm_flops=sum(image_flops), warm_bytes=synchronous_bytes(config, side, cuts, activation_bytes),
+                  units=units, units_per_step=micro_steps, unit_flops=max(image_flops) / patches,
+                  unit_sync_bytes=sum(traffic.values()) / micro_steps,  # waited for: not overlapped
+                  once_flops=sum(text_flops), once_bytes=text_bytes)
 
 
 def patch_runs(config, resolution: int, devices: int, name: str, steps: int,

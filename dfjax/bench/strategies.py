@@ -96,7 +96,9 @@ def _measure(model, noise, cond, uncond, mesh, strategy, steps, iters, dtype_byt
   expected = strategy.expected_traffic(config, height, width, sizes, local_batch, dtype_bytes)
   prediction_values = images * height // _row_splits(strategy, sizes) * width * channels
   expected |= Guidance.for_mesh(True, sizes).expected_traffic(prediction_values, dtype_bytes)
-  expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes)
+  text = cond.as_kwargs().get("encoder_hidden_states")
+  expected_stale = strategy.stale_bytes(config, height, width, sizes, local_batch, dtype_bytes,
+                                        text_tokens=0 if text is None else text.shape[1])
   params = nnx.state(model)
   param_bytes = (local_param_bytes(params, param_specs(params, strategy.param_rules(), sizes), sizes)
                  if program.plan.staged is None else program.plan.staged.bytes_per_device())

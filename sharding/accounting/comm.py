@@ -168,6 +168,17 @@ def traffic_per_step(compiled_text: str) -> list[StepTraffic]:
   return phases
 
 
+def run_traffic(compiled_text: str) -> StepTraffic:
+  """What one device receives over one run of a compiled program: every collective of its entry, those in
+  loops by their trip counts (the steps of every phase, and what runs once, such as a one-step phase)."""
+  module = hlo.parse(compiled_text)
+  by_kind: dict[str, tuple[int, int]] = {}
+  for inst, shapes, runs in _collectives(module, module.entry):
+    count, size = by_kind.get(collective_kind(inst.opcode), (0, 0))
+    by_kind[collective_kind(inst.opcode)] = (count + runs, size + runs * _received_bytes(inst, shapes))
+  return StepTraffic(by_kind)
+
+
 def consumed_in_step(compiled_text: str) -> list[list[str]]:
   """For each scan phase, the collectives whose results are used by computation in the same step.
 

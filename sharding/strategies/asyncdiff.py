@@ -250,8 +250,9 @@ class AsyncDiff(Staged):
   def overlapped_kinds(self):
     return frozenset({"activations", "prediction"})
 
-  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
+  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes, text_tokens=0):
     """Every device carries each round's buffer (what it receives in it, or zeros) and the deferred model outputs."""
+    del text_tokens  # every stage makes its own conditioning
     return self.expected_traffic(config, height, width, sizes, batch, activation_bytes)
 
   def options(self):

@@ -154,8 +154,9 @@ class Strategy:
     return frozenset()
 
   def stale_bytes(self, config, height: int, width: int, sizes: Mapping[str, int], batch: int,
-                  activation_bytes: int) -> dict[str, int]:
-    """Analytic bytes of stale state one device carries between steps, by kind."""
+                  activation_bytes: int, text_tokens: int = 0) -> dict[str, int]:
+    """Analytic bytes of stale state one device carries between steps, by kind (`text_tokens`: the text
+    states' tokens, for a strategy that keeps something of the text)."""
     return {}
 
   def options(self) -> str:

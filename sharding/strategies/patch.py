@@ -96,7 +96,8 @@ class Displaced(RowPatches):
   def overlapped_kinds(self):
     return frozenset({"halo", "kv"} | ({"moments"} if self.groupnorm in _STALE_MOMENT_MODES else set()))
 
-  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
+  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes, text_tokens=0):
+    del text_tokens  # nothing of the text is stale
     return analytic.stale_bytes(config, height, width, sizes[PATCH], batch, activation_bytes,
                                 stale_moments=self.groupnorm in _STALE_MOMENT_MODES, tensor=sizes[TENSOR])
 

@@ -305,19 +305,35 @@ class PipeFusion(Staged):
     return traffic
 
   def conditioning_bytes(self, config, batch, activation_bytes, text_tokens=0, mask_itemsize=0):
-    """What a stage after the first receives once per synchronous step (the first only, by default), beside
-    the activation: PixArt's `text_tokens` projected text states, D wide, and their keep-mask
+    """What a stage after the first receives once per run (in the first synchronous step), beside the
+    activation: PixArt's `text_tokens` projected text states, D wide, and their keep-mask
     (`mask_itemsize` bytes a value, 0 without one), for the `batch` samples. DiT: nothing."""
     if isinstance(config, DiTConfig):
       return 0
     return batch * text_tokens * (config.inner_dim * activation_bytes + mask_itemsize)
 
-  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes):
-    """What a stage carries between steps: a full-sequence K and V per self-attention layer of its
-    largest stage, for the guidance pair's batch (of the device's heads, 1/ulysses of them)."""
+  def stale_bytes(self, config, height, width, sizes, batch, activation_bytes, text_tokens=0):
+    """What a stage carries between steps, for the guidance pair's `batch`:
+    kv       a full-sequence K and V per self-attention layer of its largest stage (of the device's heads,
+             1/ulysses of them);
+    text_kv  PixArt: each cross-attention layer's K and V of the `text_tokens` text states (every head: the
+             text is not split), kept from the run's first step. DiT: none."""
     layers = max(self.layers_per_stage(config, sizes[STAGE]))
     tokens = (height // config.patch_size) * (width // config.patch_size)
-    return {"kv": layers * 2 * batch * tokens * config.inner_dim * activation_bytes // sizes[ULYSSES]}
+    text = 0 if isinstance(config, DiTConfig) else layers * 2 * batch * text_tokens * config.inner_dim * activation_bytes
+    return {"kv": layers * 2 * batch * tokens * config.inner_dim * activation_bytes // sizes[ULYSSES], "text_kv": text}
+
+  def text_flops(self, config, stages: int, batch: int, text_tokens: int) -> tuple[int, ...]:
+    """Each stage's matrix-product FLOPs on the run's constant text, done once per run (in its first step)
+    instead of in every model call, for `batch` samples of `text_tokens` text states: the caption projection
+    (stage 0) and each cross-attention layer's K and V projections (biases not counted). DiT: none."""
+    counts = self.layers_per_stage(config, stages)
+    if isinstance(config, DiTConfig):
+      return (0,) * stages
+    dim = config.inner_dim
+    kv = 2 * (2 * batch * text_tokens * config.cross_attention_dim * dim)  # to_k and to_v
+    caption = 0 if config.caption_channels is None else 2 * batch * text_tokens * (config.caption_channels + dim) * dim
+    return tuple(layers * kv + (caption if stage == 0 else 0) for stage, layers in enumerate(counts))
 
   def options(self):
     return f"{self.num_patches or 'N'} patches, warm-up {self.warmup_steps}" + (
