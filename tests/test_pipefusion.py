@@ -212,6 +212,8 @@ def test_bad_settings_name_the_valid_choices(dit):
     Strategy.pipefusion(num_patches=4).validate(dit.config, HEIGHT, WIDTH, {**sizes, "patch": 2, "ulysses": 2})
   with pytest.raises(ValueError, match=r"pipefusion splits .* ulysses=4 does not divide the 2 heads.*degrees: \[1, 2\]"):
     Strategy.pipefusion(num_patches=1).validate(dit.config, HEIGHT, WIDTH, {**sizes, "patch": 1, "ulysses": 4})
+  with pytest.raises(ValueError, match=r"cfg=2 × stage=4 × patch=2 = 16 devices, but only 8 are available"):
+    make_mesh(cfg=2, stage=4, patch=2)  # the hybrid larger than the devices
   with pytest.raises(ValueError, match="warmup_steps=-1 must be an integer ≥ 0"):
     Strategy.pipefusion(warmup_steps=-1)
   with pytest.raises(ValueError, match="bench simulate --strategies pipefusion` projects it from FLOP counts"):
