@@ -192,8 +192,9 @@ class PipeFusion(Staged):
       constants = stale["conditioning"]
       ctx = PipeFusionContext(g.patches, sequence=g.sequence, text_kv=g.kept_text_kv(stale["text_kv"]))
       cut = (lambda carry: g.split(carry)[0], lambda activation: g.join(activation, constants))
-    out, received, kept = synchronous_stages(run, g.stage_of, g.sequence.local_rows(x_in), run.sched.model_timestep(i),
-                                             cond, ctx, record=lambda stage, sent: g.record(sent), cut=cut)
+    out, received, recorded = synchronous_stages(run, g.stage_of, g.sequence.local_rows(x_in),
+                                                 run.sched.model_timestep(i), cond, ctx,
+                                                 record=lambda stage, sent: g.record(sent), cut=cut)
     out = g.sequence.gather_rows(out)  # P·B, H, W, C: every sequence rank's rows
     x, sched_state = run.sched.step(sched_state, run.guided(out, x), i, x)
     ring = {"x": jnp.zeros_like(x[:, :g.rows]), "slot": jnp.int32(0)}
@@ -202,11 +203,12 @@ class PipeFusion(Staged):
       for stage in range(1, g.stages):  # what this device's stage received (stage 0 makes its own)
         constants = jax.tree.map(lambda kept, got, stage=stage: jnp.where(here == stage, got, kept), constants,
                                  g.split(received[stage])[1])
-      text_kv = kept["text_kv"]
+      text_kv = recorded["text_kv"]
     else:
       text_kv = stale["text_kv"]
-    return x, sched_state, g.typed({"x": x, "sched": sched_state, "ring": ring, "kv": kept["kv"], "text_kv": text_kv,
-                                    "activation": g.zeros(g.activation), "conditioning": constants})
+    return x, sched_state, g.typed({"x": x, "sched": sched_state, "ring": ring, "kv": recorded["kv"],
+                                    "text_kv": text_kv, "activation": g.zeros(g.activation),
+                                    "conditioning": constants})
 
   # -------------------------------------------------------------------------- a pipelined step
 
@@ -320,8 +322,9 @@ class PipeFusion(Staged):
              text is not split), kept from the run's first step. DiT: none."""
     layers = max(self.layers_per_stage(config, sizes[STAGE]))
     tokens = (height // config.patch_size) * (width // config.patch_size)
-    text = 0 if isinstance(config, DiTConfig) else layers * 2 * batch * text_tokens * config.inner_dim * activation_bytes
-    return {"kv": layers * 2 * batch * tokens * config.inner_dim * activation_bytes // sizes[ULYSSES], "text_kv": text}
+    per_token = layers * 2 * batch * config.inner_dim * activation_bytes  # a K and a V value per layer and sample
+    text = 0 if isinstance(config, DiTConfig) else per_token * text_tokens
+    return {"kv": per_token * tokens // sizes[ULYSSES], "text_kv": text}
 
   def text_flops(self, config, stages: int, batch: int, text_tokens: int) -> tuple[int, ...]:
     """Each stage's matrix-product FLOPs on the run's constant text, done once per run (in its first step)
@@ -332,7 +335,8 @@ class PipeFusion(Staged):
       return (0,) * stages
     dim = config.inner_dim
     kv = 2 * (2 * batch * text_tokens * config.cross_attention_dim * dim)  # to_k and to_v
-    caption = 0 if config.caption_channels is None else 2 * batch * text_tokens * (config.caption_channels + dim) * dim
+    caption = 0 if config.caption_channels is None else (
+        2 * batch * text_tokens * (config.caption_channels + dim) * dim)  # linear_1 (E → D), linear_2 (D → D)
     return tuple(layers * kv + (caption if stage == 0 else 0) for stage, layers in enumerate(counts))
 
   def options(self):
@@ -424,12 +428,10 @@ class _Geometry:
 
   def record(self, sent: dict) -> dict:
     """What a stage's layers sent in a synchronous step → {"kv": its K/V buffers (`_slots`), "text_kv": its
-    cross-attention layers' text K/V, stacked alike (() without text; absent when they were kept, not sent)}."""
+    cross-attention layers' text K/V, stacked alike (() when none were sent: no text, or kept from before)}."""
     texts = {key: value.kv_2bsnd for key, value in sent.items() if isinstance(value, TextKV)}
-    record = {"kv": _slots({key: value for key, value in sent.items() if key not in texts}, self.layers)}
-    if texts or not self.text_layers:
-      record["text_kv"] = _slots(texts, self.text_layers) if self.text_layers else ()
-    return record
+    buffers = {key: value for key, value in sent.items() if key not in texts}
+    return {"kv": _slots(buffers, self.layers), "text_kv": _slots(texts, self.text_layers) if texts else ()}
 
   def kept_text_kv(self, text_kv) -> dict:
     """{cross-attention key: its slot of `text_kv`} for every stage's keys: on a device, stage s's slots are
@@ -457,7 +459,7 @@ def _partition(leaves, constant_leaves) -> tuple[tuple, tuple]:
           tuple(leaf for k, leaf in enumerate(leaves) if k in constant_leaves))
 
 
-def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _stage_keys(run, stage: int, stage_of_blocks, carry, patches: int) -> tuple[tuple[str, ...], ...]:
   """The keys of stage `stage`'s (self-attention, cross-attention) layers, in the order they run (traced, not
   computed): the cross-attention layers are those that send the text's K/V (`TextKV`)."""
   body = lambda m, c: run_stage(m, c, stage_of_blocks, stage, PipeFusionContext(patches))  # noqa: E731
