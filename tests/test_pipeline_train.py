@@ -57,13 +57,17 @@ def _encoded(images, encoder, *, whole_batch=False):
   on the batch at once (independent of the pipeline code; equal up to rounding)."""
   if encoder == "none":
     return images
+  return np.asarray(_encode(encoder, images.shape[1:], whole_batch)(encoder_params(encoder), images))
+
+
+@functools.cache
+def _encode(encoder, image_shape, whole_batch):
   config = FROZEN_ENCODERS[encoder]
   graphdef = nnx.split(nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0))), nnx.Param)[0]
   if whole_batch:
-    moments = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(encoder_params(encoder), images)
-    return np.asarray(moments[..., :config.latent_channels] * config.scaling_factor)
-  part = encoder_part(encoder, images.shape[1:])
-  return np.asarray(jax.jit(lambda p, x: part.run(nnx.merge(graphdef, p), x))(encoder_params(encoder), images))
+    return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[..., :config.latent_channels] * config.scaling_factor)
+  part = encoder_part(encoder, image_shape)
+  return jax.jit(lambda p, x: part.run(nnx.merge(graphdef, p), x))
 
 
 @functools.cache
