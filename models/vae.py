@@ -162,12 +162,35 @@ class Encoder(nnx.Module):
     self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, **kw)
 
   def __call__(self, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
-    h_bhwc = self.conv_in(x_bhwc, ctx=ctx)  # B, H, W, C0
-    for block in self.down_blocks:
-      h_bhwc = block(h_bhwc, ctx=ctx)  # B, H/f, W/f, C_last after the last
-    h_bhwc = self.mid_block(h_bhwc, ctx=ctx)  # B, H/f, W/f, C_last
-    h_bhwc = nnx.silu(self.conv_norm_out(h_bhwc, ctx=ctx))  # B, H/f, W/f, C_last
-    return self.conv_out(h_bhwc, ctx=ctx)  # B, H/f, W/f, 2L
+    for index in range(len(self.layer_names)):
+      x_bhwc = self.run_layer(index, x_bhwc, ctx=ctx)  # B, H/f, W/f, 2L after the last
+    return x_bhwc
+
+  # The encoder as a chain of layers, for schedulers that place its work layer by layer (DiffusionPipe
+  # fills pipeline bubbles with a frozen encoder's layers, each on a part of the batch).
+
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    """"conv_in", "down_blocks.i" per level, "mid_block", "conv_out" (with conv_norm_out and the SiLU)."""
+    return ("conv_in", *(f"down_blocks.{i}" for i in range(len(self.down_blocks))), "mid_block", "conv_out")
+
+  def run_layer(self, index: int, x_bhwc: jax.Array, *, ctx: ParallelContext = SINGLE_DEVICE) -> jax.Array:
+    """Layer `index` of `layer_names` on its input (the image for 0, the previous layer's output else)."""
+    name = self.layer_names[index]
+    if name == "conv_in":
+      return self.conv_in(x_bhwc, ctx=ctx)  # B, H, W, C0
+    if name == "mid_block":
+      return self.mid_block(x_bhwc, ctx=ctx)  # B, H/f, W/f, C_last
+    if name == "conv_out":
+      return self.conv_out(nnx.silu(self.conv_norm_out(x_bhwc, ctx=ctx)), ctx=ctx)  # B, H/f, W/f, 2L
+    return self.down_blocks[index - 1](x_bhwc, ctx=ctx)  # B, H/2^i, W/2^i, C_i (halved but at the last level)
+
+  def layer_costs(self, image: Workload) -> dict[str, Cost]:
+    """Each layer's cost per sample, for an image of `image.rows` × `image.cols`, by `layer_names`."""
+    latent = image.coarser(len(self.down_blocks) - 1)
+    blocks = {f"down_blocks.{i}": block.cost(image.coarser(i)) for i, block in enumerate(self.down_blocks)}
+    return {"conv_in": self.conv_in.cost(image), **blocks, "mid_block": self.mid_block.cost(latent),
+            "conv_out": self.conv_norm_out.cost(latent) + self.conv_out.cost(latent)}
 
 
 class Decoder(nnx.Module):

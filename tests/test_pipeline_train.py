@@ -23,14 +23,20 @@ from dfjax.training import TrainConfig, load_trained
 from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer
 from dfjax.training.model import VARIANTS
 from dfjax.training.pipeline_calibrate import describe_costs
-from dfjax.training.pipeline_plan import PipelineConfig, analytic_costs, make_plan
-from dfjax.training.pipeline_schedule import BACKWARD, FORWARD
+from dfjax.training.pipeline_frozen import FROZEN_ENCODERS, X0, encoder_params, encoder_part
+from dfjax.training.pipeline_plan import Piece, PipelineConfig, analytic_costs, make_plan
+from dfjax.training.pipeline_schedule import BACKWARD, FORWARD, FROZEN
 from dfjax.training.pipeline_step import executor_for, step_key
 from dfjax.training.pipeline_train import train_pipelined
+from models.layers import Workload
+from models.vae import Encoder
 
 BATCH, IMAGE = 16, (8, 8, 3)
 CFG = TrainConfig(out="", model="tiny", batch=BATCH, warmup_steps=1, weight_decay=0.01)
-IMAGES = {"tiny": IMAGE, "dit-tiny": (16, 16, 3)}  # the DiT's 8×8 patches: 2 × 2 tokens
+# what the backbone trains on: the UNet's 8² (2 levels), the DiT's 16² (8×8 patches: 2 × 2 tokens); the
+# frozen VAE encoder halves the images into latents of those sizes
+IMAGES = {("tiny", "none"): IMAGE, ("dit-tiny", "none"): (16, 16, 3), ("tiny", "vae"): (16, 16, 3),
+          ("dit-tiny", "vae"): (32, 32, 3)}
 
 
 def _cfg(model):
@@ -38,15 +44,46 @@ def _cfg(model):
 
 
 @functools.cache
-def _batches(model):
+def _batches(model, encoder="none"):
   rng = np.random.default_rng(0)
-  return [(rng.uniform(-1, 1, (BATCH, *IMAGES[model])).astype(np.float32),
+  return [(rng.uniform(-1, 1, (BATCH, *IMAGES[model, encoder])).astype(np.float32),
            rng.integers(0, 4, BATCH).astype(np.int32)) for _ in range(3)]
+
+
+def _encoded(images, encoder, *, whole_batch=False):
+  """The backbone's training input: the images, or the frozen encoder's latents (its scaled posterior
+  mean) of them, from its fixed weights: one sample at a time as the executor runs it (the same
+  latents: what the single-device reference trains on), or `whole_batch`, `models.vae.Encoder` called
+  on the batch at once (independent of the pipeline code; equal up to rounding)."""
+  if encoder == "none":
+    return images
+  return np.asarray(_encode(encoder, images.shape[1:], whole_batch)(encoder_params(encoder), images))
+
+
+@functools.cache
+def _encode(encoder, image_shape, whole_batch):
+  config = FROZEN_ENCODERS[encoder]
+  graphdef = nnx.split(nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0))), nnx.Param)[0]
+  if whole_batch:
+    return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[..., :config.latent_channels] * config.scaling_factor)
+  part = encoder_part(encoder, image_shape)
+  return jax.jit(lambda p, x: part.run(nnx.merge(graphdef, p), x))
 
 
 @functools.cache
 def _model(model):
-  return VARIANTS[model].build(rngs=nnx.Rngs(jax.random.key(0)))
+  """The variant at seed 0, initialised in one fast-compiled program (built eagerly, each initialiser
+  compiles on its own: minutes for the tiny UNet on a loaded 2-core machine)."""
+  graphdef = nnx.split(nnx.eval_shape(lambda: VARIANTS[model].build(rngs=nnx.Rngs(0))))[0]
+  state = jax.jit(lambda: nnx.split(VARIANTS[model].build(rngs=nnx.Rngs(jax.random.key(0))))[1],
+                  compiler_options=FAST_COMPILE)()
+  return nnx.merge(graphdef, state)
+
+
+def _state_from(ex, model):
+  """The executor's training state of `_model(model)`, packed in one fast-compiled program."""
+  graphdef, state = nnx.split(_model(model))
+  return jax.jit(lambda s: ex.state_from(nnx.merge(graphdef, s)), compiler_options=FAST_COMPILE)(state)
 
 
 def _first_moment(opt_state):
@@ -60,10 +97,10 @@ def _denoiser_key(model):
 
 
 @functools.cache
-def _reference(model):
-  """Two single-device steps: loop._loss on the whole batch, gradients of the denoiser's params only
-  (the UNet's class tokens frozen; the DiT has none), loop's optimiser (global-norm clipping, AdamW)
-  and EMA on them."""
+def _reference(model, encoder="none"):
+  """Two single-device steps: loop._loss on the whole batch (of images, or of the frozen encoder's
+  latents of them), gradients of the denoiser's params only (the UNet's class tokens frozen; the DiT
+  has none), loop's optimiser (global-norm clipping, AdamW) and EMA on them."""
   full, key, cfg = nnx.state(_model(model), nnx.Param), _denoiser_key(model), _cfg(model)
   frozen = {name: part for name, part in full.items() if name != key}
   optimizer = make_optimizer(cfg)[0]
@@ -82,8 +119,8 @@ def _reference(model):
 
   unet = full[key]
   opt_state, ema, losses = optimizer.init(unet), unet, []
-  for step, (images, labels) in enumerate(_batches(model)[:2]):
-    loss, unet, opt_state, ema = one_step(unet, opt_state, ema, images, labels, jnp.int32(step))
+  for step, (images, labels) in enumerate(_batches(model, encoder)[:2]):
+    loss, unet, opt_state, ema = one_step(unet, opt_state, ema, _encoded(images, encoder), labels, jnp.int32(step))
     losses.append(loss)
     if step == 0:
       moment = _first_moment(opt_state)
@@ -91,20 +128,21 @@ def _reference(model):
 
 
 @functools.cache
-def _pipelined(stages, microbatches, data, schedule, model="tiny"):
+def _pipelined(stages, microbatches, data, schedule, model="tiny", encoder="none"):
   """Two pipelined steps (one compile): their losses, the first moment after the first step, the
-  params and EMA after both, and the next batch's condition (from the bubbles, and up front)."""
-  plan = make_plan(PipelineConfig(stages, microbatches, data, schedule), model, BATCH, IMAGES[model])
+  params and EMA after both, and the next batch's inputs (from the bubbles, and up front)."""
+  plan = make_plan(PipelineConfig(stages, microbatches, data, schedule, frozen_encoder=encoder), model, BATCH,
+                   IMAGES[model, encoder])
   ex = executor_for(_cfg(model), plan)
-  batches = _batches(model)
-  state = jax.device_put(ex.state_from(_model(model)), ex.shardings())
-  tokens = ex.frozen_outputs(state, *batches[0])
+  batches = _batches(model, encoder)
+  state = jax.device_put(_state_from(ex, model), ex.shardings())
+  inputs = ex.frozen_outputs(state, *batches[0])
   losses, carried, up_front = [], [], []
   for step in range(2):
-    state, loss, tokens = ex.step(state, tokens, batches[step][0], *batches[step + 1])
+    state, loss, inputs = ex.step(state, inputs, *batches[step + 1])
     losses.append(float(loss))
-    carried.append(np.asarray(tokens))
-    up_front.append(np.asarray(ex.frozen_outputs(state, *batches[step + 1])))
+    carried.append(jax.device_get(inputs))
+    up_front.append(jax.device_get(ex.frozen_outputs(state, *batches[step + 1])))
     if step == 0:
       moment = ex.denoiser_params(_first_moment(state["opt_state"]))  # read before the next step donates it
   return {"losses": losses, "moment": moment, "params": ex.denoiser_params(state["params"]),
@@ -120,20 +158,26 @@ def _close(actual, expected, rtol):
     assert float(np.max(np.abs(a - e))) <= rtol * scale, (float(np.max(np.abs(a - e))), scale)
 
 
-# the default suite's compiles: the UNet's and the DiT's smallest pipelined case; the grids are slow
-CASES = [(2, 2, 2, "diffusionpipe", "tiny"), (2, 2, 1, "diffusionpipe", "dit-tiny")]
-GRID = [(s, m, d, sched, "tiny") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4)
-        for m in (1, 2, 4, 8) for d in (1, 2) if (s, m, d, sched, "tiny") not in CASES]
+# the default suite's compiles: the UNet's (with the frozen VAE encoder: both frozen parts in the bubbles)
+# and the DiT's smallest pipelined case; the grids are slow
+CASES = [(2, 2, 2, "diffusionpipe", "tiny", "vae"), (2, 2, 1, "diffusionpipe", "dit-tiny", "none")]
+GRID = [(s, m, d, sched, "tiny", "none") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4)
+        for m in (1, 2, 4, 8) for d in (1, 2)]
 # dit-tiny has 3 segments (embed, its one block, out): S = 2 and 3
-DIT_GRID = [(s, m, d, sched, "dit-tiny") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 3)
-            for m in (1, 4) for d in (1, 2) if (s, m, d, sched, "dit-tiny") not in CASES]
+DIT_GRID = [(s, m, d, sched, "dit-tiny", "none") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 3)
+            for m in (1, 4) for d in (1, 2) if (s, m, d, sched, "dit-tiny", "none") not in CASES]
+# the frozen encoder under the other schedules (all of it after the pipeline), with DP, and with the DiT
+ENCODER_GRID = [(2, 4, 1, "diffusionpipe", "tiny", "vae"), (4, 8, 1, "diffusionpipe", "tiny", "vae"),
+                (2, 2, 2, "1f1b", "tiny", "vae"), (2, 4, 2, "gpipe", "tiny", "vae"),
+                (1, 1, 2, "1f1b", "tiny", "vae"), (3, 4, 1, "diffusionpipe", "dit-tiny", "vae")]
 
 
-@pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow) for c in GRID + DIT_GRID],
-                         ids=lambda c: "{4}-S{0}-M{1}-D{2}-{3}".format(*c))
+@pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow)
+                                          for c in GRID + DIT_GRID + ENCODER_GRID],
+                         ids=lambda c: "{4}-S{0}-M{1}-D{2}-{3}-{5}".format(*c))
 def test_pipelined_step_equals_single_device(case):
-  model = case[-1]
-  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference(model)
+  model, encoder = case[-2:]
+  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference(model, encoder)
   np.testing.assert_allclose(got["losses"], np.asarray(ref_losses), rtol=1e-5)
   _close(got["moment"], ref_moment, 1e-5)
   _close(got["params"], ref_params, 1e-5)
@@ -142,9 +186,13 @@ def test_pipelined_step_equals_single_device(case):
   init = nnx.state(_model(model).denoiser, nnx.Param)
   assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(init))) > 1e-4
-  # the frozen part's outputs from the bubbles (cross-iteration) = computing them up front, bit for bit
-  for carried, up_front in zip(got["carried"], got["up_front"]):
-    np.testing.assert_array_equal(carried, up_front)
+  # the frozen parts' outputs from the bubbles (cross-iteration) = computing them up front, bit for bit
+  for carried, up_front in zip(got["carried"], got["up_front"], strict=True):
+    for name in carried:
+      np.testing.assert_array_equal(carried[name], up_front[name])
+  # and those latents are the encoder's (run on the whole batch at once: equal up to rounding)
+  for carried, (images, _) in zip(got["carried"], _batches(model, encoder)[1:]):
+    _close(carried[X0], _encoded(images, encoder, whole_batch=True), 1e-5)
   # each device holds its own stage's row of the params, not the model
   assert got["row"].addressable_shards[0].data.shape[0] == 1
 
@@ -152,9 +200,75 @@ def test_pipelined_step_equals_single_device(case):
 def test_diffusionpipe_puts_the_class_tokens_in_a_bubble():
   plan = make_plan(PipelineConfig(2, 2, 2, "diffusionpipe"), CFG.model, BATCH, IMAGE)
   assert plan.frozen_pieces and not plan.leftover_pieces
-  assert sum(n for _, n in plan.frozen_pieces) == plan.shard_batch
+  assert sum(p.samples for p in plan.frozen_pieces) == plan.shard_batch
   baseline = make_plan(PipelineConfig(2, 2, 2, "1f1b"), CFG.model, BATCH, IMAGE)
-  assert not baseline.frozen_pieces and baseline.leftover_pieces == ((0, plan.shard_batch),)
+  assert not baseline.frozen_pieces and baseline.leftover_pieces == (Piece(0, 0, 0, plan.shard_batch),)
+
+
+def _encoder_plan(stages=2, microbatches=2, data=2, schedule="diffusionpipe"):
+  return make_plan(PipelineConfig(stages, microbatches, data, schedule, frozen_encoder="vae"), CFG.model, BATCH,
+                   IMAGES["tiny", "vae"])
+
+
+def test_frozen_encoder_layer_costs_match_xla_cost_analysis():
+  """The filler's per-layer jobs are the encoder's real work: each layer's analytic FLOPs (what the
+  plan gives the filler, per sample) against XLA's count of that layer compiled on one sample."""
+  plan, config = _encoder_plan(), FROZEN_ENCODERS["vae"]
+  encoder = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))  # FLOPs need shapes only
+  graphdef, params = nnx.split(encoder)
+  part = plan.frozen_parts[1]
+  assert [layer.name for layer in part.layers] == ["conv_in", "down_blocks.0", "down_blocks.1", "mid_block",
+                                                   "conv_out"]
+  x = jnp.zeros((1, *IMAGES["tiny", "vae"]), jnp.float32)
+  unpadded = encoder.layer_costs(Workload(*x.shape[1:3], 0, padded=False))
+  for index, layer in enumerate(part.layers):
+    run = jax.jit(lambda p, x, index=index: nnx.merge(graphdef, p).run_layer(index, x), compiler_options=FAST_COMPILE)
+    cost = run.lower(params, x).compile().cost_analysis()  # of abstract params and input
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    inside = sum(unpadded[layer.name].flops.values())  # the taps inside the image, as XLA counts them
+    assert 1.0 <= xla / inside < 1.15, (layer.name, xla, inside)  # XLA also counts the elementwise work
+    assert inside <= layer.flops  # the plan counts the zero padding's taps too, as published figures do
+    x = jax.eval_shape(run, params, x)
+  assert x.shape[1:] == (*part.layers[-1].sample_shape[:-1], 2 * config.latent_channels)
+
+
+def test_frozen_encoder_pieces_fill_the_bubbles_layer_by_layer():
+  """Every (layer, sample) of both frozen parts runs exactly once, in a bubble or after the pipeline;
+  a piece of layer l runs at a later tick than every piece of layer l − 1 that made its samples;
+  the pieces' time is what the bubbles lose: the bubble fraction falls by it, from 1F1B's."""
+  plan, baseline = _encoder_plan(), _encoder_plan(schedule="1f1b")
+  pieces = plan.piece_table()
+  tick_of = {index: tick for tick, row in enumerate(pieces) for index in row if index >= 0}
+  assert sorted(tick_of) == list(range(len(plan.frozen_pieces)))
+  layers = {(0, 0)} | {(1, layer) for layer in range(5)}
+  for part, layer in layers:
+    covered = sorted((p.first, p.first + p.samples) for p in plan.frozen_pieces + plan.leftover_pieces
+                     if (p.part, p.layer) == (part, layer))
+    assert covered[0][0] == 0 and covered[-1][1] == plan.shard_batch
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no overlap
+  assert {(p.part, p.layer) for p in plan.frozen_pieces} == layers  # here every layer found room
+  for index, piece in enumerate(plan.frozen_pieces):
+    for below, other in enumerate(plan.frozen_pieces):
+      if (other.part, other.layer) == (piece.part, piece.layer - 1) and \
+         other.first < piece.first + piece.samples and piece.first < other.first + other.samples:
+        assert tick_of[below] < tick_of[index]
+  frozen_time = sum(t.end - t.start for t in plan.timeline.actions if t.action.kind == FROZEN)
+  per_sample = {(i, l): layer.flops for i, part in enumerate(plan.frozen_parts) for l, layer in enumerate(part.layers)}
+  assert frozen_time == pytest.approx(sum(per_sample[p.part, p.layer] * p.samples for p in plan.frozen_pieces))
+  span = plan.timeline.makespan * plan.stages
+  assert plan.timeline.makespan == pytest.approx(baseline.timeline.makespan - baseline.timeline.leftover / plan.stages
+                                                 + plan.timeline.leftover / plan.stages)
+  assert plan.timeline.bubble_fraction == pytest.approx(
+      1 - (sum(plan.forward) + sum(plan.backward)) * plan.microbatches / span - frozen_time / span)
+  assert plan.timeline.bubble_fraction < 0.5 * make_plan(PipelineConfig(2, 2, 2, "diffusionpipe"), CFG.model, BATCH,
+                                                         IMAGE).timeline.bubble_fraction
+
+
+def test_frozen_encoder_needs_images_it_downsamples():
+  with pytest.raises(ValueError, match=r"sides divide by 2; got 15×16×3"):
+    make_plan(PipelineConfig(2, 2, 1, frozen_encoder="vae"), CFG.model, 8, (15, 16, 3))
+  with pytest.raises(ValueError, match="unknown frozen encoder 'clip'; valid: none, vae"):
+    PipelineConfig(2, 1, 1, frozen_encoder="clip")
 
 
 @pytest.mark.parametrize("stages,microbatches,schedule", [(2, 4, "gpipe"), (4, 4, "1f1b"), (3, 2, "diffusionpipe")])

@@ -72,38 +72,39 @@ def device_idle(timeline: Timeline) -> tuple[float, ...]:
   return tuple(1.0 - (timeline.busy(s) + share) / span if span else 0.0 for s in range(timeline.stages))
 
 
-def _methods(devices: int, microbatches: int, calibrate: bool) -> list[tuple[str, PipelineConfig]]:
-  return [("data", PipelineConfig(1, 1, devices, "1f1b", calibrate)),
-          *((name, PipelineConfig(devices, microbatches, 1, name, calibrate))
+def _methods(devices: int, microbatches: int, calibrate: bool, encoder: str) -> list[tuple[str, PipelineConfig]]:
+  return [("data", PipelineConfig(1, 1, devices, "1f1b", calibrate, encoder)),
+          *((name, PipelineConfig(devices, microbatches, 1, name, calibrate, encoder))
             for name in ("gpipe", "1f1b", "diffusionpipe"))]
 
 
 def measure(model: str = "tiny", batch: int = 8, image_size: int = 32, devices: int = 4, microbatches: int = 4,
-            iters: int = 3, *, calibrate: bool = False, echo=print) -> list[TrainRow]:
+            iters: int = 3, *, calibrate: bool = False, frozen_encoder: str = "none", echo=print) -> list[TrainRow]:
   """Steps/s and idle fractions of the four methods on `devices` devices, one global batch
-  (`calibrate`: planned with timed segment costs, which `echo` prints beside the analytic FLOPs)."""
+  (`calibrate`: planned with timed segment costs, which `echo` prints beside the analytic FLOPs;
+  `frozen_encoder`: every method trains on that frozen encoder's latents of the images)."""
   cfg = TrainConfig(out="", model=model, batch=batch, warmup_steps=1)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
   labels = rng.integers(0, 4, batch).astype(np.int32)
   rows = []
-  for method, pipeline in _methods(devices, microbatches, calibrate):
+  for method, pipeline in _methods(devices, microbatches, calibrate, frozen_encoder):
     run_plan = make_plan(pipeline, model, batch, (image_size, image_size, 3))
     if calibrate and method == "diffusionpipe":
-      analytic = analytic_costs(model, run_plan.image_shape, run_plan.microbatch)[0]
+      analytic = analytic_costs(model, run_plan.backbone_shape, run_plan.microbatch)[0]
       echo(f"{method}'s segment costs per micro-batch of {run_plan.microbatch} (planned with the timed ones):\n"
            + describe_costs(run_plan.segment_names, analytic, (run_plan.forward, run_plan.backward))
            + "\n" + run_plan.describe_partition())
     ex = executor_for(cfg, run_plan)
     state = jax.device_put(ex.init_state(0), ex.shardings())
-    tokens = ex.frozen_outputs(state, images, labels)
-    memory = ex.step.lower(state, tokens, images, images, labels).compile().memory_analysis()
-    state, loss, tokens = ex.step(state, tokens, images, images, labels)  # compiles
+    inputs = ex.frozen_outputs(state, images, labels)
+    memory = ex.step.lower(state, inputs, images, labels).compile().memory_analysis()
+    state, loss, inputs = ex.step(state, inputs, images, labels)  # compiles
     jax.block_until_ready(loss)
     times = []
     for _ in range(iters):
       began = time.perf_counter()
-      state, loss, tokens = ex.step(state, tokens, images, images, labels)
+      state, loss, inputs = ex.step(state, inputs, images, labels)
       jax.block_until_ready(loss)
       times.append(time.perf_counter() - began)
     rows.append(TrainRow(method, pipeline.stages, pipeline.microbatches, pipeline.data, float(np.median(times)),
@@ -185,10 +186,12 @@ COLUMNS = [Column("method", "method", align="<", width=13), Column("S", "stages"
 
 
 def run(model: str, batch: int, image_size: int, devices: int, microbatches: int, iters: int,
-        calibrate: bool = False) -> tuple[list, list]:
-  measured = measure(model, batch, image_size, devices, microbatches, iters, calibrate=calibrate)
+        calibrate: bool = False, frozen_encoder: str = "none") -> tuple[list, list]:
+  measured = measure(model, batch, image_size, devices, microbatches, iters, calibrate=calibrate,
+                     frozen_encoder=frozen_encoder)
   costs = "segment costs timed on this device (--calibrate)" if calibrate else "analytic FLOPs"
-  print(f"measured: {model} ({Backbone.of(model).kind}), global batch {batch} of {image_size}² images, {devices} "
+  encoder = "" if frozen_encoder == "none" else f" through the frozen {frozen_encoder!r} VAE encoder (its latents)"
+  print(f"measured: {model} ({Backbone.of(model).kind}), global batch {batch} of {image_size}² images{encoder}, {devices} "
         f"devices ({device_name()}; virtual CPU devices share the cores: steps/s are the executor's cost, not a "
         f"pipeline's gain); idle = the executed schedule's timeline under {costs}")
   print(render(COLUMNS, measured))

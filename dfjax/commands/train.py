@@ -8,6 +8,7 @@ from dfjax.commands.options import Flag, add_config_arguments, config_from_args
 from dfjax.eval.train_classifier import ClassifierTrainConfig, train_classifier
 from dfjax.training.loop import TrainConfig, train
 from dfjax.training.model import VARIANTS
+from dfjax.training.pipeline_frozen import FROZEN_ENCODERS
 from dfjax.training.pipeline_plan import PipelineConfig
 from dfjax.training.pipeline_schedule import Schedule
 from dfjax.training.pipeline_train import train_pipelined
@@ -48,7 +49,10 @@ def register(commands) -> None:
                        "bubbles; a DiT has no frozen part)",
                        choices=[s.value for s in Schedule]),
       "calibrate": Flag("plan the pipeline with each segment's forward and backward timed once on this device "
-                        "(printed beside the analytic FLOPs) instead of the FLOPs alone")})
+                        "(printed beside the analytic FLOPs) instead of the FLOPs alone"),
+      "frozen_encoder": Flag("a frozen VAE encoder (fixed weights) in front of the backbone, which then trains on "
+                             "its latents (half the image size); DiffusionPipe runs its layers in the bubbles",
+                             choices=["none", *FROZEN_ENCODERS])})
   _resumable(parser)
   # argparse hands `train classifier --out X` to the subcommand and would then find --out missing
   # on `train` itself: `run` checks it instead.

@@ -128,6 +128,40 @@ class ModelSpec:
   def to_json(self) -> dict[str, Any]:
     raise NotImplementedError
 
+  # -- what pipelined training (dfjax/training/pipeline_*.py) asks of a family
+
+  @property
+  def family(self) -> str:
+    """The family's name in messages: "UNet", "DiT"."""
+    raise NotImplementedError
+
+  @property
+  def model_config(self) -> UNetConfig | DiTConfig:
+    """The denoiser's config, which names its segments and gives their costs (models/build.py)."""
+    raise NotImplementedError
+
+  @property
+  def context_tokens(self) -> int:
+    """Tokens the denoiser's cross-attention reads per sample (the cost model's `text_tokens`)."""
+    raise NotImplementedError
+
+  @property
+  def class_token_shape(self) -> tuple[int, int] | None:
+    """(T, D) of the frozen class-token table that conditions the denoiser; None where the denoiser
+    embeds the labels itself (then the condition is the labels)."""
+    raise NotImplementedError
+
+  def condition_shape(self, batch: int) -> jax.ShapeDtypeStruct:
+    """What conditions `batch` samples: class tokens (b, T, D) or labels (b,)."""
+    shape = self.class_token_shape
+    if shape is None:
+      return jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+
+  def condition_inputs(self, condition: jax.Array) -> dict[str, jax.Array]:
+    """The denoiser's keyword arguments carrying the condition."""
+    raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class UNetSpec(ModelSpec):
@@ -161,7 +195,7 @@ class UNetSpec(ModelSpec):
 
   @property
   def token_dim(self) -> int:
-    return UNetConfig.from_diffusers_config(self.unet_config).encoder_dim
+    return self.model_config.encoder_dim
 
   def build(self, *, rngs: nnx.Rngs) -> nnx.Module:
     return ClassConditionalUNet(self, rngs=rngs)
@@ -169,6 +203,23 @@ class UNetSpec(ModelSpec):
   def to_json(self) -> dict[str, Any]:
     return {"unet_config": copy.deepcopy(self.unet_config), "num_classes": self.classes,
             "num_tokens": self.num_tokens}
+
+  family = "UNet"
+
+  @property
+  def model_config(self) -> UNetConfig:
+    return UNetConfig.from_diffusers_config(self.unet_config)
+
+  @property
+  def context_tokens(self) -> int:
+    return self.num_tokens
+
+  @property
+  def class_token_shape(self) -> tuple[int, int]:
+    return (self.num_tokens, self.token_dim)
+
+  def condition_inputs(self, condition: jax.Array) -> dict[str, jax.Array]:
+    return {"encoder_hidden_states": condition}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +245,24 @@ class DiTSpec(ModelSpec):
 
   @property
   def num_classes(self) -> int:
-    return DiTConfig.from_diffusers_config(self.dit_config).num_embeds_ada_norm
+    return self.model_config.num_embeds_ada_norm
 
   def build(self, *, rngs: nnx.Rngs) -> nnx.Module:
     return ClassConditionalDiT(self, rngs=rngs)
 
   def to_json(self) -> dict[str, Any]:
     return {"dit_config": copy.deepcopy(self.dit_config)}
+
+  family = "DiT"
+  context_tokens = 1  # no cross-attention: the cost model's minimum
+  class_token_shape = None  # it embeds the labels in its trainable "embed" segment
+
+  @property
+  def model_config(self) -> DiTConfig:
+    return DiTConfig.from_diffusers_config(self.dit_config)
+
+  def condition_inputs(self, condition: jax.Array) -> dict[str, jax.Array]:
+    return {"class_labels": condition}
 
 
 def _variants() -> dict[str, ModelSpec]:

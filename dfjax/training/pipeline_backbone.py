@@ -2,12 +2,13 @@
 
 Both `dfjax train` families (dfjax/training/model.py) are a trainable denoiser with named
 segments ("embed", the blocks, "out") folded over an explicit carry, so the pipeline cuts either
-at its segments. They differ in what conditions the denoiser and what is frozen:
+at its segments. They differ in what conditions the denoiser, which their specs answer
+(`ModelSpec.condition_shape`, `condition_inputs`, `class_token_shape`):
 
   UNet  the class-token table turns the (dropped) labels into the cross-attention context; it is
-        the frozen part, whose forward DiffusionPipe places in the bubbles;
-  DiT   embeds the labels itself, inside its trainable "embed" segment: the condition is the labels
-        and the model has no frozen part.
+        a frozen part, whose forward DiffusionPipe places in the bubbles
+        (dfjax/training/pipeline_frozen.py);
+  DiT   embeds the labels itself, inside its trainable "embed" segment: the condition is the labels.
 
 `Backbone.of(model)` gives the one object the planner, the calibration and the executor ask.
 """
@@ -18,10 +19,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from dfjax.training.model import VARIANTS, DiTSpec, ModelSpec, UNetSpec
+from dfjax.training.model import VARIANTS, ModelSpec
 from models.config import UNetConfig
 from models.dit_config import DiTConfig
 from models.layers import Workload
@@ -39,9 +39,8 @@ class Backbone:
 
   @classmethod
   def of(cls, model: str) -> Backbone:
-    spec = VARIANTS.get(model)
-    if not isinstance(spec, (UNetSpec, DiTSpec)):
-      raise ValueError(f"the pipelined step cuts a UNet or a DiT at its segments; --model {model} is neither: "
+    if model not in VARIANTS:
+      raise ValueError(f"the pipelined step trains a `dfjax train` variant; --model {model} is none: "
                        f"pick one of {', '.join(VARIANTS)}")
     return cls(model)
 
@@ -51,23 +50,15 @@ class Backbone:
 
   @property
   def kind(self) -> str:
-    return "UNet" if isinstance(self.spec, UNetSpec) else "DiT"
+    return self.spec.family
 
   @property
   def config(self) -> UNetConfig | DiTConfig:
-    if isinstance(self.spec, UNetSpec):
-      return UNetConfig.from_diffusers_config(self.spec.unet_config)
-    return DiTConfig.from_diffusers_config(self.spec.dit_config)
-
-  @property
-  def has_frozen(self) -> bool:
-    """Whether the model has a frozen part (the UNet's class tokens) for the bubbles."""
-    return isinstance(self.spec, UNetSpec)
+    return self.spec.model_config
 
   def workload(self, image_shape) -> Workload:
-    """The analytic cost model's input: the image and the context tokens (none for the DiT)."""
-    tokens = self.spec.num_tokens if isinstance(self.spec, UNetSpec) else 1
-    return Workload(rows=image_shape[0], cols=image_shape[1], text_tokens=tokens)
+    """The analytic cost model's input: the image and the context tokens."""
+    return Workload(rows=image_shape[0], cols=image_shape[1], text_tokens=self.spec.context_tokens)
 
   def build(self, *, rngs: nnx.Rngs) -> nnx.Module:
     """The joint model `dfjax train` trains (its `denoiser`, and `class_tokens` or None)."""
@@ -78,22 +69,11 @@ class Backbone:
 
   def condition_shape(self, batch: int) -> jax.ShapeDtypeStruct:
     """What conditions `batch` samples: class tokens (b, T, D) or labels (b,)."""
-    if isinstance(self.spec, UNetSpec):
-      return jax.ShapeDtypeStruct((batch, self.spec.num_tokens, self.spec.token_dim), jnp.float32)
-    return jax.ShapeDtypeStruct((batch,), jnp.int32)
-
-  def condition(self, frozen_graphdef, frozen_state, dropped_b: jax.Array) -> jax.Array:
-    """The condition of labels `dropped_b` (already dropped to the null class): the frozen part's
-    forward, the class tokens (b, T, D), for the UNet; the labels themselves for the DiT."""
-    if not self.has_frozen:
-      return dropped_b
-    return nnx.merge(frozen_graphdef, frozen_state)(dropped_b)
+    return self.spec.condition_shape(batch)
 
   def condition_inputs(self, condition) -> dict[str, Any]:
     """The denoiser's keyword arguments carrying the condition (to `first_carry`)."""
-    if isinstance(self.spec, UNetSpec):
-      return {"encoder_hidden_states": condition}
-    return {"class_labels": condition}
+    return self.spec.condition_inputs(condition)
 
   def first_carry(self, denoiser: nnx.Module, x_bhwc, t_b, condition):
     return denoiser.first_carry(x_bhwc, t_b, **self.condition_inputs(condition))

@@ -8,11 +8,13 @@ executor's `lax.scan` indexes by (tick, stage): which branch runs, on which micr
 arrives from the neighbouring stages, and which buffer slot holds it (`Slots`: as many as are in
 flight at once).
 
-The backbone is a UNet or a DiT (dfjax/training/pipeline_backbone.py). The UNet's frozen part (the
-class-token embedding, one layer) is a `FrozenJob` over a data shard's batch: DiffusionPipe's filler
-places pieces of it (runs of whole samples) into the bubbles, for the next step's batch; what does
-not fit, and all of it under GPipe / 1F1B, runs after the pipeline. The DiT has no frozen part (it
-embeds the labels in its trainable "embed" segment): its labels pass straight through.
+The backbone is a UNet or a DiT (dfjax/training/pipeline_backbone.py); in front of it are its frozen
+parts (dfjax/training/pipeline_frozen.py): the UNet's class-token table, and with `frozen_encoder`
+a VAE encoder whose latents the backbone trains on. Each is a chain of `FrozenJob` layers over a
+data shard's batch, costed per layer by the models' cost model: DiffusionPipe's filler places
+pieces (a layer on a run of whole samples, after the pieces of the layer below that made them) into
+the bubbles, for the next step's batch; what does not fit, and all of it under GPipe / 1F1B, runs
+after the pipeline (`leftover_pieces`, layer by layer).
 """
 
 from __future__ import annotations
@@ -25,13 +27,11 @@ import jax
 from dfjax.training import pipeline_schedule as ps
 from dfjax.training.pipeline_backbone import Backbone
 from dfjax.training.pipeline_calibrate import timed_costs
+from dfjax.training.pipeline_frozen import FROZEN_ENCODERS, FrozenPart, backbone_shape, frozen_parts
 from models.build import segment_costs
 from models.build import segment_names as model_segment_names
 from sharding.mesh import make_mesh
 from sharding.strategies.staged import stages_of
-
-CLASS_TOKENS = "class_tokens"
-
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -44,6 +44,8 @@ class PipelineConfig:
     schedule: "gpipe", "1f1b" or "diffusionpipe" (1F1B with the frozen work in its bubbles).
     calibrate: plan with each segment's forward and backward timed once on this device
       (dfjax/training/pipeline_calibrate.py) instead of the analytic FLOPs.
+    frozen_encoder: "none", or a frozen VAE encoder (`FROZEN_ENCODERS`) in front of the backbone,
+      which then trains on its latents.
   """
 
   stages: int = 1
@@ -51,6 +53,7 @@ class PipelineConfig:
   data: int = 1
   schedule: str = "diffusionpipe"
   calibrate: bool = False
+  frozen_encoder: str = "none"
 
   def __post_init__(self):
     for name in ("stages", "microbatches", "data"):
@@ -58,6 +61,18 @@ class PipelineConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     ps.Schedule.parse(self.schedule)
+    if self.frozen_encoder != "none" and self.frozen_encoder not in FROZEN_ENCODERS:
+      raise ValueError(f"unknown frozen encoder {self.frozen_encoder!r}; valid: none, {', '.join(FROZEN_ENCODERS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """Samples `first` … `first + samples − 1` of frozen part `part`'s layer `layer`."""
+
+  part: int
+  layer: int
+  first: int
+  samples: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,24 +96,28 @@ class PipelinePlan:
 
   Attributes:
     config: the PipelineConfig.
-    batch: the global batch B; image_shape: (H, W, C).
+    batch: the global batch B; image_shape: the images' (H, W, C); backbone_shape: what the backbone
+      trains on (the images, or the frozen encoder's latents).
     segment_names: the backbone's segments; stage_of_segment: the stage running each.
     forward, backward: each segment's cost per micro-batch (FLOPs, or seconds when timed).
+    frozen_parts: the frozen models in front of the backbone.
     timeline: the schedule's ticked timeline (with the frozen pieces for DiffusionPipe).
-    frozen_pieces: (first sample, samples) of each frozen piece, in the order the filler placed them.
-    leftover_pieces: the same for the frozen work run after the pipeline.
+    frozen_pieces: the pieces in the bubbles, in the timeline's order (the branch table's numbering).
+    leftover_pieces: the frozen work run after the pipeline, in dependency order.
   """
 
   config: PipelineConfig
   batch: int
   image_shape: tuple[int, int, int]
+  backbone_shape: tuple[int, int, int]
   segment_names: tuple[str, ...]
   stage_of_segment: tuple[int, ...]
   forward: tuple[float, ...]
   backward: tuple[float, ...]
+  frozen_parts: tuple[FrozenPart, ...]
   timeline: ps.Timeline
-  frozen_pieces: tuple[tuple[int, int], ...]
-  leftover_pieces: tuple[tuple[int, int], ...]
+  frozen_pieces: tuple[Piece, ...]
+  leftover_pieces: tuple[Piece, ...]
 
   @property
   def stages(self) -> int:
@@ -149,6 +168,11 @@ class PipelinePlan:
       else:
         table[timed.tick][a.stage] = 1 + 2 * a.stage + (a.kind == ps.BACKWARD)
     return table
+
+  def piece_table(self) -> list[list[int]]:
+    """[tick][stage]: the index in `frozen_pieces` of the piece run there (−1: none)."""
+    first = 1 + 2 * self.stages
+    return [[code - first if code >= first else -1 for code in row] for row in self.branch_table()]
 
   def microbatch_table(self) -> list[list[int]]:
     table = self._grid(-1)
@@ -251,19 +275,26 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
   if s * d > devices:
     raise ValueError(f"--pipeline-stages {s} × --data {d} = {s * d} devices, but {devices} are available; "
                      f"choose stages × data ≤ {devices} (on a CPU, --cpu-devices N)")
-  micro = batch // (d * m)
+  micro, shard = batch // (d * m), batch // d
+  x_shape = backbone_shape(pipeline.frozen_encoder, tuple(image_shape))
+  flops = analytic_costs(model, x_shape, micro)
   if costs is None:
-    costs = (timed_costs if pipeline.calibrate else analytic_costs)(model, tuple(image_shape), micro)
+    costs = timed_costs(model, x_shape, micro) if pipeline.calibrate else flops
   forward, backward = map(tuple, costs)
-  backbone, shard = Backbone.of(model), batch // d
-  jobs = []
-  if backbone.has_frozen:  # the class-token lookup: one layer, a copy of T × D values per sample
-    spec = backbone.spec
-    jobs.append(ps.FrozenJob(CLASS_TOKENS, (float(shard * spec.num_tokens * spec.token_dim),), shard))
+  # the frozen layers' FLOPs in the backbone's cost unit: seconds at the backbone's timed FLOP rate
+  unit = sum(forward) / sum(flops[0])
+  parts = frozen_parts(Backbone.of(model).spec, pipeline.frozen_encoder, tuple(image_shape))
+  jobs = [ps.FrozenJob(part.name, tuple(unit * shard * layer.flops for layer in part.layers), shard)
+          for part in parts]
   timeline = ps.plan(pipeline.schedule, forward, backward, s, m, frozen=jobs)
-  placed = [t.action.samples for t in timeline.actions if t.action.kind == ps.FROZEN]
-  pieces = tuple(zip((sum(placed[:i]) for i in range(len(placed))), placed))
-  done = sum(placed)
-  leftover = ((done, shard - done),) if done < shard else ()
-  return PipelinePlan(pipeline, batch, tuple(image_shape), names, stages_of(timeline.cuts, len(names)),
-                      tuple(forward), tuple(backward), timeline, pieces, leftover)
+  part_of = {part.name: i for i, part in enumerate(parts)}
+  pieces = tuple(Piece(part_of[t.action.job], t.action.layer, t.action.first, t.action.samples)
+                 for t in timeline.actions if t.action.kind == ps.FROZEN)
+  leftover = []
+  for i, part in enumerate(parts):
+    for layer in range(len(part.layers)):
+      done = sum(p.samples for p in pieces if (p.part, p.layer) == (i, layer))  # the layer's first samples
+      if done < shard:
+        leftover.append(Piece(i, layer, done, shard - done))
+  return PipelinePlan(pipeline, batch, tuple(image_shape), x_shape, names, stages_of(timeline.cuts, len(names)),
+                      forward, backward, parts, timeline, pieces, tuple(leftover))

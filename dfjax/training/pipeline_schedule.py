@@ -60,7 +60,7 @@ class FrozenJob:
 @dataclasses.dataclass(frozen=True)
 class Action:
   """One piece of work on one stage: a micro-batch's forward or backward through the stage's
-  segments, or `samples` samples of a frozen job's `layer`."""
+  segments, or samples `first` … `first + samples − 1` of a frozen job's `layer`."""
 
   kind: str
   stage: int
@@ -68,6 +68,7 @@ class Action:
   job: str = ""
   layer: int = -1
   samples: int = 0
+  first: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +265,10 @@ def fill_bubbles(timeline: Timeline, jobs: Sequence[FrozenJob]) -> Timeline:
   """DiffusionPipe's greedy filler: the next iteration's frozen work placed into this one's bubbles.
 
   Bubbles are taken in time order; each gets as much of the frozen jobs as fits, layer by layer
-  (a sample's layer l only after its layer l − 1 has finished, on any stage), the batch cut into
-  partial pieces of whole samples where a layer of the whole batch does not fit. What is left
-  runs after the pipeline, data-parallel over the stages (`Timeline.leftover`).
+  (samples of layer l only once layer l − 1 has finished them, on any stage), the batch cut into
+  partial pieces of whole samples where a layer of the whole batch does not fit. A layer's pieces
+  take its samples in order. What is left runs after the pipeline, data-parallel over the stages
+  (`Timeline.leftover`).
   """
   state = [_JobProgress(job) for job in jobs]
   placed = []
@@ -278,7 +280,9 @@ def fill_bubbles(timeline: Timeline, jobs: Sequence[FrozenJob]) -> Timeline:
         if piece is None:
           break
         layer, samples, cost = piece
-        placed.append(Timed(Action(FROZEN, stage, job=progress.job.name, layer=layer, samples=samples), t, t + cost))
+        first = progress.done(layer)
+        placed.append(Timed(Action(FROZEN, stage, job=progress.job.name, layer=layer, samples=samples, first=first),
+                            t, t + cost))
         progress.record(layer, samples, t + cost)
         t += cost
   leftover = sum(p.remaining_cost() for p in state)
@@ -288,23 +292,33 @@ def fill_bubbles(timeline: Timeline, jobs: Sequence[FrozenJob]) -> Timeline:
 
 
 class _JobProgress:
-  """How far a frozen job has got: samples finished per layer, with the times they finished."""
+  """How far a frozen job has got: per layer, its pieces in sample order, with their end times."""
 
   def __init__(self, job: FrozenJob):
     self.job = job
     self.finished: list[list[tuple[float, int]]] = [[] for _ in job.layer_costs]  # per layer: (end, samples)
 
-  def _count(self, layer: int, by: float = float("inf")) -> int:
-    return sum(n for end, n in self.finished[layer] if end <= by + 1e-12)
+  def done(self, layer: int) -> int:
+    """Samples of `layer` placed so far (they are its first ones)."""
+    return sum(n for _, n in self.finished[layer])
+
+  def _ready(self, layer: int, by: float) -> int:
+    """The first samples of `layer` all finished by `by`: a later piece may end before an earlier one."""
+    count = 0
+    for end, n in self.finished[layer]:
+      if end > by + 1e-12:
+        break
+      count += n
+    return count
 
   def next_piece(self, at: float, room: float) -> tuple[int, int, float] | None:
     """(layer, samples, cost) of the largest piece startable at `at` that fits in `room`, or None."""
     for layer, layer_cost in enumerate(self.job.layer_costs):
-      todo = self.job.samples - self._count(layer)
+      todo = self.job.samples - self.done(layer)
       if todo == 0:
         continue
-      ready = self.job.samples if layer == 0 else self._count(layer - 1, by=at)
-      startable = min(todo, ready - self._count(layer))
+      ready = self.job.samples if layer == 0 else self._ready(layer - 1, by=at)
+      startable = min(todo, ready - self.done(layer))
       per_sample = layer_cost / self.job.samples
       fits = startable if per_sample == 0 else min(startable, int(room / per_sample + 1e-9))
       return (layer, fits, fits * per_sample) if fits > 0 else None  # layers run in order
@@ -314,7 +328,7 @@ class _JobProgress:
     self.finished[layer].append((end, samples))
 
   def remaining_cost(self) -> float:
-    return sum(cost * (1 - self._count(layer) / self.job.samples) for layer, cost in enumerate(self.job.layer_costs))
+    return sum(cost * (1 - self.done(layer) / self.job.samples) for layer, cost in enumerate(self.job.layer_costs))
 
 
 # ---------------------------------------------------------------------------------- ticks
@@ -328,7 +342,7 @@ def assign_ticks(timeline: Timeline) -> Timeline:
   """
   last_on_stage: dict[int, int] = {}
   tick_of: dict[tuple[str, int, int], int] = {}
-  frozen_tick: dict[tuple[str, int], int] = {}  # (job, layer) → the last tick that finished some of it
+  frozen_ticks: dict[tuple[str, int], list[tuple[int, int, int]]] = {}  # (job, layer) → (first, end, tick)
   ticked = []
   for timed in sorted(timeline.actions, key=lambda a: (a.start, a.action.stage)):
     a = timed.action
@@ -339,12 +353,13 @@ def assign_ticks(timeline: Timeline) -> Timeline:
       after = max(after, tick_of[(FORWARD, a.stage, a.microbatch)])
       if a.stage < timeline.stages - 1:
         after = max(after, tick_of[(BACKWARD, a.stage + 1, a.microbatch)])
-    elif a.kind == FROZEN and a.layer > 0:
-      after = max(after, frozen_tick.get((a.job, a.layer - 1), -1))
+    elif a.kind == FROZEN and a.layer > 0:  # after the pieces of the layer below that made its samples
+      after = max([after] + [tick for first, end, tick in frozen_ticks.get((a.job, a.layer - 1), ())
+                             if first < a.first + a.samples and a.first < end])
     tick = after + 1
     last_on_stage[a.stage] = tick
     if a.kind == FROZEN:
-      frozen_tick[(a.job, a.layer)] = max(frozen_tick.get((a.job, a.layer), -1), tick)
+      frozen_ticks.setdefault((a.job, a.layer), []).append((a.first, a.first + a.samples, tick))
     else:
       tick_of[(a.kind, a.stage, a.microbatch)] = tick
     ticked.append(dataclasses.replace(timed, tick=tick))

@@ -11,11 +11,16 @@ action in a static (ticks, S) table and runs it with `lax.switch` —
          batch, the others read the activation they received; the last stage takes the loss);
   B(m)   the backward: `jax.vjp` of the stage, recomputed from the stashed input, with the
          gradient received from the next stage (the last stage starts from the loss);
-  piece  a piece of the frozen class-token embedding's work for the NEXT step's batch, in a
-         bubble (DiffusionPipe's cross-iteration overlap, partial batches; the UNet only);
+  piece  one layer of a frozen part (the UNet's class tokens, the VAE encoder: pipeline_frozen.py) on
+         a run of samples of the NEXT step's batch, in a bubble (DiffusionPipe's cross-iteration
+         overlap, partial batches);
 
 — then every stage sends its activation to the next stage and its gradient to the previous one
-(`ppermute`, outside the branches). What crosses a cut is a model carry of a different pytree at
+(`ppermute`, outside the branches), and the pieces made this tick go to every stage: each stage
+puts what its piece made into a fixed-size outbox, an `all_gather` over `stage` hands every
+stage all outboxes, and each writes them into its copy of the parts' per-layer buffers (carried
+through the scan), so that a later layer's piece on any stage reads its input there. Pieces the
+bubbles had no room for run after the scan, layer by layer, on every stage. What crosses a cut is a model carry of a different pytree at
 every cut, so each is flattened into one padded 1-D buffer of the longest cut's length, the same
 shape everywhere. After the scan, the gradients are summed over `data`, and AdamW with global-norm
 clipping (elementwise on the packed rows: the norm is the only reduction over `stage`) and the EMA
@@ -24,11 +29,14 @@ update the rows, exactly the optimiser `dfjax.training.loop` runs on one device.
 The UNet's class tokens are frozen in pipeline mode (they keep their initial values): that is the
 frozen part of this model, as the text and VAE encoders are for Stable Diffusion. The DiT embeds
 its labels in its trainable "embed" segment, so all of it trains, as in `dfjax.training.loop`, and
-its "condition" (what the previous step hands on) is the dropped labels themselves.
+its "condition" (what the previous step hands on) is the dropped labels themselves. What a step
+hands the next is {"condition": …, "x0": what the backbone trains on (the images, or the frozen
+encoder's latents)}.
 
-Shape letters: B batch (global), b a data shard's batch, u a micro-batch, H, W, C image, T class
-tokens, D token width, L the padded cut length, k a buffer's slots, n a stage row's length; `…` the
-condition's per-sample shape (T, D class tokens for the UNet, none: a label, for the DiT).
+Shape letters: B batch (global), b a data shard's batch, u a micro-batch, H, W, C what the backbone
+trains on, T class tokens, D token width, L the padded cut length, k a buffer's slots, n a stage
+row's length, O the outbox; `…` the condition's per-sample shape (T, D class tokens for the UNet,
+none: a label, for the DiT).
 """
 
 from __future__ import annotations
@@ -48,10 +56,11 @@ from jax.sharding import PartitionSpec as P
 
 from dfjax.training.loop import FAST_COMPILE, TrainConfig, make_optimizer, noised_batch
 from dfjax.training.pipeline_backbone import Backbone
-from dfjax.training.pipeline_plan import PipelinePlan
+from dfjax.training.pipeline_frozen import CONDITION, IMAGES, LABELS, X0
+from dfjax.training.pipeline_plan import Piece, PipelinePlan
 from models.parallel import SINGLE_DEVICE
 from sharding.axes import DATA, STAGE
-from sharding.exchange.stages import to_next_stage, to_previous_stage
+from sharding.exchange.stages import gather_from_stages, to_next_stage, to_previous_stage
 from sharding.stage_params import StagedParams, params_by_segment
 from sharding.strategies.staged import run_stage
 
@@ -101,8 +110,8 @@ class PipelineExecutor:
   """The compiled pieces of pipelined training for one model, image size, batch and plan.
 
   Build it with `PipelineExecutor(cfg, plan)`; `init_state`, `frozen_outputs` and `step` are
-  jitted. State: {"params": {"rows": {dtype: (S, n)}}, "opt_state", "ema", "step", and for the UNet
-  "frozen": the class-token table (replicated)}, rows sharded over `stage`, replicated over `data`.
+  jitted. State: {"params": {"rows": {dtype: (S, n)}}, "opt_state", "ema", "step", "frozen": {part
+  name: its params} (replicated)}, rows sharded over `stage`, replicated over `data`.
   """
 
   def __init__(self, cfg: TrainConfig, plan: PipelinePlan):
@@ -111,8 +120,10 @@ class PipelineExecutor:
     self.backbone = Backbone.of(cfg.model)
     abstract = self.backbone.abstract()
     self.denoiser_graphdef, denoiser_state = nnx.split(abstract.denoiser, nnx.Param)
-    self.frozen_graphdef = nnx.split(abstract.class_tokens, nnx.Param)[0] if self.backbone.has_frozen else None
-    u, (h, w, c) = plan.microbatch, plan.image_shape
+    self.part_graphdefs = [nnx.split(part.abstract(abstract), nnx.Param)[0] for part in plan.frozen_parts]
+    for part in plan.frozen_parts:  # a frozen encoder's fixed weights, made now: `fresh_state` runs in a trace
+      part.params(abstract)
+    u, (h, w, c) = plan.microbatch, plan.backbone_shape
     condition = self.backbone.condition_shape(u)
     x, t = np.zeros((u, h, w, c), np.float32), np.zeros((u,), np.int32)
     condition = np.zeros(condition.shape, condition.dtype)
@@ -166,11 +177,10 @@ class PipelineExecutor:
   def state_from(self, model: nnx.Module) -> dict:
     """Fresh training state from a joint model's params (traceable)."""
     packed = self.pack_params(nnx.state(model.denoiser, nnx.Param))
-    state = {"params": packed, "opt_state": self.optimizer.init(packed), "ema": jax.tree.map(jnp.copy, packed),
-             "step": jnp.zeros((), jnp.int32)}
-    if self.backbone.has_frozen:  # copied: `step` donates the state
-      state["frozen"] = jax.tree.map(jnp.copy, nnx.state(model.class_tokens, nnx.Param))
-    return state
+    frozen = {part.name: jax.tree.map(jnp.copy, part.params(model))  # copied: `step` donates the state
+              for part in self.plan.frozen_parts}
+    return {"params": packed, "opt_state": self.optimizer.init(packed), "ema": jax.tree.map(jnp.copy, packed),
+            "step": jnp.zeros((), jnp.int32), "frozen": frozen}
 
   def pack_params(self, denoiser_params) -> dict:
     """Denoiser params → {"rows": {dtype: (S, n)}} (traceable: StagedParams.pack's layout)."""
@@ -194,60 +204,73 @@ class PipelineExecutor:
     """The trained joint model (the denoiser from the rows, EMA or raw; the frozen class tokens)."""
     abstract = self.backbone.abstract()
     nnx.update(abstract.denoiser, self.denoiser_params(state["ema"] if ema else state["params"]))
-    if self.backbone.has_frozen:
-      nnx.update(abstract.class_tokens, jax.device_get(state["frozen"]))
+    if "class_tokens" in state["frozen"]:
+      nnx.update(abstract.class_tokens, jax.device_get(state["frozen"]["class_tokens"]))
     return abstract
 
-  # -- the frozen part
+  # -- the frozen parts
 
-  def _condition(self, frozen, labels_b):
-    return self.backbone.condition(self.frozen_graphdef, frozen, labels_b)  # b, …
+  def _part_modules(self, frozen: dict) -> list[nnx.Module]:
+    return [nnx.merge(graphdef, frozen[part.name]) for graphdef, part in zip(self.part_graphdefs,
+                                                                               self.plan.frozen_parts)]
 
-  def _frozen_outputs(self, state: dict, images_bhwc: jax.Array, labels_b: jax.Array) -> jax.Array:
-    """The condition of step state["step"]'s batch (the frozen part's outputs), computed up front: the
-    first step's input (later steps get them from the previous step's bubbles)."""
+  def _passed_through(self, dropped_b, images_bhwc) -> dict:
+    """What a step hands the next where no frozen part makes it: the labels, the images."""
+    return {CONDITION: dropped_b, X0: images_bhwc}
+
+  def _frozen_outputs(self, state: dict, images_bhwc: jax.Array, labels_b: jax.Array) -> dict:
+    """{"condition", "x0"} of step state["step"]'s batch (the frozen parts' outputs), computed up
+    front: the first step's input (later steps get them from the previous step's bubbles)."""
     dropped_b = noised_batch(step_key(self.cfg, state["step"]), images_bhwc, labels_b, self.cfg)[3]
-    return self._condition(state.get("frozen"), dropped_b)  # B, …
+    out, sources = self._passed_through(dropped_b, images_bhwc), {LABELS: dropped_b, IMAGES: images_bhwc}
+    for part, module in zip(self.plan.frozen_parts, self._part_modules(state["frozen"])):
+      out[part.makes] = part.run(module, sources[part.reads])  # B, …
+    return out
 
   # -- the step
 
-  def _step(self, state: dict, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b):
-    """One optimiser step: (state, this batch's class tokens, images, next batch) →
-    (state, loss, the next batch's class tokens). `state` is donated."""
-    loss, grads, next_tokens = self._loss_and_grads(state, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b)
+  def _step(self, state: dict, inputs: dict, next_images_bhwc, next_labels_b):
+    """One optimiser step: (state, this batch's {"condition", "x0"}, the next batch) →
+    (state, loss, the next batch's {"condition", "x0"}). `state` is donated."""
+    loss, grads, next_inputs = self._loss_and_grads(state, inputs, next_images_bhwc, next_labels_b)
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     step = state["step"].astype(jnp.float32)
     decay = jnp.minimum(self.cfg.ema_decay, (1.0 + step) / (10.0 + step))  # as loop._step
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state["ema"], params)
     new = {**state, "params": params, "opt_state": opt_state, "ema": ema, "step": state["step"] + 1}
-    return new, loss, next_tokens
+    return new, loss, next_inputs
 
-  def _loss_and_grads(self, state, tokens_btd, images_bhwc, next_images_bhwc, next_labels_b):
+  def _loss_and_grads(self, state, inputs, next_images_bhwc, next_labels_b):
     """The pipelined forward and backward of one global batch: (loss, grads of the packed rows,
-    the next batch's class tokens)."""
-    x_bhwc, t_b, target_bhwc, _ = noised_batch(step_key(self.cfg, state["step"]), images_bhwc,
-                                               jnp.zeros(images_bhwc.shape[:1], jnp.int32), self.cfg)
+    the next batch's inputs)."""
+    x0_bhwc = inputs[X0]
+    x_bhwc, t_b, target_bhwc, _ = noised_batch(step_key(self.cfg, state["step"]), x0_bhwc,
+                                               jnp.zeros(x0_bhwc.shape[:1], jnp.int32), self.cfg)
     next_dropped_b = noised_batch(step_key(self.cfg, state["step"] + 1), next_images_bhwc, next_labels_b,
                                   self.cfg)[3]
-    scale = 1.0 / math.prod(images_bhwc.shape)  # the loss is the mean over the global batch
+    scale = 1.0 / math.prod(x0_bhwc.shape)  # the loss is the mean over the global batch
     row, batch, rep = P(STAGE), P(DATA), P()
+    rows = {"rows": {d: row for d, _ in self.staged.row_lengths}}
     run = jax.shard_map(functools.partial(self._on_device, scale=scale), mesh=self.mesh,
-                        in_specs=({"rows": {d: row for d, _ in self.staged.row_lengths}}, rep, batch, batch, batch,
-                                  batch, batch),
-                        out_specs=(rep, {"rows": {d: row for d, _ in self.staged.row_lengths}}, batch),
-                        check_vma=False)
+                        in_specs=(rows, rep, batch, batch, batch, batch, batch, batch),
+                        out_specs=(rep, rows, batch), check_vma=False)
     on_data = lambda a: jax.reshard(a, NamedSharding(self.mesh, batch))  # noqa: E731
     return run(jax.reshard(state["params"], NamedSharding(self.mesh, row)),
-               jax.reshard(state.get("frozen", {}), NamedSharding(self.mesh, rep)),
-               *map(on_data, (tokens_btd, x_bhwc, t_b, target_bhwc, next_dropped_b)))
+               jax.reshard(state["frozen"], NamedSharding(self.mesh, rep)),
+               *map(on_data, (inputs[CONDITION], x_bhwc, t_b, target_bhwc, next_dropped_b, next_images_bhwc)))
 
-  def _on_device(self, params, frozen, tokens_btd, x_bhwc, t_b, target_bhwc, next_dropped_b, *, scale):
+  def _on_device(self, params, frozen, condition_b, x_bhwc, t_b, target_bhwc, next_dropped_b, next_images_bhwc, *,
+                 scale):
     """One device's share of the step: the scan over ticks, then the sums over `data` and `stage`."""
     plan, stages, u, length = self.plan, self.plan.stages, self.plan.microbatch, self.length
     rows = params["rows"]
     here = lax.axis_index(STAGE)
     wire = jnp.float32
+    parts, pieces = plan.frozen_parts, plan.frozen_pieces
+    modules = self._part_modules(frozen)
+    sources = {LABELS: next_dropped_b, IMAGES: next_images_bhwc}
+    outbox = max((p.samples * parts[p.part].layers[p.layer].sample_size for p in pieces), default=1)  # O
 
     def microbatch(a, m):
       return lax.dynamic_slice_in_dim(a, m * u, u)
@@ -257,7 +280,7 @@ class PipelineExecutor:
       def run(rows, in_l, m):
         if stage == 0:
           carry = self.backbone.first_carry(self._denoiser(rows, 0), microbatch(x_bhwc, m), microbatch(t_b, m),
-                                            microbatch(tokens_btd, m))
+                                            microbatch(condition_b, m))
         else:
           carry = self.cuts[stage - 1].unpack(in_l)
         carry = self._run_stage(stage, rows, carry)
@@ -266,18 +289,25 @@ class PipelineExecutor:
         return scale * jnp.sum(jnp.square(carry.h.astype(jnp.float32) - microbatch(target_bhwc, m)))
       return run
 
-    zero_l = jnp.zeros((length,), wire)
+    zero_l, zero_o = jnp.zeros((length,), wire), jnp.zeros((outbox,), wire)
 
-    # a branch gets the tick's stashed activation and received gradient (zeros where it has none)
+    def run_piece(made, piece: Piece) -> jax.Array:
+      """The piece's layer on its samples, its input read from the layer below's buffer (or the batch)."""
+      part = parts[piece.part]
+      below = sources[part.reads] if piece.layer == 0 else made[piece.part][piece.layer - 1]
+      return part.run_layer(modules[piece.part], piece.layer, below[piece.first:piece.first + piece.samples])
+
+    # a branch gets the tick's stashed activation and received gradient (zeros where it has none) and
+    # returns (work, to the next stage, to the previous stage, outbox)
     def idle(work, in_l, grad_l, m):
-      return work, zero_l, zero_l
+      return work, zero_l, zero_l, zero_o
 
     def forward(stage):
       def branch(work, in_l, grad_l, m):
         out = stage_fn(stage)(rows, in_l, m)
         if stage < stages - 1:
-          return work, out, zero_l
-        return {**work, "loss": work["loss"] + out}, zero_l, zero_l
+          return work, out, zero_l, zero_o
+        return {**work, "loss": work["loss"] + out}, zero_l, zero_l, zero_o
       return branch
 
     def backward(stage):
@@ -286,20 +316,34 @@ class PipelineExecutor:
         cotangent = grad_l if stage < stages - 1 else jnp.ones((), out.dtype)
         g_rows, g_in = pullback(cotangent)
         grads = jax.tree.map(jnp.add, work["grads"], g_rows)
-        return {**work, "grads": grads}, zero_l, (g_in if stage > 0 else zero_l)
+        return {**work, "grads": grads}, zero_l, (g_in if stage > 0 else zero_l), zero_o
       return branch
 
-    def frozen_piece(start, samples):
+    def frozen_piece(piece: Piece):
       def branch(work, in_l, grad_l, m):
-        tokens = self._condition(frozen, next_dropped_b[start:start + samples])  # pieces, T, D
-        return {**work, "next_tokens": lax.dynamic_update_slice_in_dim(work["next_tokens"], tokens, start, 0)}, \
-            zero_l, zero_l
+        made = jnp.ravel(run_piece(work["made"], piece)).astype(wire)
+        return work, zero_l, zero_l, jnp.pad(made, (0, outbox - made.shape[0]))
       return branch
+
+    def write(piece: Piece):
+      """Stores a gathered outbox holding `piece`'s output into the piece's layer buffer."""
+      layer = parts[piece.part].layers[piece.layer]
+
+      def store(made, outbox_o):
+        value = outbox_o[:piece.samples * layer.sample_size].reshape(piece.samples, *layer.sample_shape)
+        buffer = made[piece.part][piece.layer]
+        made = [list(per_part) for per_part in made]
+        made[piece.part][piece.layer] = lax.dynamic_update_slice_in_dim(buffer, value.astype(buffer.dtype),
+                                                                       piece.first, 0)
+        return made
+      return store
 
     # numbered as PipelinePlan.branch_table numbers them
     branches = [idle] + [f(s) for s in range(stages) for f in (forward, backward)]
-    branches += [frozen_piece(start, samples) for start, samples in plan.frozen_pieces]
+    branches += [frozen_piece(piece) for piece in pieces]
+    writers = [lambda made, outbox_o: made] + [write(piece) for piece in pieces]
     table = jnp.asarray(plan.branch_table())  # ticks, S
+    piece_at = jnp.asarray(plan.piece_table())  # ticks, S
     micro = jnp.asarray(plan.microbatch_table())  # ticks, S
     # the buffers kept between ticks hold only what is in flight: 1F1B's stash ~S slots, GPipe's M
     activations, gradients = plan.activation_slots(), plan.gradient_slots()
@@ -308,27 +352,36 @@ class PipelineExecutor:
 
     def tick(carry, k):
       work, stash, received = carry  # slots, L each
-      work, send_forward, send_backward = lax.switch(table[k, here], branches, work, stash[read_stash[k, here]],
-                                                     received[read_received[k, here]],
-                                                     jnp.maximum(micro[k, here], 0))
+      work, send_forward, send_backward, made_o = lax.switch(
+          table[k, here], branches, work, stash[read_stash[k, here]], received[read_received[k, here]],
+          jnp.maximum(micro[k, here], 0))
       arrived_forward = to_next_stage(send_forward, stages)  # L
       arrived_backward = to_previous_stage(send_backward, stages)  # L
       stash = _store(stash, arrived_forward, stash_at[k, here])
       received = _store(received, arrived_backward, received_at[k, here])
+      if pieces:  # every stage's piece of this tick into every stage's buffers
+        gathered_so = gather_from_stages(made_o)  # S, O
+        made = work["made"]
+        for origin in range(stages):
+          made = lax.switch(piece_at[k, origin] + 1, writers, made, gathered_so[origin])
+        work = {**work, "made": made}
       return (work, stash, received), None
 
-    condition = self.backbone.condition_shape(next_dropped_b.shape[0])  # b, …
-    work = {"grads": jax.tree.map(jnp.zeros_like, rows), "loss": jnp.zeros((), jnp.float32),
-            "next_tokens": jnp.zeros(condition.shape, condition.dtype)}
+    b = next_dropped_b.shape[0]
+    made = [[jnp.zeros((b, *layer.sample_shape), layer.dtype) for layer in part.layers] for part in parts]
+    work = {"grads": jax.tree.map(jnp.zeros_like, rows), "loss": jnp.zeros((), jnp.float32), "made": made}
     buffers = (jnp.zeros((activations.count, length), wire), jnp.zeros((gradients.count, length), wire))
     (work, _, _), _ = lax.scan(tick, (work, *buffers), jnp.arange(plan.ticks))
     grads = jax.tree.map(lambda g: lax.psum(g, DATA), work["grads"])
     loss = lax.psum(work["loss"], (DATA, STAGE))
-    next_tokens = lax.psum(work["next_tokens"], STAGE)  # each piece was written on one stage, zeros elsewhere
-    for start, samples in plan.leftover_pieces:  # frozen work the bubbles had no room for
-      next_tokens = next_tokens.at[start:start + samples].set(
-          self._condition(frozen, next_dropped_b[start:start + samples]))
-    return loss, {"rows": grads}, next_tokens
+    made = [list(per_part) for per_part in work["made"]]
+    for piece in plan.leftover_pieces:  # frozen work the bubbles had no room for, in layer order
+      made[piece.part][piece.layer] = made[piece.part][piece.layer].at[piece.first:piece.first + piece.samples].set(
+          run_piece(made, piece))
+    next_inputs = self._passed_through(next_dropped_b, next_images_bhwc)
+    for part, per_layer in zip(parts, made):
+      next_inputs[part.makes] = per_layer[-1]  # the same on every stage: each piece was gathered by all
+    return loss, {"rows": grads}, next_inputs
 
 
 def _store(buffers_kl: jax.Array, value_l: jax.Array, slot: jax.Array) -> jax.Array:

@@ -7,9 +7,9 @@ checkpoints, now of the per-stage state (each stage's rows are saved from, and r
 own devices), the same loss curve and export.
 
 The backbone is the UNet or the DiT (dfjax/training/pipeline_backbone.py). A step's condition (the
-UNet's frozen class tokens; the DiT's labels) comes from the previous step's bubbles (cross-iteration
-overlap); the first step of a process computes it up front, which gives the same values, so a
-resumed run continues exactly.
+UNet's frozen class tokens; the DiT's labels) and, with `--frozen-encoder vae`, the latents it trains
+on come from the previous step's bubbles (cross-iteration overlap); the first step of a process
+computes them up front, which gives the same values, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Pipelined:
   def __init__(self, cfg: TrainConfig, plan: PipelinePlan):
     self.cfg, self.plan = cfg, plan
     self.executor = executor_for(cfg, plan)
-    self._tokens = None  # the frozen outputs for the batch of step self._step
+    self._inputs = None  # the frozen parts' outputs for the batch of step self._step
     self._step: int | None = None
 
   def init_state(self, seed, *, cfg=None):
@@ -50,9 +50,9 @@ class Pipelined:
   def train_step(self, state: dict, images, labels, *, cfg=None):
     if self._step is None:  # the first step of this process: its frozen work up front
       self._step = int(state["step"])
-      self._tokens = self.executor.frozen_outputs(state, images, labels)
+      self._inputs = self.executor.frozen_outputs(state, images, labels)
     next_images, next_labels = data.batch((self.cfg.seed, self._step + 1), self.cfg.batch)
-    state, loss, self._tokens = self.executor.step(state, self._tokens, images, next_images, next_labels)
+    state, loss, self._inputs = self.executor.step(state, self._inputs, next_images, next_labels)
     self._step += 1
     return state, loss
 
@@ -79,7 +79,7 @@ def train_pipelined(cfg: TrainConfig, pipeline: PipelineConfig, *, resume: bool 
                      f"now {settings}; use the original flags or another --out")
   runner = Pipelined(cfg, plan)
   if pipeline.calibrate:
-    echo(describe_costs(plan.segment_names, analytic_costs(cfg.model, plan.image_shape, plan.microbatch)[0],
+    echo(describe_costs(plan.segment_names, analytic_costs(cfg.model, plan.backbone_shape, plan.microbatch)[0],
                         (plan.forward, plan.backward)))
   echo(plan.describe_partition())
   echo(describe(plan.timeline))

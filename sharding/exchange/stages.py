@@ -44,3 +44,9 @@ def to_previous_stage(tree, stages: int):
   stage receives zeros."""
   pairs = [(s + 1, s) for s in range(stages - 1)]
   return jax.tree.map(lambda a: lax.ppermute(a, STAGE, pairs), tree)
+
+
+def gather_from_stages(tree):
+  """Every stage's `tree` on every stage, stacked in stage order (S, …): what each stage made this tick,
+  for any stage to read later (DiffusionPipe's frozen-layer pieces)."""
+  return jax.tree.map(lambda a: lax.all_gather(a, STAGE), tree)

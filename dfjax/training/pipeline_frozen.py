@@ -1,0 +1,183 @@
+"""The frozen models whose forward DiffusionPipe runs in the pipeline's bubbles, layer by layer.
+
+A `FrozenPart` is a non-trainable model in front of the backbone, seen as a chain of layers: the
+planner (dfjax/training/pipeline_plan.py) gives the greedy filler each layer's cost, and the
+executor (dfjax/training/pipeline_step.py) runs each (layer, sample range) piece where the filler
+put it, for the next step's batch. Two parts exist:
+
+  class_tokens  the UNet's class-token table (one layer: labels → the cross-attention context), built
+                with the UNet from the run's seed and never trained in pipeline mode;
+  vae_encoder   `--frozen-encoder vae`: a small `models.vae.Encoder` (FROZEN_ENCODERS), weights from
+                a fixed seed (a stand-in for a pretrained VAE, the same in every run), that turns the
+                images into the latents the backbone then trains on: the posterior mean, scaled.
+
+What a part reads is the step's dropped labels or its images; what its last layer makes is the
+backbone's condition or its training input x0. Where no part makes one, it passes straight through
+(the DiT's condition is the labels; without an encoder x0 is the images).
+
+Each of the encoder's layers runs one sample at a time (`lax.map`): XLA's CPU convolutions choose
+their blocking by batch size, so a batched layer's result for a sample would depend, in the last
+bits, on which piece of the batch it ran in; one at a time, a sample's latents are the same in any
+piece, in any bubble, and up front.
+
+Shape letters: b samples (a piece or a batch), H, W image, h, w latent, L latent channels, T class
+tokens, D token width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dfjax.training.loop import FAST_COMPILE
+from dfjax.training.model import ModelSpec
+from models.layers import Workload
+from models.vae import Encoder, VAEConfig
+
+LABELS, IMAGES = "labels", "images"  # what a part's first layer reads
+CONDITION, X0 = "condition", "x0"  # what its last layer makes
+
+# The VAE encoders `--frozen-encoder` offers: 2 levels (latents at half the image size) and 3 latent
+# channels, so the backbones built for RGB images (dfjax/training/model.py) train on the latents as
+# they are; their rows still split as the backbone needs (a 64² image: 32² latents).
+FROZEN_ENCODERS: dict[str, VAEConfig] = {
+    "vae": VAEConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=3,
+                     norm_num_groups=4, scaling_factor=1.0),
+}
+ENCODER_SEED = 20240517  # the frozen encoder's weights: fixed, whatever the run's seed
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenLayer:
+  """One layer of a frozen part: its output per sample and its cost per sample (FLOPs)."""
+
+  name: str
+  sample_shape: tuple[int, ...]
+  dtype: str
+  flops: float
+
+  @property
+  def sample_size(self) -> int:
+    return math.prod(self.sample_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenPart:
+  """A frozen model in front of the backbone (hashable: part of the plan).
+
+  Attributes:
+    name: "class_tokens" or "vae_encoder"; also its params' key in the training state's "frozen".
+    reads: LABELS or IMAGES; makes: CONDITION or X0.
+    layers: its layers in order.
+    encoder: the VAE encoder's `FROZEN_ENCODERS` name ("" for the class tokens).
+  """
+
+  name: str
+  reads: str
+  makes: str
+  layers: tuple[FrozenLayer, ...]
+  encoder: str = ""
+
+  def params(self, model: nnx.Module) -> nnx.State:
+    """The part's params: the joint model's class tokens, or the encoder's fixed weights (made on the
+    first call, which must not be inside a trace: `PipelineExecutor` makes them when it is built)."""
+    if not self.encoder:
+      return nnx.state(model.class_tokens, nnx.Param)
+    return encoder_params(self.encoder)
+
+  def abstract(self, model: nnx.Module) -> nnx.Module:
+    if not self.encoder:
+      return model.class_tokens
+    return nnx.eval_shape(lambda: Encoder(FROZEN_ENCODERS[self.encoder], rngs=nnx.Rngs(ENCODER_SEED)))
+
+  def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
+    """Layer `index` on b samples of its input (the labels or images for layer 0) → (b, *sample_shape)."""
+    if not self.encoder:
+      return module(x)  # b, T, D
+    last = index == len(self.layers) - 1
+    config = FROZEN_ENCODERS[self.encoder]
+
+    def one(x_hwc):
+      y = module.run_layer(index, x_hwc[None])[0]
+      if last:  # the posterior mean, scaled as a pipeline scales the VAE's latents
+        y = y[..., :config.latent_channels] * config.scaling_factor  # h, w, L
+      return y
+
+    return jax.lax.map(one, x)  # b, *sample_shape
+
+  def run(self, module: nnx.Module, x: jax.Array) -> jax.Array:
+    """All layers on b samples: the part's output computed up front."""
+    for index in range(len(self.layers)):
+      x = self.run_layer(module, index, x)
+    return x
+
+
+@functools.cache
+def encoder_params(encoder: str) -> nnx.State:
+  """The encoder's fixed weights, on the host: made once by one program, so that every run (and every
+  program that starts one) has the same bits. Built eagerly, every initialiser would compile on its
+  own (minutes on a loaded 2-core machine)."""
+  make = jax.jit(lambda: nnx.state(Encoder(FROZEN_ENCODERS[encoder], rngs=nnx.Rngs(ENCODER_SEED)), nnx.Param),
+                 compiler_options=FAST_COMPILE)
+  return jax.device_get(make())
+
+
+def class_tokens_part(spec: ModelSpec) -> FrozenPart | None:
+  """The class-token table as a one-layer part (None for a family that embeds its labels itself)."""
+  shape = spec.class_token_shape
+  if shape is None:
+    return None
+  # a lookup: no FLOPs, a copy of T × D values per sample, the cost the filler places
+  return FrozenPart("class_tokens", LABELS, CONDITION,
+                    (FrozenLayer("lookup", shape, "float32", float(math.prod(shape))),))
+
+
+def encoder_part(encoder: str, image_shape) -> FrozenPart:
+  """The `FROZEN_ENCODERS[encoder]` VAE encoder on images of `image_shape` (H, W, 3)."""
+  config = FROZEN_ENCODERS[encoder]
+  h, w, c = image_shape
+  f = config.downsample_factor
+  if c != config.in_channels or h % f or w % f:
+    raise ValueError(f"the {encoder!r} frozen encoder takes {config.in_channels}-channel images whose sides divide by "
+                     f"{f}; got {h}×{w}×{c}")
+  module = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))
+  costs = module.layer_costs(Workload(h, w, 0))
+  shapes = jax.eval_shape(lambda x: _layer_outputs(Encoder(config, rngs=nnx.Rngs(0)), x),
+                          jax.ShapeDtypeStruct((1, h, w, c), jnp.float32))
+  layers = []
+  for index, (name, shape) in enumerate(zip(module.layer_names, shapes)):
+    sample_shape = tuple(shape.shape[1:])
+    if index == len(shapes) - 1:
+      sample_shape = (*sample_shape[:-1], config.latent_channels)  # the mean of (mean, log-variance)
+    layers.append(FrozenLayer(name, sample_shape, "float32", float(sum(costs[name].flops.values()))))
+  return FrozenPart("vae_encoder", IMAGES, X0, tuple(layers), encoder)
+
+
+def _layer_outputs(module: Encoder, x_bhwc):
+  outputs = []
+  for index in range(len(module.layer_names)):
+    x_bhwc = module.run_layer(index, x_bhwc)
+    outputs.append(x_bhwc)
+  return outputs
+
+
+def frozen_parts(spec: ModelSpec, encoder: str, image_shape) -> tuple[FrozenPart, ...]:
+  """The frozen parts in front of `spec`'s backbone: the class tokens (a UNet), and `encoder`'s
+  VAE encoder ("none": the backbone trains on the images)."""
+  parts = [part for part in (class_tokens_part(spec),) if part is not None]
+  if encoder != "none":
+    parts.append(encoder_part(encoder, image_shape))
+  return tuple(parts)
+
+
+def backbone_shape(encoder: str, image_shape) -> tuple[int, int, int]:
+  """What the backbone trains on: the images, or the encoder's latents (h, w, L)."""
+  if encoder == "none":
+    return tuple(image_shape)
+  return encoder_part(encoder, image_shape).layers[-1].sample_shape
