@@ -233,7 +233,9 @@ class DiTSpec(ModelSpec):
   dit_config: dict[str, Any]
   # The clean image, not the noise: at high noise levels ε ≈ the input, and a token narrower than
   # its patch's pixel values (128 < 8·8·3) cannot carry that i.i.d. noise through (the ε loss of
-  # such a DiT stalls near 0.37); the clean image of a patch is smooth and fits.
+  # such a DiT stalls near 0.37); the clean image of a patch is smooth and fits. With 4×4 patches
+  # (48 < 128) v prediction trains too, but the shipped spec so trained (2,000 steps, same flags)
+  # drew worse: 54 % class accuracy, Fréchet 128, against 65 % and 76 with the clean image.
   prediction_type: str = dataclasses.field(default="sample", kw_only=True)
 
   def __post_init__(self):
