@@ -133,7 +133,9 @@ def _collectives(module: hlo.Module, computation: str, runs: int = 1):
       yield inst, shapes, runs
     called = [c for c in inst.called() if c in module.computations]
     if inst.opcode == "conditional" and len(called) > 1:  # a device runs one branch: count the heaviest
-      called = [max(called, key=lambda c: sum(r * _received_bytes(i, s) for i, s, r in _collectives(module, c)))]
+      branches = [list(_collectives(module, c, runs)) for c in called]
+      yield from max(branches, key=lambda found: sum(r * _received_bytes(i, s) for i, s, r in found))
+      continue
     for name in called:
       repeats = 1
       if inst.opcode == "while":
@@ -158,22 +160,20 @@ def _is_body(inst: hlo.Instruction, name: str) -> bool:
 def traffic_per_step(compiled_text: str) -> list[StepTraffic]:
   """Per-step traffic of each scan phase of a compiled program (`compiled.as_text()`)."""
   module = hlo.parse(compiled_text)
-  phases = []
-  for body in step_loops(module):
-    by_kind: dict[str, tuple[int, int]] = {}
-    for inst, shapes, runs in _collectives(module, body):
-      count, size = by_kind.get(collective_kind(inst.opcode), (0, 0))
-      by_kind[collective_kind(inst.opcode)] = (count + runs, size + runs * _received_bytes(inst, shapes))
-    phases.append(StepTraffic(by_kind))
-  return phases
+  return [_traffic(module, body) for body in step_loops(module)]
 
 
 def run_traffic(compiled_text: str) -> StepTraffic:
   """What one device receives over one run of a compiled program: every collective of its entry, those in
   loops by their trip counts (the steps of every phase, and what runs once, such as a one-step phase)."""
   module = hlo.parse(compiled_text)
+  return _traffic(module, module.entry)
+
+
+def _traffic(module: hlo.Module, computation: str) -> StepTraffic:
+  """What one run of `computation` receives, by collective kind: (count, bytes)."""
   by_kind: dict[str, tuple[int, int]] = {}
-  for inst, shapes, runs in _collectives(module, module.entry):
+  for inst, shapes, runs in _collectives(module, computation):
     count, size = by_kind.get(collective_kind(inst.opcode), (0, 0))
     by_kind[collective_kind(inst.opcode)] = (count + runs, size + runs * _received_bytes(inst, shapes))
   return StepTraffic(by_kind)
