@@ -176,8 +176,6 @@ def frozen_parts(spec: ModelSpec, encoder: str, image_shape) -> tuple[FrozenPart
   return tuple(parts)
 
 
-def backbone_shape(encoder: str, image_shape) -> tuple[int, int, int]:
-  """What the backbone trains on: the images, or the encoder's latents (h, w, L)."""
-  if encoder == "none":
-    return tuple(image_shape)
-  return encoder_part(encoder, image_shape).layers[-1].sample_shape
+def backbone_shape(parts: tuple[FrozenPart, ...], image_shape) -> tuple[int, int, int]:
+  """What the backbone trains on: the latents (h, w, L) of the part that makes x0, or the images."""
+  return next((part.layers[-1].sample_shape for part in parts if part.makes == X0), tuple(image_shape))

@@ -276,14 +276,14 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
     raise ValueError(f"--pipeline-stages {s} × --data {d} = {s * d} devices, but {devices} are available; "
                      f"choose stages × data ≤ {devices} (on a CPU, --cpu-devices N)")
   micro, shard = batch // (d * m), batch // d
-  x_shape = backbone_shape(pipeline.frozen_encoder, tuple(image_shape))
+  parts = frozen_parts(Backbone.of(model).spec, pipeline.frozen_encoder, tuple(image_shape))
+  x_shape = backbone_shape(parts, image_shape)
   flops = analytic_costs(model, x_shape, micro)
   if costs is None:
     costs = timed_costs(model, x_shape, micro) if pipeline.calibrate else flops
   forward, backward = map(tuple, costs)
   # the frozen layers' FLOPs in the backbone's cost unit: seconds at the backbone's timed FLOP rate
   unit = sum(forward) / sum(flops[0])
-  parts = frozen_parts(Backbone.of(model).spec, pipeline.frozen_encoder, tuple(image_shape))
   jobs = [ps.FrozenJob(part.name, tuple(unit * shard * layer.flops for layer in part.layers), shard)
           for part in parts]
   timeline = ps.plan(pipeline.schedule, forward, backward, s, m, frozen=jobs)
