@@ -17,10 +17,11 @@ action in a static (ticks, S) table and runs it with `lax.switch` —
 
 — then every stage sends its activation to the next stage and its gradient to the previous one
 (`ppermute`, outside the branches), and the pieces made this tick go to every stage: each stage
-puts what its piece made into a fixed-size outbox, an `all_gather` over `stage` hands every
-stage all outboxes, and each writes them into its copy of the parts' per-layer buffers (carried
-through the scan), so that a later layer's piece on any stage reads its input there. Pieces the
-bubbles had no room for run after the scan, layer by layer, on every stage. What crosses a cut is a model carry of a different pytree at
+puts what its piece made into a fixed-size outbox, an `all_gather` over `stage` (on ticks that have
+a piece) hands every stage all outboxes, and each writes them into its copy of the parts' per-layer
+buffers (carried through the scan), so that a later layer's piece on any stage reads its input
+there. Pieces the bubbles had no room for run after the scan, layer by layer, each shared by the
+stages (a 1/S share each, then gathered). What crosses a cut is a model carry of a different pytree at
 every cut, so each is flattened into one padded 1-D buffer of the longest cut's length, the same
 shape everywhere. After the scan, the gradients are summed over `data`, and AdamW with global-norm
 clipping (elementwise on the packed rows: the norm is the only reduction over `stage`) and the EMA
@@ -291,11 +292,25 @@ class PipelineExecutor:
 
     zero_l, zero_o = jnp.zeros((length,), wire), jnp.zeros((outbox,), wire)
 
-    def run_piece(made, piece: Piece) -> jax.Array:
-      """The piece's layer on its samples, its input read from the layer below's buffer (or the batch)."""
+    def piece_input(made, piece: Piece) -> jax.Array:
+      """The piece's samples of its layer's input: the layer below's buffer (or the batch)."""
       part = parts[piece.part]
       below = sources[part.reads] if piece.layer == 0 else made[piece.part][piece.layer - 1]
-      return part.run_layer(modules[piece.part], piece.layer, below[piece.first:piece.first + piece.samples])
+      return below[piece.first:piece.first + piece.samples]
+
+    def run_piece(made, piece: Piece) -> jax.Array:
+      return parts[piece.part].run_layer(modules[piece.part], piece.layer, piece_input(made, piece))
+
+    def run_split(made, piece: Piece) -> jax.Array:
+      """A leftover piece shared by the stages, as the planner counts it: each runs ⌈samples / S⌉ of
+      them (the last stage's share padded), and every stage gathers all."""
+      share = -(-piece.samples // stages)
+      x = piece_input(made, piece)
+      x = jnp.pad(x, [(0, share * stages - piece.samples)] + [(0, 0)] * (x.ndim - 1))
+      mine = parts[piece.part].run_layer(modules[piece.part], piece.layer,
+                                         lax.dynamic_slice_in_dim(x, here * share, share))
+      every = gather_from_stages(mine)  # S, share, …
+      return every.reshape(stages * share, *every.shape[2:])[:piece.samples]
 
     # a branch gets the tick's stashed activation and received gradient (zeros where it has none) and
     # returns (work, to the next stage, to the previous stage, outbox)
@@ -344,11 +359,19 @@ class PipelineExecutor:
     writers = [lambda made, outbox_o: made] + [write(piece) for piece in pieces]
     table = jnp.asarray(plan.branch_table())  # ticks, S
     piece_at = jnp.asarray(plan.piece_table())  # ticks, S
+    has_piece = jnp.any(piece_at >= 0, axis=1)  # ticks: the same on every device, so a collective may be in a cond
     micro = jnp.asarray(plan.microbatch_table())  # ticks, S
     # the buffers kept between ticks hold only what is in flight: 1F1B's stash ~S slots, GPipe's M
     activations, gradients = plan.activation_slots(), plan.gradient_slots()
     stash_at, read_stash = jnp.asarray(activations.store), jnp.asarray(activations.read)  # ticks, S
     received_at, read_received = jnp.asarray(gradients.store), jnp.asarray(gradients.read)  # ticks, S
+
+    def share_pieces(made, made_o, k):
+      """Tick k's pieces, from every stage's outbox, written into this stage's layer buffers."""
+      gathered_so = gather_from_stages(made_o)  # S, O
+      for origin in range(stages):
+        made = lax.switch(piece_at[k, origin] + 1, writers, made, gathered_so[origin])
+      return made
 
     def tick(carry, k):
       work, stash, received = carry  # slots, L each
@@ -359,12 +382,8 @@ class PipelineExecutor:
       arrived_backward = to_previous_stage(send_backward, stages)  # L
       stash = _store(stash, arrived_forward, stash_at[k, here])
       received = _store(received, arrived_backward, received_at[k, here])
-      if pieces:  # every stage's piece of this tick into every stage's buffers
-        gathered_so = gather_from_stages(made_o)  # S, O
-        made = work["made"]
-        for origin in range(stages):
-          made = lax.switch(piece_at[k, origin] + 1, writers, made, gathered_so[origin])
-        work = {**work, "made": made}
+      if pieces:  # every stage's piece of this tick into every stage's buffers (ticks without one skip it)
+        work = {**work, "made": lax.cond(has_piece[k], share_pieces, lambda made, *_: made, work["made"], made_o, k)}
       return (work, stash, received), None
 
     b = next_dropped_b.shape[0]
@@ -377,7 +396,7 @@ class PipelineExecutor:
     made = [list(per_part) for per_part in work["made"]]
     for piece in plan.leftover_pieces:  # frozen work the bubbles had no room for, in layer order
       made[piece.part][piece.layer] = made[piece.part][piece.layer].at[piece.first:piece.first + piece.samples].set(
-          run_piece(made, piece))
+          run_split(made, piece))
     next_inputs = self._passed_through(next_dropped_b, next_images_bhwc)
     for part, per_layer in zip(parts, made):
       next_inputs[part.makes] = per_layer[-1]  # the same on every stage: each piece was gathered by all
