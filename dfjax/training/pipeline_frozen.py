@@ -148,7 +148,8 @@ def encoder_part(encoder: str, image_shape) -> FrozenPart:
                      f"{f}; got {h}×{w}×{c}")
   module = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))
   costs = module.layer_costs(Workload(h, w, 0))
-  shapes = jax.eval_shape(lambda x: _layer_outputs(Encoder(config, rngs=nnx.Rngs(0)), x),
+  graphdef, abstract = nnx.split(module)
+  shapes = jax.eval_shape(lambda state, x: _layer_outputs(nnx.merge(graphdef, state), x), abstract,
                           jax.ShapeDtypeStruct((1, h, w, c), jnp.float32))
   layers = []
   for index, (name, shape) in enumerate(zip(module.layer_names, shapes)):

@@ -139,7 +139,7 @@ def _collectives(module: hlo.Module, computation: str, runs: int = 1):
     for name in called:
       repeats = 1
       if inst.opcode == "while":
-        repeats = inst.trip_count() + (0 if _is_body(inst, name) else 1)
+        repeats = inst.trip_count() + (0 if name == inst.body() else 1)
       yield from _collectives(module, name, runs * repeats)
 
 
@@ -149,12 +149,8 @@ def step_loops(module: hlo.Module) -> list[str]:
   bodies = []
   for inst in module.computations[module.entry]:
     if inst.opcode == "while" and not inst.traced_in_a_loop():
-      bodies += [c for c in inst.called() if c in module.computations and _is_body(inst, c)]
+      bodies += [inst.body()]
   return bodies
-
-
-def _is_body(inst: hlo.Instruction, name: str) -> bool:
-  return f"body=%{name}" in inst.attributes or f"body={name}" in inst.attributes
 
 
 def traffic_per_step(compiled_text: str) -> list[StepTraffic]:

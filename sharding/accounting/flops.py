@@ -33,8 +33,7 @@ def computation_flops(module: hlo.Module, computation: str) -> int:
     if inst.opcode == "dot":
       total += dot_flops(inst, shapes)
     elif inst.opcode == "while":
-      body = re.search(r"body=%?([\w.\-]+)", inst.attributes).group(1)
-      total += inst.trip_count() * computation_flops(module, body)
+      total += inst.trip_count() * computation_flops(module, inst.body())
     else:
       total += sum(computation_flops(module, called) for called in inst.called())
   return total

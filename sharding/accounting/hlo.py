@@ -29,6 +29,11 @@ class Instruction:
                        self.attributes)
     return [n.strip(" {}%") for group in found for n in group.split(",") if n.strip(" {}")]
 
+  def body(self) -> str | None:
+    """The body computation of a `while` (None for any other instruction)."""
+    found = re.search(r"\bbody=%?([\w.\-]+)", self.attributes) if self.opcode == "while" else None
+    return found and found.group(1)
+
   def trip_count(self) -> int:
     """Iterations of a `while`: the `known_trip_count` XLA's loop analysis writes into its backend_config
     (every `lax.scan` has one)."""
