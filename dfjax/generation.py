@@ -59,7 +59,7 @@ from dfjax.loading import load_model, load_scheduler_config
 from dfjax.sampling import Conditioning, prepare_sample
 from dfjax.training import EMBEDDED_MODELS, load_default_model, load_trained
 from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
-from dfjax.training.export import TrainedModel, is_trained_model
+from dfjax.training.export import TrainedModel, is_trained_model, latent_encoder_record
 from sharding.axes import PATCH, STAGE
 from sharding.mesh import axis_sizes, describe, make_mesh
 from sharding.strategies import Strategy, strategy_names, with_shared_options
@@ -207,6 +207,7 @@ def embedded_source(count: int | None, name: str = DEFAULT_EMBEDDED) -> Source:
 def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
   """A `dfjax train` folder (class-conditional) or a converted diffusers UNet (text-free)."""
   if is_trained_model(path):
+    _refuse_latent_model(path)
     return _class_source(load_trained(path), count, f"class-conditional model {path}")
   unet = load_model(path)
   config, batch = unet.config, count or 8
@@ -216,6 +217,19 @@ def checkpoint_source(path: str, count: int | None, seed: int) -> Source:
       standin_conditioning(config, batch, (side, side), zeros=True),
       [f"seed {seed} #{i}" for i in range(batch)], _is_pixel_space(config),
       f"converted UNet {path}, text-free (random prompt embeddings, zeros unconditional)")
+
+
+def _refuse_latent_model(path: str) -> None:
+  """A `--frozen-encoder` run's model draws latents that no decoder turns into images: nothing to show,
+  compare as pictures, or classify."""
+  latent = latent_encoder_record(path)
+  if latent is not None:
+    h, w, channels = latent["latent_shape"]
+    raise ValueError(f"{path} was trained with --frozen-encoder {latent['name']}: it draws {h}×{w}×{channels} "
+                     "latents of a fixed-seed stand-in VAE encoder, which has no decoder, so they cannot be drawn "
+                     "as images or classified; generate with a model trained without --frozen-encoder (or "
+                     "sample its latents from Python: dfjax.training.load_trained, "
+                     "dfjax.training.export.load_latent_encoder)")
 
 
 def _class_source(trained: TrainedModel, count: int | None, description: str) -> Source:

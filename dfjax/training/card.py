@@ -9,6 +9,9 @@ MODEL_CARD = "MODEL_CARD.md"
 _CURVE_ROWS = 16  # loss-curve rows shown in the card (loss.csv has them all)
 _TARGETS = {"epsilon": "noise", "v_prediction": "velocity v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0",
             "sample": "clean image"}
+# What a `--frozen-encoder` run's training.json, latent_encoder.json and card say its model is.
+LATENTS_NOTE = ("trained on the latents of a fixed-seed stand-in VAE encoder (random weights, never trained, "
+                "in latent_encoder/): its samples are latents, not images, and there is no decoder")
 
 
 def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
@@ -17,18 +20,19 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
   """The card's markdown text.
 
   `classes`: class_tokens.json (a UNet's token table) or classes.json (a DiT's) of the export.
+  A `--frozen-encoder` run (training["latent_encoder"]) gets a card of what its latents are instead
+  of the embedded models' claims.
   """
   cfg, machine = training["config"], training["machine"]
   hours, minutes = divmod(round(training["wall_seconds"] / 60), 60)
   wall = f"{hours} h {minutes} min" if hours else f"{minutes} min"
   family = _FAMILIES[denoiser_config.get("_class_name", "UNet2DConditionModel")]
+  latent = training.get("latent_encoder")
   lines = [
-      f"# dfjax default {family.title}",
+      f"# dfjax default {family.title}" if latent is None else f"# dfjax {family.kind}, trained on latents",
       "",
       f"A small class-conditional {family.kind} (diffusers `{family.diffusers}` architecture, run by dfjax's",
-      "own Flax NNX port) trained from scratch on dfjax's procedural shapes dataset. It is an",
-      f"embedded model of `dfjax generate{family.generate_flag}`, on which dfjax measures the fidelity of",
-      f"{family.parallelism}. It draws 64×64 RGB pixels directly (no VAE).",
+      *(_describe_pixels(family) if latent is None else _describe_latents(latent)),
       "",
       "## Reproduce",
       "",
@@ -83,8 +87,31 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       "|---:|---:|---:|",
   ]
   lines += [f"| {s} | {l:.4f} | {r:.2e} |" for s, l, r in subsample(loss_rows, _CURVE_ROWS)]
-  lines += [
-      "",
+  lines += ["", *(_use_pixels(family) if latent is None else _use_latents(latent)), ""]
+  return "\n".join(lines)
+
+
+def _describe_pixels(family: _Family) -> list[str]:
+  return ["own Flax NNX port) trained from scratch on dfjax's procedural shapes dataset. It is an",
+          f"embedded model of `dfjax generate{family.generate_flag}`, on which dfjax measures the fidelity of",
+          f"{family.parallelism}. It draws 64×64 RGB pixels directly (no VAE)."]
+
+
+def _describe_latents(latent: Mapping[str, Any]) -> list[str]:
+  h, w, channels = latent["latent_shape"]
+  side = latent["image_size"]
+  return [
+      "own Flax NNX port) trained from scratch on dfjax's procedural shapes dataset.",
+      f"It was {latent['note']}.",
+      f"It draws {h}×{w}×{channels} latents: those the frozen `{latent['name']}` encoder (weights from the "
+      f"fixed seed {latent['seed']}, the same in every run) makes of {side}×{side} RGB images, "
+      f"{latent['latents']}; `config.json`'s sample_size ({h}) is the latents' side.",
+      "No decoder was ever made or trained, so nothing turns the samples into images: `dfjax generate`",
+      "refuses the model, and its samples can be compared only with the encoder's latents of real images."]
+
+
+def _use_pixels(family: _Family) -> list[str]:
+  return [
       "## Use",
       "",
       "```python",
@@ -100,10 +127,32 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       "",
       *family.limits,
       "It exists to make the artefacts of parallel sampling visible and measurable, not as an",
-      "image generator.",
+      "image generator."]
+
+
+def _use_latents(latent: Mapping[str, Any]) -> list[str]:
+  h, w, channels = latent["latent_shape"]
+  side = latent["image_size"]
+  return [
+      "## Use",
       "",
-  ]
-  return "\n".join(lines)
+      "```python",
+      "from dfjax.training import load_trained",
+      "from dfjax.training.export import load_latent_encoder",
+      "model, encoder = load_trained(FOLDER), load_latent_encoder(FOLDER)",
+      "cond, uncond = model.conditioning(labels)                # (B,) class ids; uncond: the null class",
+      f"latents = dfjax.sample(model.denoiser, noise_b{h}{w}{channels}, cond, uncond=uncond,",
+      "                       scheduler_config=model.scheduler_config, num_steps=50,",
+      f"                       guidance_scale=4.0)               # (B, {h}, {w}, {channels}) latents, not images",
+      f"reference = encoder.encode(images)                       # (B, {side}, {side}, 3) in [-1, 1] → "
+      f"(B, {h}, {w}, {channels})",
+      "```",
+      "",
+      "## Limits",
+      "",
+      "A model of a pipeline whose pretrained VAE is replaced by a random stand-in encoder: it exists to",
+      "run DiffusionPipe's frozen-encoder training end to end, not to draw. Its samples are latents that",
+      "no decoder turns into images."]
 
 
 class _Family(NamedTuple):

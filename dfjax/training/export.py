@@ -7,10 +7,16 @@ The folder is an ordinary dfjax checkpoint (the layout of `convert/format.py`, s
   config.json             the denoiser's diffusers config
   scheduler_config.json   the training noise schedule (diffusers DDIMScheduler config)
   manifest.json           format marker; "source" describes the training run; "files" the sha256
-                          of params/, config.json, scheduler_config.json and the class files
+                          of params/, config.json, scheduler_config.json, the class files and the
+                          latent encoder's files
   class_tokens/           UNet: the ClassTokens params (orbax)
   class_tokens.json       UNet: num_classes, null_id, num_tokens, dim and the class names
   classes.json            DiT (its class embedding is in params/): num_classes, null_id, class names
+  latent_encoder/         `--frozen-encoder` runs: the frozen VAE encoder's params (orbax); the denoiser
+                          was trained on its latents, so it draws latents (config.json's sample_size and
+                          channels are the latents'), and no decoder exists to turn them into images
+  latent_encoder.json     `--frozen-encoder` runs: its name, seed, the image size it encodes, the latent
+                          shape, how the latents are made, and its VAE config (diffusers AutoencoderKL)
   training.json           the run: command, config, wall time, machine, the loss curve
   loss.csv                step, loss (mean over each logging interval), learning rate
   MODEL_CARD.md           data, model, run, loss curve and machine, written from the above
@@ -22,6 +28,8 @@ It is written into a temporary sibling and renamed into place, as conversion doe
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -39,13 +47,17 @@ from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_f
 from convert.keymap import path_str
 from dfjax.loading import load_model, load_scheduler_config, restore_params, verify_files
 from dfjax.sampling import Conditioning
-from dfjax.training.card import write_model_card
+from dfjax.training.card import LATENTS_NOTE, write_model_card
 from models.class_tokens import ClassTokens
 from models.dit_config import DiTConfig
+from models.vae import Encoder
+from models.vae_config import VAEConfig
 
 TOKENS_DIR = "class_tokens"
 TOKENS_CONFIG = "class_tokens.json"
 CLASSES_CONFIG = "classes.json"
+ENCODER_DIR = "latent_encoder"
+ENCODER_CONFIG = "latent_encoder.json"
 TRAINING = "training.json"
 LOSS_CSV = "loss.csv"
 
@@ -79,10 +91,56 @@ class TrainedModel(NamedTuple):
     return Conditioning(class_labels=labels_b), Conditioning(class_labels=null_b)
 
 
+class LatentEncoder(NamedTuple):
+  """The frozen VAE encoder a model was trained behind (`dfjax train --frozen-encoder`): the model
+  draws its latents, and no decoder exists to turn them back into images.
+
+  Attributes:
+    encoder: the `models.vae.Encoder`, with its weights.
+    config: its VAEConfig (`scaling_factor` scales the latents).
+    name: its `FROZEN_ENCODERS` name (dfjax/training/pipeline_frozen.py).
+    seed: the seed its weights were drawn from, whatever the run's seed.
+    image_size: the side of the square RGB images it encodes.
+  """
+
+  encoder: Encoder
+  config: VAEConfig
+  name: str
+  seed: int
+  image_size: int
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    """(h, w, L) of one image's latents: what the trained model draws."""
+    side = self.image_size // self.config.downsample_factor
+    return side, side, self.config.latent_channels
+
+  def encode(self, images_bhwc: jax.Array) -> jax.Array:
+    """The latents the model was trained on, of (B, H, W, 3) images in [-1, 1]: the posterior mean,
+    times `scaling_factor` (B, h, w, L)."""
+    graphdef, params = nnx.split(self.encoder)
+    return _encode(graphdef, params, jnp.asarray(images_bhwc, jnp.float32), self.config.latent_channels,
+                   self.config.scaling_factor)
+
+  def record(self) -> dict[str, Any]:
+    """latent_encoder.json: what the encoder is and makes, and its diffusers AutoencoderKL config."""
+    # diffusers' AutoencoderKL sample_size is the image side it is meant for
+    vae_config = dataclasses.asdict(dataclasses.replace(self.config, sample_size=self.image_size))
+    return {"name": self.name, "note": LATENTS_NOTE, "seed": self.seed, "image_size": self.image_size,
+            "latent_shape": list(self.latent_shape), "latents": "posterior mean × scaling_factor",
+            "decoder": None, "vae_config": {"_class_name": "AutoencoderKL", **vae_config}}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _encode(graphdef, params, images_bhwc, latent_channels: int, scaling_factor: float) -> jax.Array:
+  moments_bhw2 = nnx.merge(graphdef, params)(images_bhwc)  # B, h, w, 2L: mean, log-variance
+  return moments_bhw2[..., :latent_channels] * scaling_factor  # B, h, w, L
+
+
 def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: ClassTokens | None, *,
                 denoiser_config: Mapping, scheduler_config: Mapping, class_names: Sequence[str],
                 training: Mapping[str, Any], loss_rows: Sequence[tuple[int, float, float]],
-                overwrite: bool = True) -> Path:
+                latent_encoder: LatentEncoder | None = None, overwrite: bool = True) -> Path:
   """Writes the trained model as a dfjax checkpoint folder (atomically).
 
   Args:
@@ -95,11 +153,13 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
     class_names: name of each class id.
     training: what training.json records (command, hyper-parameters, wall time, machine…).
     loss_rows: (step, loss, learning rate) rows of loss.csv.
+    latent_encoder: the frozen encoder whose latents the denoiser was trained on (stored beside it,
+      and named in training.json); None for a model trained on the images.
   Returns:
     `folder` as a Path.
   Raises:
     FileExistsError: `folder` exists and is not a dfjax checkpoint, or `overwrite` is False.
-    ValueError: a param holds NaN or inf.
+    ValueError: a param holds NaN or inf, or `denoiser_config` does not describe the encoder's latents.
     OSError: the operating system refused a write (disk full…), in one line; nothing is written.
   """
   folder = Path(folder)
@@ -109,15 +169,24 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
   check_weights(flat, "trained denoiser params")
   model_name = denoiser_config.get("_class_name", "UNet2DConditionModel")
   if class_tokens is None:
-    class_files = {CLASSES_CONFIG: {"num_classes": denoiser.config.null_class, "null_id": denoiser.config.null_class,
+    json_files = {CLASSES_CONFIG: {"num_classes": denoiser.config.null_class, "null_id": denoiser.config.null_class,
                                     "class_names": list(class_names)}}
   else:
     check_weights({"class_tokens.embedding": np.asarray(class_tokens.embedding[...])}, "trained class tokens")
     trees[TOKENS_DIR] = _pure(class_tokens)
-    class_files = {TOKENS_CONFIG: {"num_classes": class_tokens.num_classes, "null_id": class_tokens.null_id,
+    json_files = {TOKENS_CONFIG: {"num_classes": class_tokens.num_classes, "null_id": class_tokens.null_id,
                                    "num_tokens": int(class_tokens.embedding.shape[1]),
                                    "dim": int(class_tokens.embedding.shape[2]), "class_names": list(class_names)}}
   source = {"kind": "dfjax train", **({"class_tokens": TOKENS_DIR} if class_tokens is not None else {})}
+  if latent_encoder is not None:
+    _check_draws_latents(denoiser_config, latent_encoder)
+    encoder_flat = {path_str(p): np.asarray(v)
+                    for p, v in nnx.to_flat_state(nnx.state(latent_encoder.encoder, nnx.Param))}
+    check_weights(encoder_flat, "frozen latent encoder params")
+    trees[ENCODER_DIR] = _pure(latent_encoder.encoder)
+    json_files[ENCODER_CONFIG] = record = latent_encoder.record()
+    source["latent_encoder"] = ENCODER_DIR
+    training = {**training, "latent_encoder": {k: v for k, v in record.items() if k != "vae_config"}}
   manifest = {**manifest_header(flat, model_name), "source": source}
 
   def write(tmp: Path) -> None:
@@ -127,7 +196,7 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
         checkpointer.save(tmp / name, tree)
     _write_json(tmp / CONFIG, dict(denoiser_config))
     _write_json(tmp / SCHEDULER_CONFIG, dict(scheduler_config))
-    for name, value in class_files.items():
+    for name, value in json_files.items():
       _write_json(tmp / name, value)
     _write_json(tmp / TRAINING, dict(training))
     with open(tmp / LOSS_CSV, "w", newline="") as f:
@@ -135,11 +204,20 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
       writer.writerow(["step", "loss", "learning_rate"])
       writer.writerows([int(s), f"{l:.6f}", f"{r:.3e}"] for s, l, r in loss_rows)
     write_manifest(tmp, manifest, hashed=(PARAMS_DIR, CONFIG, SCHEDULER_CONFIG, *trees.keys() - {PARAMS_DIR},
-                                          *class_files))
+                                          *json_files))
     write_model_card(tmp)
 
   write_atomically(target, write, size_bytes=sum(a.nbytes for a in jax.tree.leaves(trees)))
   return folder
+
+
+def _check_draws_latents(denoiser_config: Mapping, latent_encoder: LatentEncoder) -> None:
+  h, w, channels = latent_encoder.latent_shape
+  got = (denoiser_config.get("sample_size"), denoiser_config.get("in_channels"), denoiser_config.get("out_channels"))
+  if got != (h, channels, channels):
+    raise ValueError(f"the denoiser config says sample_size, in_channels, out_channels = {got}, but the model "
+                     f"was trained on the {h}×{w}×{channels} latents of its frozen encoder: export the config "
+                     f"with sample_size {h} and {channels} channels (`dfjax.training.loop.latent_config`)")
 
 
 def is_trained_model(folder: str | os.PathLike) -> bool:
@@ -174,7 +252,7 @@ def load_trained(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: A
     tokens, class_files = _load_class_tokens(folder, denoiser, kw, sharding, verify), (TOKENS_DIR, TOKENS_CONFIG)
   manifest = read_json(folder / MANIFEST)
   if verify and "files" in manifest:  # (load_model warned already when it records no hashes)
-    verify_files(folder, manifest, (*class_files, SCHEDULER_CONFIG))
+    verify_files(folder, manifest, (*class_files, SCHEDULER_CONFIG, ENCODER_DIR, ENCODER_CONFIG))
   scheduler_config = load_scheduler_config(folder)
   if scheduler_config is None:
     raise ValueError(f"{folder} has no {SCHEDULER_CONFIG}: a trained model needs its noise schedule")
@@ -191,11 +269,49 @@ def _load_class_tokens(folder: Path, unet: nnx.Module, kw: Mapping, sharding, ve
                      f"cross_attention_dim {unet.config.encoder_dim}")
   tokens = nnx.eval_shape(lambda: ClassTokens(meta["num_classes"], meta["num_tokens"], meta["dim"],
                                               rngs=nnx.Rngs(0), **kw))
-  graphdef, abstract = nnx.split(tokens)
+  return _restored(tokens, folder / TOKENS_DIR, sharding, verify)
+
+
+def latent_encoder_record(folder: str | os.PathLike) -> dict | None:
+  """latent_encoder.json of a `--frozen-encoder` run's export (its model draws latents), else None."""
+  file = Path(folder) / ENCODER_CONFIG
+  return read_json(file) if file.is_file() else None
+
+
+def load_latent_encoder(folder: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None,
+                        verify: bool = True) -> LatentEncoder | None:
+  """The frozen encoder a `write_model` export was trained behind; None for a model of images.
+
+  `model.denoiser` of `load_trained(folder)` draws `encode`'s latents (`latent_shape`), which no decoder
+  turns back into images.
+
+  Raises:
+    ValueError: the encoder's files are incomplete, or (with `verify`) differ from what was written.
+  """
+  folder = Path(folder)
+  manifest = read_json(folder / MANIFEST)
+  if verify and "files" in manifest:
+    verify_files(folder, manifest, (ENCODER_DIR, ENCODER_CONFIG))
+  record = latent_encoder_record(folder)
+  if record is None:
+    return None
+  if not (folder / ENCODER_DIR).is_dir():
+    raise ValueError(f"{folder} has {ENCODER_CONFIG} but no {ENCODER_DIR}/: the latent encoder's params are "
+                     "missing; export the run again")
+  config = VAEConfig.from_diffusers_config(record["vae_config"])
+  abstract = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  encoder = _restored(abstract, folder / ENCODER_DIR, sharding, verify)
+  return LatentEncoder(encoder, config, record["name"], record["seed"], record["image_size"])
+
+
+def _restored(abstract: nnx.Module, directory: Path, sharding, verify: bool) -> nnx.Module:
+  """The abstract module with its params restored from the orbax tree in `directory`."""
+  graphdef, state = nnx.split(abstract)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        nnx.to_pure_dict(abstract))
-  nnx.replace_by_pure_dict(abstract, restore_params(folder / TOKENS_DIR, target, check_finite=verify))
-  return nnx.merge(graphdef, abstract)
+                        nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, restore_params(directory, target, check_finite=verify))
+  return nnx.merge(graphdef, state)
 
 
 def _pure(module: nnx.Module) -> dict:

@@ -35,6 +35,7 @@ from dfjax.training import export
 from dfjax.training.checkpointed import RunFields, loss_rows, run_record, run_steps
 from dfjax.training.model import VARIANTS
 from models.class_tokens import drop_labels
+from models.dit_config import DiTConfig
 
 MODEL = "model"
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # a third of the compile time, slower code
@@ -203,13 +204,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
   return export_run(cfg, model, history, command)
 
 
-def export_run(cfg: TrainConfig, model: nnx.Module, history: dict, command: str | None) -> Path:
-  """The finished run's model folder (cfg.export or OUT/model) with its loss curve and training.json."""
+def export_run(cfg: TrainConfig, model: nnx.Module, history: dict, command: str | None,
+               latent_encoder: export.LatentEncoder | None = None) -> Path:
+  """The finished run's model folder (cfg.export or OUT/model) with its loss curve and training.json;
+  `latent_encoder`: the frozen encoder whose latents the model was trained on (a `--frozen-encoder`
+  run), stored beside it, the config then describing those latents."""
   spec, schedule = VARIANTS[cfg.model], make_optimizer(cfg)[1]
   out = Path(cfg.out).absolute()
   rows = loss_rows(history, schedule)
   training = {**run_record(cfg, history, command), "model": spec.to_json(),
               "exported_weights": "ema" if cfg.ema_decay > 0 else "params"}
+  denoiser_config = (spec.denoiser_config if latent_encoder is None
+                     else latent_config(spec.denoiser_config, latent_encoder.latent_shape))
   return export.write_model(cfg.export or out / MODEL, model.denoiser, model.class_tokens,
-                            denoiser_config=spec.denoiser_config, scheduler_config=spec.scheduler_config,
-                            class_names=data.class_names, training=training, loss_rows=rows)
+                            denoiser_config=denoiser_config, scheduler_config=spec.scheduler_config,
+                            class_names=data.class_names, training=training, loss_rows=rows,
+                            latent_encoder=latent_encoder)
+
+
+def latent_config(denoiser_config: dict, latent_shape: tuple[int, int, int]) -> dict:
+  """The variant's config for its denoiser trained on (h, w, L) latents: sample_size h. The backbone
+  was built (and trained) from the variant's config for the images; a DiT's positions are measured in
+  units of its `sample_size` grid (models/dit_blocks.py `sincos_2d`), so its `interpolation_scale`
+  shrinks with the side, and the exported DiT computes the same positions on the latents as in training.
+
+  Raises:
+    ValueError: the denoiser does not take L channels, or the latents are not square.
+  """
+  h, w, channels = latent_shape
+  if h != w or (denoiser_config["in_channels"], denoiser_config["out_channels"]) != (channels, channels):
+    raise ValueError(f"a denoiser of {denoiser_config['in_channels']} → {denoiser_config['out_channels']} channels "
+                     f"cannot draw {h}×{w}×{channels} latents: the frozen encoder must make square latents of "
+                     "the channels the model variant takes")
+  config = {**denoiser_config, "sample_size": h}
+  if denoiser_config.get("_class_name") == "DiTTransformer2DModel":
+    trained = DiTConfig.from_diffusers_config(denoiser_config)
+    config["interpolation_scale"] = trained.pos_interpolation_scale * h / trained.sample_size
+  return config

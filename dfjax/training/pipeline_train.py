@@ -9,7 +9,9 @@ own devices), the same loss curve and export.
 The backbone is the UNet or the DiT (dfjax/training/pipeline_backbone.py). A step's condition (the
 UNet's frozen class tokens; the DiT's labels) and, with `--frozen-encoder vae`, the latents it trains
 on come from the previous step's bubbles (cross-iteration overlap); the first step of a process
-computes them up front, which gives the same values, so a resumed run continues exactly.
+computes them up front, which gives the same values, so a resumed run continues exactly. Such a run's
+export holds the encoder beside the denoiser, whose config then describes the latents it draws
+(dfjax/training/export.py).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import json
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from dfjax import data
 from dfjax.training.checkpointed import CHECKPOINTS, run_steps
+from dfjax.training.export import LatentEncoder
 from dfjax.training.loop import TrainConfig, export_run, make_optimizer
 from dfjax.training.pipeline_chart import describe, draw
 from dfjax.training.pipeline_calibrate import describe_costs
+from dfjax.training.pipeline_frozen import ENCODER_SEED, FROZEN_ENCODERS, X0
 from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, analytic_costs, make_plan
 from dfjax.training.pipeline_step import executor_for
 
@@ -93,4 +98,16 @@ def train_pipelined(cfg: TrainConfig, pipeline: PipelineConfig, *, resume: bool 
   if finished is None:
     return None
   state, history = finished
-  return export_run(cfg, runner.executor.model(state, ema=cfg.ema_decay > 0), history, command)
+  return export_run(cfg, runner.executor.model(state, ema=cfg.ema_decay > 0), history, command,
+                    latent_encoder=latent_encoder(plan, state["frozen"]))
+
+
+def latent_encoder(plan: PipelinePlan, frozen: dict) -> LatentEncoder | None:
+  """The plan's frozen VAE encoder with the weights it ran with (`frozen`: the training state's frozen
+  parts), for the export; None when the backbone trained on the images."""
+  part = next((part for part in plan.frozen_parts if part.makes == X0), None)
+  if part is None:
+    return None
+  encoder = part.abstract(None)  # (an encoder part is built from its FROZEN_ENCODERS config alone)
+  nnx.update(encoder, jax.device_get(frozen[part.name]))
+  return LatentEncoder(encoder, FROZEN_ENCODERS[part.encoder], part.encoder, ENCODER_SEED, plan.image_shape[0])
