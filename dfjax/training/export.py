@@ -127,8 +127,8 @@ class LatentEncoder(NamedTuple):
     # diffusers' AutoencoderKL sample_size is the image side it is meant for
     vae_config = dataclasses.asdict(dataclasses.replace(self.config, sample_size=self.image_size))
     return {"name": self.name, "note": LATENTS_NOTE, "seed": self.seed, "image_size": self.image_size,
-            "latent_shape": list(self.latent_shape), "latents": "posterior mean × scaling_factor",
-            "decoder": None, "vae_config": {"_class_name": "AutoencoderKL", **vae_config}}
+            "latent_shape": list(self.latent_shape), "module": "models.vae.Encoder (no quant_conv)",
+            "latents": "posterior mean × scaling_factor", "decoder": None, "vae_config": {"_class_name": "AutoencoderKL", **vae_config}}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
@@ -165,24 +165,22 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
   folder = Path(folder)
   target = prepare_destination(folder, overwrite)
   trees = {PARAMS_DIR: _pure(denoiser)}
-  flat = {path_str(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(denoiser, nnx.Param))}
+  flat = _flat(denoiser)
   check_weights(flat, "trained denoiser params")
   model_name = denoiser_config.get("_class_name", "UNet2DConditionModel")
   if class_tokens is None:
     json_files = {CLASSES_CONFIG: {"num_classes": denoiser.config.null_class, "null_id": denoiser.config.null_class,
-                                    "class_names": list(class_names)}}
+                                   "class_names": list(class_names)}}
   else:
     check_weights({"class_tokens.embedding": np.asarray(class_tokens.embedding[...])}, "trained class tokens")
     trees[TOKENS_DIR] = _pure(class_tokens)
     json_files = {TOKENS_CONFIG: {"num_classes": class_tokens.num_classes, "null_id": class_tokens.null_id,
-                                   "num_tokens": int(class_tokens.embedding.shape[1]),
-                                   "dim": int(class_tokens.embedding.shape[2]), "class_names": list(class_names)}}
+                                  "num_tokens": int(class_tokens.embedding.shape[1]),
+                                  "dim": int(class_tokens.embedding.shape[2]), "class_names": list(class_names)}}
   source = {"kind": "dfjax train", **({"class_tokens": TOKENS_DIR} if class_tokens is not None else {})}
   if latent_encoder is not None:
     _check_draws_latents(denoiser_config, latent_encoder)
-    encoder_flat = {path_str(p): np.asarray(v)
-                    for p, v in nnx.to_flat_state(nnx.state(latent_encoder.encoder, nnx.Param))}
-    check_weights(encoder_flat, "frozen latent encoder params")
+    check_weights(_flat(latent_encoder.encoder), "frozen latent encoder params")
     trees[ENCODER_DIR] = _pure(latent_encoder.encoder)
     json_files[ENCODER_CONFIG] = record = latent_encoder.record()
     source["latent_encoder"] = ENCODER_DIR
@@ -312,6 +310,11 @@ def _restored(abstract: nnx.Module, directory: Path, sharding, verify: bool) -> 
                         nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, restore_params(directory, target, check_finite=verify))
   return nnx.merge(graphdef, state)
+
+
+def _flat(module: nnx.Module) -> dict[str, np.ndarray]:
+  """The module's params by their dotted path, as host arrays."""
+  return {path_str(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def _pure(module: nnx.Module) -> dict:
