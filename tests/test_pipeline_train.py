@@ -398,7 +398,7 @@ def test_pipelined_run_resumes_exactly(tmp_path, capsys):
   resumed = train_pipelined(cfg, pipeline, resume=True, progress=False, echo=lambda _: None)
   assert _loss_csv(whole / "model") == _loss_csv(resumed)
   a, b = load_trained(whole / "model"), load_trained(resumed)
-  for x, y in zip(jax.tree.leaves(nnx.state(a.unet)), jax.tree.leaves(nnx.state(b.unet)), strict=True):
+  for x, y in zip(jax.tree.leaves(nnx.state(a.denoiser)), jax.tree.leaves(nnx.state(b.denoiser)), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="its run was pipelined as"):
     train_pipelined(cfg, PipelineConfig(2, 1, 1, "gpipe"), resume=True, progress=False, echo=lambda _: None)
