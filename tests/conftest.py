@@ -5,6 +5,10 @@ import os
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One OpenMP thread per process (torch's intra-op threads, BLAS), set before torch is first imported: with an
+# xdist worker per core, torch's thread per core in every worker oversubscribed the cores, and the threads'
+# spin-waiting made a tiny UNet's 10-step diffusers reference loop (test_sampling) take 10 s of CPU, not 0.7.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Backend optimisation level 0 halves XLA:CPU compile times; the tiny test programs run fast anyway.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 # Each flag once: pytest-xdist's workers inherit the XLA_FLAGS this file already extended in the controller.
