@@ -69,13 +69,16 @@ JOIN = ("import os; from sharding.distributed import ProcessGroup, initialize; "
         "print('joined')")
 TIMEOUT_S = 3
 SLACK_S = 20  # starting python and importing jax on a busy 2-core machine, plus JAX's own few seconds
+# Processes that must fail at once get a long timeout and must all have failed before it: none waited for it,
+# however long a loaded machine takes to start them (a 20 s bound on a 3 s timeout flaked under load).
+AT_ONCE_TIMEOUT_S = 60
 
 
-def _joiners(coordinator: str, *groups: tuple[int, int]) -> list[subprocess.Popen]:
+def _joiners(coordinator: str, *groups: tuple[int, int], timeout_s: float = TIMEOUT_S) -> list[subprocess.Popen]:
   """One joining process per (num_processes, process_id), all started at once."""
   return [subprocess.Popen([sys.executable, "-c", JOIN], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, env=_env(1, DFJAX_COORDINATOR=coordinator, DFJAX_NUM_PROCESSES=count,
-                                               DFJAX_PROCESS_ID=index, DFJAX_TIMEOUT_S=TIMEOUT_S))
+                                               DFJAX_PROCESS_ID=index, DFJAX_TIMEOUT_S=timeout_s))
           for count, index in groups]
 
 
@@ -101,14 +104,16 @@ def test_process_0_that_nobody_joins_names_the_missing_processes():
 
 
 def test_two_processes_with_the_same_id_all_fail_at_once():
-  outputs = _failures(_joiners(f"127.0.0.1:{_free_port()}", (3, 0), (3, 1), (3, 1)), SLACK_S)
+  outputs = _failures(_joiners(f"127.0.0.1:{_free_port()}", (3, 0), (3, 1), (3, 1), timeout_s=AT_ONCE_TIMEOUT_S),
+                      AT_ONCE_TIMEOUT_S)
   for output in outputs:
     assert "ValueError" in output and "two processes were started with process id 1" in output, output
 
 
 def test_processes_that_disagree_on_the_count_all_fail_at_once():
   # JAX itself starts this pair without a word: process 1 would believe in a third process.
-  outputs = _failures(_joiners(f"127.0.0.1:{_free_port()}", (2, 0), (3, 1)), SLACK_S)
+  outputs = _failures(_joiners(f"127.0.0.1:{_free_port()}", (2, 0), (3, 1), timeout_s=AT_ONCE_TIMEOUT_S),
+                      AT_ONCE_TIMEOUT_S)
   for output in outputs:
     assert "process 1 was started with num_processes=3 but process 0 with 2" in output, output
 
@@ -116,7 +121,7 @@ def test_processes_that_disagree_on_the_count_all_fail_at_once():
 def test_process_0_on_a_taken_port_says_so():
   with socket.create_server(("127.0.0.1", 0)) as taken:  # another program, or a second process 0
     port = taken.getsockname()[1]
-    (output,) = _failures(_joiners(f"127.0.0.1:{port}", (2, 0)), SLACK_S)
+    (output,) = _failures(_joiners(f"127.0.0.1:{port}", (2, 0), timeout_s=AT_ONCE_TIMEOUT_S), AT_ONCE_TIMEOUT_S)
   assert f"process 0 cannot listen on port {port} (Address already in use)" in output
 
 
