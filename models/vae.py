@@ -270,21 +270,32 @@ class AutoencoderKL(nnx.Module):
     return self.decoder(z_bhwl, ctx=ctx)  # B, H, W, 3
 
   def scale_latents(self, z_bhwl: jax.Array) -> jax.Array:
-    """The VAE's latents → the diffusion model's, as diffusers' pipelines do after `encode`:
-    (z − mean)·scaling_factor/std with latents_mean/std, else (z − shift_factor)·scaling_factor."""
-    mean_l, std_l = self._latent_statistics()
-    return (z_bhwl - mean_l) * (self.config.scaling_factor / std_l)  # B, h, w, L
+    """The VAE's latents → the diffusion model's, as diffusers' pipelines do after `encode`."""
+    return scale_latents(z_bhwl, self.config)
 
   def unscale_latents(self, latents_bhwl: jax.Array) -> jax.Array:
     """The diffusion model's latents → the VAE's, as diffusers' pipelines do before `decode`:
     latents·std/scaling_factor + mean with latents_mean/std, else latents/scaling_factor + shift_factor."""
-    mean_l, std_l = self._latent_statistics()
+    mean_l, std_l = _latent_statistics(self.config)
     return latents_bhwl * (std_l / self.config.scaling_factor) + mean_l  # B, h, w, L
 
-  def _latent_statistics(self) -> tuple[jax.Array, jax.Array]:
-    """(per-channel offset, per-channel std) of the latent map, (L,) each."""
-    c = self.config
-    if c.latents_mean is not None:
-      return jnp.asarray(c.latents_mean, jnp.float32), jnp.asarray(c.latents_std, jnp.float32)
-    ones = jnp.ones((c.latent_channels,), jnp.float32)
-    return ones * (c.shift_factor or 0.0), ones
+
+def scale_latents(z_bhwl: jax.Array, config: VAEConfig) -> jax.Array:
+  """The VAE's latents → the diffusion model's: (z − mean)·scaling_factor/std with
+  latents_mean/std, else (z − shift_factor)·scaling_factor."""
+  mean_l, std_l = _latent_statistics(config)
+  return (z_bhwl - mean_l) * (config.scaling_factor / std_l)  # B, h, w, L
+
+
+def posterior_mean_latents(moments_bhw2l: jax.Array, config: VAEConfig) -> jax.Array:
+  """The encoder's moments (mean ‖ log-variance, (B, h, w, 2L)) → the diffusion model's latents of the
+  posterior mean: what a model trained behind a frozen encoder that is not sampled learns to draw."""
+  return scale_latents(moments_bhw2l[..., :config.latent_channels], config)  # B, h, w, L
+
+
+def _latent_statistics(c: VAEConfig) -> tuple[jax.Array, jax.Array]:
+  """(per-channel offset, per-channel std) of the latent map, (L,) each."""
+  if c.latents_mean is not None:
+    return jnp.asarray(c.latents_mean, jnp.float32), jnp.asarray(c.latents_std, jnp.float32)
+  ones = jnp.ones((c.latent_channels,), jnp.float32)
+  return ones * (c.shift_factor or 0.0), ones

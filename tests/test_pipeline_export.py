@@ -19,7 +19,7 @@ from flax import nnx
 
 from dfjax import commands, data
 from dfjax.generation import GenerateConfig, generate
-from dfjax.training import TrainConfig, load_trained
+from dfjax.training import TrainConfig, export, load_trained
 from dfjax.training.export import ENCODER_CONFIG, ENCODER_DIR, load_latent_encoder
 from dfjax.training.loop import FAST_COMPILE, _graphdef, export_run, latent_config
 from dfjax.training.model import VARIANTS
@@ -155,8 +155,18 @@ def test_exported_dit_computes_on_latents_what_it_trained_with():
     out[name] = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x), compiler_options=FAST_COMPILE)(params, x))
   np.testing.assert_allclose(out["exported"], out["trained"], rtol=1e-6, atol=1e-6)
   assert np.max(np.abs(out["resized only"] - out["trained"])) > 0.1
-  with pytest.raises(ValueError, match=r"cannot draw 32×32×4 latents"):
-    latent_config(variant, (LATENT_SIDE, LATENT_SIDE, 4))
+
+
+@pytest.mark.parametrize("change", [{"in_channels": 4, "out_channels": 4}, {"sample_size": data.IMAGE_SIZE}],
+                         ids=["channels", "image side"])
+def test_a_config_that_does_not_draw_the_latents_is_refused(exported, tmp_path, change):
+  model, config = load_trained(exported), json.loads((exported / "config.json").read_text())
+  with pytest.raises(ValueError, match=r"cannot draw the 32×32×3 latents its frozen encoder makes"):
+    export.write_model(tmp_path / "model", model.denoiser, model.class_tokens, denoiser_config={**config, **change},
+                       scheduler_config=json.loads((exported / "scheduler_config.json").read_text()),
+                       class_names=data.class_names, training={}, loss_rows=[],
+                       latent_encoder=load_latent_encoder(exported))
+  assert not (tmp_path / "model").exists()
 
 
 def _loss_csv(folder):

@@ -50,7 +50,7 @@ from dfjax.sampling import Conditioning
 from dfjax.training.card import LATENTS_NOTE, write_model_card
 from models.class_tokens import ClassTokens
 from models.dit_config import DiTConfig
-from models.vae import Encoder
+from models.vae import Encoder, posterior_mean_latents
 from models.vae_config import VAEConfig
 
 TOKENS_DIR = "class_tokens"
@@ -119,8 +119,7 @@ class LatentEncoder(NamedTuple):
     """The latents the model was trained on, of (B, H, W, 3) images in [-1, 1]: the posterior mean,
     times `scaling_factor` (B, h, w, L)."""
     graphdef, params = nnx.split(self.encoder)
-    return _encode(graphdef, params, jnp.asarray(images_bhwc, jnp.float32), self.config.latent_channels,
-                   self.config.scaling_factor)
+    return _encode(graphdef, params, jnp.asarray(images_bhwc, jnp.float32), self.config)
 
   def record(self) -> dict[str, Any]:
     """latent_encoder.json: what the encoder is and makes, and its diffusers AutoencoderKL config."""
@@ -131,10 +130,9 @@ class LatentEncoder(NamedTuple):
             "latents": "posterior mean × scaling_factor", "decoder": None, "vae_config": {"_class_name": "AutoencoderKL", **vae_config}}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _encode(graphdef, params, images_bhwc, latent_channels: int, scaling_factor: float) -> jax.Array:
-  moments_bhw2 = nnx.merge(graphdef, params)(images_bhwc)  # B, h, w, 2L: mean, log-variance
-  return moments_bhw2[..., :latent_channels] * scaling_factor  # B, h, w, L
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode(graphdef, params, images_bhwc, config: VAEConfig) -> jax.Array:
+  return posterior_mean_latents(nnx.merge(graphdef, params)(images_bhwc), config)  # B, h, w, L
 
 
 def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: ClassTokens | None, *,
@@ -212,10 +210,11 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
 def _check_draws_latents(denoiser_config: Mapping, latent_encoder: LatentEncoder) -> None:
   h, w, channels = latent_encoder.latent_shape
   got = (denoiser_config.get("sample_size"), denoiser_config.get("in_channels"), denoiser_config.get("out_channels"))
-  if got != (h, channels, channels):
-    raise ValueError(f"the denoiser config says sample_size, in_channels, out_channels = {got}, but the model "
-                     f"was trained on the {h}×{w}×{channels} latents of its frozen encoder: export the config "
-                     f"with sample_size {h} and {channels} channels (`dfjax.training.loop.latent_config`)")
+  if h != w or got != (h, channels, channels):
+    raise ValueError(f"a denoiser config of sample_size, in_channels, out_channels = {got} cannot draw the "
+                     f"{h}×{w}×{channels} latents its frozen encoder makes: the encoder must make square latents "
+                     f"of the channels the model variant takes, and the config must say sample_size {h} "
+                     "(`dfjax.training.loop.latent_config`)")
 
 
 def is_trained_model(folder: str | os.PathLike) -> bool:

@@ -227,15 +227,9 @@ def latent_config(denoiser_config: dict, latent_shape: tuple[int, int, int]) -> 
   was built (and trained) from the variant's config for the images; a DiT's positions are measured in
   units of its `sample_size` grid (models/dit_blocks.py `sincos_2d`), so its `interpolation_scale`
   shrinks with the side, and the exported DiT computes the same positions on the latents as in training.
-
-  Raises:
-    ValueError: the denoiser does not take L channels, or the latents are not square.
+  (`export.write_model` checks that the config then draws the latents.)
   """
-  h, w, channels = latent_shape
-  if h != w or (denoiser_config["in_channels"], denoiser_config["out_channels"]) != (channels, channels):
-    raise ValueError(f"a denoiser of {denoiser_config['in_channels']} → {denoiser_config['out_channels']} channels "
-                     f"cannot draw {h}×{w}×{channels} latents: the frozen encoder must make square latents of "
-                     "the channels the model variant takes")
+  h = latent_shape[0]
   config = {**denoiser_config, "sample_size": h}
   if denoiser_config.get("_class_name") == "DiTTransformer2DModel":
     trained = DiTConfig.from_diffusers_config(denoiser_config)

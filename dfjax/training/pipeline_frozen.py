@@ -37,7 +37,7 @@ from flax import nnx
 from dfjax.training.loop import FAST_COMPILE
 from dfjax.training.model import ModelSpec
 from models.layers import Workload
-from models.vae import Encoder, VAEConfig
+from models.vae import Encoder, VAEConfig, posterior_mean_latents
 
 LABELS, IMAGES = "labels", "images"  # what a part's first layer reads
 CONDITION, X0 = "condition", "x0"  # what its last layer makes
@@ -94,20 +94,34 @@ class FrozenPart:
   def abstract(self, model: nnx.Module) -> nnx.Module:
     if not self.encoder:
       return model.class_tokens
-    return nnx.eval_shape(lambda: Encoder(FROZEN_ENCODERS[self.encoder], rngs=nnx.Rngs(ENCODER_SEED)))
+    return nnx.eval_shape(lambda: Encoder(self.encoder_config, rngs=nnx.Rngs(self.encoder_seed)))
+
+  @property
+  def encoder_config(self) -> VAEConfig:
+    """The VAE encoder's config (an encoder part)."""
+    return FROZEN_ENCODERS[self.encoder]
+
+  @property
+  def encoder_seed(self) -> int:
+    """The seed the VAE encoder's weights are drawn from, whatever the run's (an encoder part)."""
+    return ENCODER_SEED
+
+  def encoder_module(self, params: nnx.State) -> Encoder:
+    """The VAE encoder with `params` (an encoder part; e.g. the training state's, for the export)."""
+    encoder = self.abstract(None)  # built from its config alone: no model needed
+    nnx.update(encoder, params)
+    return encoder
 
   def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
     """Layer `index` on b samples of its input (the labels or images for layer 0) → (b, *sample_shape)."""
     if not self.encoder:
       return module(x)  # b, T, D
     last = index == len(self.layers) - 1
-    config = FROZEN_ENCODERS[self.encoder]
+    config = self.encoder_config
 
     def one(x_hwc):
       y = module.run_layer(index, x_hwc[None])[0]
-      if last:  # the posterior mean, scaled as a pipeline scales the VAE's latents
-        y = y[..., :config.latent_channels] * config.scaling_factor  # h, w, L
-      return y
+      return posterior_mean_latents(y, config) if last else y  # the last: h, w, L
 
     return jax.lax.map(one, x)  # b, *sample_shape
 

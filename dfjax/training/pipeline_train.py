@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 
 import jax
-from flax import nnx
 
 from dfjax import data
 from dfjax.training.checkpointed import CHECKPOINTS, run_steps
@@ -29,7 +28,7 @@ from dfjax.training.export import LatentEncoder
 from dfjax.training.loop import TrainConfig, export_run, make_optimizer
 from dfjax.training.pipeline_chart import describe, draw
 from dfjax.training.pipeline_calibrate import describe_costs
-from dfjax.training.pipeline_frozen import ENCODER_SEED, FROZEN_ENCODERS, X0
+from dfjax.training.pipeline_frozen import X0
 from dfjax.training.pipeline_plan import PipelineConfig, PipelinePlan, analytic_costs, make_plan
 from dfjax.training.pipeline_step import executor_for
 
@@ -108,6 +107,5 @@ def latent_encoder(plan: PipelinePlan, frozen: dict) -> LatentEncoder | None:
   part = next((part for part in plan.frozen_parts if part.makes == X0), None)
   if part is None:
     return None
-  encoder = part.abstract(None)  # (an encoder part is built from its FROZEN_ENCODERS config alone)
-  nnx.update(encoder, jax.device_get(frozen[part.name]))
-  return LatentEncoder(encoder, FROZEN_ENCODERS[part.encoder], part.encoder, ENCODER_SEED, plan.image_shape[0])
+  return LatentEncoder(part.encoder_module(jax.device_get(frozen[part.name])), part.encoder_config, part.encoder,
+                       part.encoder_seed, plan.image_shape[0])
