@@ -131,16 +131,18 @@ def _reference(model, encoder="none"):
 @functools.cache
 def _pipelined(stages, microbatches, data, schedule, model="tiny", encoder="none"):
   """Two pipelined steps (one compile): their losses, the first moment after the first step, the
-  params and EMA after both, and the next batch's inputs (from the bubbles, and up front)."""
+  params and EMA after both, the next batch's inputs (from the bubbles, and up front), and the compiled
+  step's HLO."""
   plan = make_plan(PipelineConfig(stages, microbatches, data, schedule, frozen_encoder=encoder), model, BATCH,
                    IMAGES[model, encoder])
   ex = executor_for(_cfg(model), plan)
   batches = _batches(model, encoder)
   state = jax.device_put(_state_from(ex, model), ex.shardings())
   inputs = ex.frozen_outputs(state, *batches[0])
+  compiled = ex.step.lower(state, inputs, *batches[1]).compile()
   losses, carried, up_front = [], [], []
   for step in range(2):
-    state, loss, inputs = ex.step(state, inputs, *batches[step + 1])
+    state, loss, inputs = compiled(state, inputs, *batches[step + 1])
     losses.append(float(loss))
     carried.append(jax.device_get(inputs))
     up_front.append(jax.device_get(ex.frozen_outputs(state, *batches[step + 1])))
@@ -148,7 +150,7 @@ def _pipelined(stages, microbatches, data, schedule, model="tiny", encoder="none
       moment = ex.denoiser_params(_first_moment(state["opt_state"]))  # read before the next step donates it
   return {"losses": losses, "moment": moment, "params": ex.denoiser_params(state["params"]),
           "ema": ex.denoiser_params(state["ema"]), "carried": carried, "up_front": up_front, "plan": plan,
-          "row": state["params"]["rows"]["float32"]}
+          "row": state["params"]["rows"]["float32"], "hlo": compiled.as_text()}
 
 
 def _close(actual, expected, rtol):
@@ -220,16 +222,12 @@ def test_frozen_work_crosses_the_stages_as_planned():
   """The compiled step's all-gathers over `stage`, read by the HLO reader (sharding/accounting/comm.py): one
   per tick of the outbox (S × O floats; inside a conditional taken only on the ticks that have a piece, which
   the reader, reading no predicate, counts on every tick: its figure is ticks × (S − 1) × O × 4 bytes), and
-  per leftover piece one of the stages' 1/S shares of its samples: the work after the pipeline is split."""
-  case = CASES[0]
-  plan = make_plan(PipelineConfig(*case[:4], frozen_encoder=case[5]), case[4], BATCH, IMAGES[case[4], case[5]])
+  per leftover piece one of the stages' 1/S shares of its samples: the work after the pipeline is split.
+  (The step the exactness test ran: its compile is shared.)"""
+  pipelined = _pipelined(*CASES[0])
+  plan = pipelined["plan"]
   assert plan.frozen_pieces and plan.leftover_pieces  # the case has both
-  ex = executor_for(_cfg(case[4]), plan)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       jax.eval_shape(ex.fresh_state, jnp.int32(0)), ex.shardings())
-  images, labels = _batches(case[4], case[5])[0]
-  inputs = jax.eval_shape(ex.frozen_outputs, state, images, labels)
-  traffic = comm.run_traffic(ex.step.lower(state, inputs, images, labels).compile().as_text())
+  traffic = comm.run_traffic(pipelined["hlo"])
   layers = [[layer.sample_size for layer in part.layers] for part in plan.frozen_parts]
   outbox = max(p.samples * layers[p.part][p.layer] for p in plan.frozen_pieces)
   shares = [-(-p.samples // plan.stages) * layers[p.part][p.layer] for p in plan.leftover_pieces]

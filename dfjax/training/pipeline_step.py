@@ -144,7 +144,9 @@ class PipelineExecutor:
     # as dfjax.training.loop compiles the variant
     options = FAST_COMPILE if self.backbone.spec.fast_compile else None
     self.init_state = jax.jit(self.fresh_state, compiler_options=options)
-    self.frozen_outputs = jax.jit(self._frozen_outputs, compiler_options=options)
+    # placed as `step` hands the next batch's inputs on: the first step's, made here, must not compile
+    # `step` a second time for another sharding
+    self.frozen_outputs = jax.jit(self._frozen_outputs, out_shardings=self.batch_sharding(), compiler_options=options)
     self.step = jax.jit(self._step, donate_argnums=0, compiler_options=options)
 
   # -- layout helpers
