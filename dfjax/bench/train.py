@@ -98,17 +98,17 @@ def measure(model: str = "tiny", batch: int = 8, image_size: int = 32, devices: 
     ex = executor_for(cfg, run_plan)
     state = jax.device_put(ex.init_state(0), ex.shardings())
     inputs = ex.frozen_outputs(state, images, labels)
-    memory = ex.step.lower(state, inputs, images, labels).compile().memory_analysis()
-    state, loss, inputs = ex.step(state, inputs, images, labels)  # compiles
+    step = ex.step.lower(state, inputs, images, labels).compile()  # the one compile: timed and measured
+    state, loss, inputs = step(state, inputs, images, labels)
     jax.block_until_ready(loss)
     times = []
     for _ in range(iters):
       began = time.perf_counter()
-      state, loss, inputs = ex.step(state, inputs, images, labels)
+      state, loss, inputs = step(state, inputs, images, labels)
       jax.block_until_ready(loss)
       times.append(time.perf_counter() - began)
     rows.append(TrainRow(method, pipeline.stages, pipeline.microbatches, pipeline.data, float(np.median(times)),
-                         device_idle(run_plan.timeline), memory.temp_size_in_bytes,
+                         device_idle(run_plan.timeline), step.memory_analysis().temp_size_in_bytes,
                          run_plan.activation_slots().count if pipeline.stages > 1 else None))
   return _with_speedups(rows)
 
