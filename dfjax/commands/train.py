@@ -38,7 +38,11 @@ def register(commands) -> None:
       "seed": Flag("fixes the init, the data, the noise and the label drops"),
       "save_every": Flag("checkpoint interval (steps)"),
       "log_every": Flag("loss-curve interval (steps)"),
-      "export": Flag("final model folder (default: OUT/model)")}
+      "export": Flag("final model folder (default: OUT/model)"),
+      "grow_from": Flag("start from this trained DiT's model folder, grown to --model's depth (a multiple of "
+                        "its own): block f·k is its block k, the blocks between are fresh identity "
+                        "(adaLN-Zero) blocks; e.g. --model dit8 --grow-from a dit run's OUT/model",
+                        metavar="FOLDER")}
   add_config_arguments(parser, TrainConfig, flags)
   add_config_arguments(parser, PipelineConfig, {
       "stages": Flag("pipeline stages on the `stage` mesh axis (DiffusionPipe training; 1: no pipeline)",

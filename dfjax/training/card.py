@@ -27,7 +27,7 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
   hours, minutes = divmod(round(training["wall_seconds"] / 60), 60)
   wall = f"{hours} h {minutes} min" if hours else f"{minutes} min"
   family = _FAMILIES[denoiser_config.get("_class_name", "UNet2DConditionModel")]
-  latent = training.get("latent_encoder")
+  latent, grown = training.get("latent_encoder"), training.get("grown_from")
   lines = [
       f"# dfjax default {family.title}" if latent is None else f"# dfjax {family.kind}, trained on latents",
       "",
@@ -36,12 +36,11 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       "",
       "## Reproduce",
       "",
-      "```",
-      training["command"],
-      "```",
+      *(["```", training["command"], "```"] if grown is None else _reproduce_grown(training)),
       "",
       f"Fixed seed {cfg['seed']}: initial weights, every batch, noise draw and label drop are functions",
-      "of (seed, step), so the command gives the same weights again, also when interrupted and",
+      f"of (seed, step), so the {'command gives' if grown is None else 'commands give'} the same weights "
+      "again, also when interrupted and",
       "continued with `--resume` (same flags).",
       "",
       "## Data",
@@ -57,6 +56,7 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       "## Model",
       "",
       *family.describe(denoiser_config, classes, num_params),
+      *(family.fresh_init if grown is None else _grown_init(grown, denoiser_config["num_layers"])),
       f"- Noise schedule (`scheduler_config.json`): {scheduler_config['beta_schedule']} betas "
       f"{scheduler_config['beta_start']}–{scheduler_config['beta_end']}, "
       f"{scheduler_config['num_train_timesteps']} training timesteps, "
@@ -78,6 +78,9 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       f"{machine['cpu']}, {machine['cpu_cores']} CPU cores ({machine['device_kind']}, "
       f"jax {machine['jax']}), shared with other jobs.",
       f"- Final loss (mean of the last {cfg['log_every']} steps): {training['final_loss']:.4f}.",
+      *([] if grown is None else [
+          f"- Before that, the source: {grown['steps']:,} steps of batch {grown['config']['batch']} "
+          f"({grown['wall_seconds']:.0f} s), final loss {grown['final_loss']:.4f} (its own card has the details)."]),
       "",
       "## Loss curve",
       "",
@@ -89,6 +92,36 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
   lines += [f"| {s} | {l:.4f} | {r:.2e} |" for s, l, r in subsample(loss_rows, _CURVE_ROWS)]
   lines += ["", *(_use_pixels(family) if latent is None else _use_latents(latent)), ""]
   return "\n".join(lines)
+
+
+def _sources(training: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+  """The runs a grown model's run started from, the first (trained from scratch) first."""
+  chain, record = [], training.get("grown_from")
+  while record is not None:
+    chain.insert(0, record)
+    record = record.get("grown_from")
+  return chain
+
+
+def _reproduce_grown(training: Mapping[str, Any]) -> list[str]:
+  """The commands of the runs a grown model came from, in order, then its own."""
+  lines = []
+  for i, source in enumerate(_sources(training)):
+    then = "First, the" if i == 0 else "Then grow that folder into the"
+    lines += [f"{then} {source['num_layers']}-block DiT (sha256 of its model folder's manifest.json: "
+              f"`{source['manifest_sha256']}`):", "", "```", source["command"], "```", ""]
+  folder = training["grown_from"]["folder"]
+  return [*lines,
+          f"Then this model: `--grow-from` that run's model folder (here `{folder}`) makes the deeper DiT",
+          "start as that model, and every param is fine-tuned:", "", "```", training["command"], "```"]
+
+
+def _grown_init(grown: Mapping[str, Any], num_layers: int) -> list[str]:
+  factor = num_layers // grown["num_layers"]
+  return [f"- Grown from the {grown['num_layers']}-block DiT of the first command: at step 0 block {factor}·k was "
+          f"its block k, the embeddings and the final layer its own, and the other {num_layers - grown['num_layers']}",
+          "  blocks fresh adaLN-Zero blocks (their modulation zero: each the identity), so the model started",
+          "  as exactly the source's function; then every param trained."]
 
 
 def _describe_pixels(family: _Family) -> list[str]:
@@ -166,6 +199,7 @@ class _Family(NamedTuple):
   parallelism: str
   limits: tuple[str, ...]
   describe: Callable[[Mapping[str, Any], Mapping[str, Any], int], list[str]]
+  fresh_init: tuple[str, ...] = ()  # how a run trained from scratch initialises it, when notable
 
 
 def _describe_unet(config: Mapping[str, Any], tokens: Mapping[str, Any], num_params: int) -> list[str]:
@@ -190,9 +224,7 @@ def _describe_dit(config: Mapping[str, Any], classes: Mapping[str, Any], num_par
       f"{side // p} token rows), fixed 2-D sin-cos positions, one output per pixel channel (no learned "
       f"variance); {num_params:,} params.",
       f"- Classes: the DiT's own class embedding ({classes['num_classes']} classes plus the null class id "
-      f"{classes['null_id']} for classifier-free guidance), added to the timestep embedding.",
-      "- Initialised as in the DiT paper (adaLN-Zero): every block's modulation and the final layer",
-      "  start at zero."]
+      f"{classes['null_id']} for classifier-free guidance), added to the timestep embedding."]
 
 
 _FAMILIES = {
@@ -208,7 +240,9 @@ _FAMILIES = {
                                       "recognises 65 % of 100 samples. Discs, rings, bars, triangles, crosses and the",
                                       "checkerboard are drawn; diagonal stripes, bands and concentric squares come out as",
                                       "noisy textures of the class's colours. A longer run would draw them better."),
-                                     _describe_dit),
+                                     _describe_dit,
+                                     ("- Initialised as in the DiT paper (adaLN-Zero): every block's modulation and the "
+                                      "final layer", "  start at zero.")),
 }
 
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 from dfjax import data
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
-from dfjax.training import export
+from dfjax.training import export, grow
 from dfjax.training.checkpointed import RunFields, loss_rows, run_record, run_steps
 from dfjax.training.model import VARIANTS
 from models.class_tokens import drop_labels
@@ -58,6 +58,8 @@ class TrainConfig(RunFields):
     save_every: orbax checkpoint interval in steps (and at the end).
     log_every: loss-curve interval in steps (mean loss over the interval).
     export: where the final model goes (default OUT/model).
+    grow_from: a trained DiT's model folder that step 0 starts from, its blocks interleaved with fresh
+      identity blocks up to the variant's depth (dfjax/training/grow.py); None: a fresh init.
   """
 
   out: str
@@ -76,6 +78,7 @@ class TrainConfig(RunFields):
   save_every: int = 200
   log_every: int = 25
   export: str | None = None
+  grow_from: str | None = None
 
   def __post_init__(self):
     if self.model not in VARIANTS:
@@ -84,6 +87,9 @@ class TrainConfig(RunFields):
     for name in ("ema_decay", "label_drop", "final_lr_fraction"):
       if not 0.0 <= getattr(self, name) < 1.0 + (name == "final_lr_fraction"):
         raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+  def static(self) -> TrainConfig:
+    return dataclasses.replace(super().static(), grow_from=None)  # only step 0 reads it, outside the jit
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -111,7 +117,11 @@ def _graphdef(model: str) -> nnx.GraphDef:
 
 def init_state(seed: jax.Array, *, cfg: TrainConfig) -> dict:
   """Fresh training state {params, opt_state, ema, step} (`train` runs it jitted)."""
-  model = VARIANTS[cfg.model].build(rngs=nnx.Rngs(jax.random.key(seed)))
+  return state_of(VARIANTS[cfg.model].build(rngs=nnx.Rngs(jax.random.key(seed))), cfg)
+
+
+def state_of(model: nnx.Module, cfg: TrainConfig) -> dict:
+  """The training state that starts from `model`'s params."""
   params = nnx.state(model, nnx.Param)
   return {"params": params, "opt_state": make_optimizer(cfg)[0].init(params),
           "ema": jax.tree.map(jnp.copy, params), "step": jnp.zeros((), jnp.int32)}
@@ -194,14 +204,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
   """
   spec = VARIANTS[cfg.model]
   schedule = make_optimizer(cfg)[1]
+  jitted_init = _init_state_fast_compile if spec.fast_compile else _init_state
+  if cfg.grow_from is not None:
+    jitted_init = functools.partial(_grown_init, jitted_init, cfg)
   finished = run_steps(cfg, init_state=init_state, train_step=train_step, resume=resume, stop_at=stop_at,
-                       jitted_init=_init_state_fast_compile if spec.fast_compile else _init_state,
-                       schedule=schedule, progress=progress)
+                       jitted_init=jitted_init, schedule=schedule, progress=progress)
   if finished is None:
     return None
   state, history = finished
   model = nnx.merge(_graphdef(cfg.model), state["ema"] if cfg.ema_decay > 0 else state["params"])
   return export_run(cfg, model, history, command)
+
+
+def _grown_init(fresh_init, run: TrainConfig, seed: jax.Array, *, cfg: TrainConfig) -> dict:
+  """Step 0 of a `grow_from` run: the fresh state of `seed` with the source's params grown in."""
+  fresh = nnx.merge(_graphdef(cfg.model), fresh_init(seed, cfg=cfg)["params"])
+  return state_of(grow.grown_start(fresh, run.grow_from, cfg.model, run.out), cfg)
 
 
 def export_run(cfg: TrainConfig, model: nnx.Module, history: dict, command: str | None,
@@ -213,7 +231,8 @@ def export_run(cfg: TrainConfig, model: nnx.Module, history: dict, command: str 
   out = Path(cfg.out).absolute()
   rows = loss_rows(history, schedule)
   training = {**run_record(cfg, history, command), "model": spec.to_json(),
-              "exported_weights": "ema" if cfg.ema_decay > 0 else "params"}
+              "exported_weights": "ema" if cfg.ema_decay > 0 else "params",
+              **(grow.training_record(out) if cfg.grow_from is not None else {})}
   denoiser_config = (spec.denoiser_config if latent_encoder is None
                      else latent_config(spec.denoiser_config, latent_encoder.latent_shape))
   return export.write_model(cfg.export or out / MODEL, model.denoiser, model.class_tokens,

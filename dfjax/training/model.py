@@ -5,7 +5,8 @@ Two families, one training loop (dfjax/training/loop.py):
     `models.class_tokens.ClassTokens` table that turns class ids into its `encoder_hidden_states`;
   * a DiT: diffusers' `DiTTransformer2DModel` (models/dit.py), which embeds class ids itself.
 `VARIANTS` names the models `dfjax train --model` offers: `default` is the shipped UNet, `dit` the
-shipped DiT, `tiny` and `dit-tiny` seconds-fast ones for tests.
+shipped DiT, `dit8` it at twice the depth (grown from a trained `dit`), `tiny`, `dit-tiny` and
+`dit-tiny2` seconds-fast ones for tests.
 
 Shape letters: B batch, H rows, W columns, C image channels, T class tokens, D token width.
 """
@@ -288,7 +289,12 @@ def _variants() -> dict[str, ModelSpec]:
       # heads, so that ulysses splits them over 2, 4 or 8 devices. A 128-wide token draws 48 pixel
       # values (with 8×8 patches it drew 192, and the DiT reached 30 % class accuracy).
       "dit": DiTSpec(_dit_config(128, 8, 4, patch=4, num_classes=data.num_classes)),
+      # `dit` at twice the depth, so that PipeFusion cuts it into 8 stages: trained `--grow-from` a
+      # trained `dit` folder (dfjax/training/grow.py), whose blocks it starts from.
+      "dit8": DiTSpec(_dit_config(128, 8, 8, patch=4, num_classes=data.num_classes)),
       "dit-tiny": DiTSpec(_dit_config(32, 8, 1, patch=8, num_classes=data.num_classes), fast_compile=True),
+      # `dit-tiny` at twice the depth: the tests' model grown from it.
+      "dit-tiny2": DiTSpec(_dit_config(32, 8, 2, patch=8, num_classes=data.num_classes), fast_compile=True),
   }
 
 
