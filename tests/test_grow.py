@@ -2,6 +2,7 @@
 exactly its function, its new blocks learn, a grown run resumes without its source, its card gives both
 commands, and what cannot be grown is refused."""
 
+import functools
 import json
 import shutil
 
@@ -32,17 +33,30 @@ def _inputs(batch: int = 3):
   return x_bhwc, t_b, labels_b
 
 
-@nnx.jit
-def _jitted_forward(denoiser, x_bhwc, t_b, labels_b):
-  return denoiser(x_bhwc, t_b, class_labels=labels_b)
+# Compiled without backend optimisation, as the tiny variants' training: seconds faster here.
+_fast_jit = functools.partial(jax.jit, compiler_options=loop.FAST_COMPILE)
+
+
+@functools.partial(_fast_jit, static_argnums=0)
+def _apply(graphdef, state, x_bhwc, t_b, labels_b):
+  return nnx.merge(graphdef, state)(x_bhwc, t_b, class_labels=labels_b)
 
 
 def _forward(denoiser) -> np.ndarray:
-  return np.asarray(_jitted_forward(denoiser, *_inputs()))
+  return np.asarray(_apply(*nnx.split(denoiser), *_inputs()))
 
 
 def _flat(module) -> dict:
   return {p: np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _fresh_dit(variant: str, seed: int, noise: float = 0.0) -> nnx.Module:
+  """The joint model of `variant` initialised from `seed`, every param plus `noise` × a normal draw."""
+  model = VARIANTS[variant].build(rngs=nnx.Rngs(seed))
+  draws = np.random.default_rng(seed)
+  state = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(lambda p: p + noise * draws.standard_normal(p.shape, np.float32), state))
+  return model
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +64,7 @@ def source(tmp_path_factory):
   """A `dit-tiny` export that stands in for a trained one: random params everywhere (its modulation and
   final layer too, which a fresh init zeroes), so that it computes something a wrongly grown DiT would not
   reproduce; exported as a run's model with its command."""
-  model = VARIANTS["dit-tiny"].build(rngs=nnx.Rngs(5))
-  state = nnx.state(model, nnx.Param)
-  keys = iter(jax.random.split(jax.random.key(6), len(jax.tree.leaves(state))))
-  nnx.update(model, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), state))
+  model = _fresh_dit("dit-tiny", 5, noise=0.2)
   cfg = TrainConfig(out=str(tmp_path_factory.mktemp("source")), **SOURCE)
   return loop.export_run(cfg, model, {"step": [3], "loss": [0.5], "seconds": 1.0}, SOURCE_COMMAND)
 
@@ -73,8 +84,8 @@ def grown_runs(source, tmp_path_factory):
 
 def test_grown_dit_computes_the_source_exactly(source, tmp_path):
   trained = load_trained(source).denoiser
-  fresh = _flat(VARIANTS["dit-tiny2"].build(rngs=nnx.Rngs(3)))
-  model = grow.grown_start(VARIANTS["dit-tiny2"].build(rngs=nnx.Rngs(3)), str(source), "dit-tiny2", tmp_path)
+  fresh = _flat(_fresh_dit("dit-tiny2", 3))
+  model = grow.grown_start(_fresh_dit("dit-tiny2", 3), str(source), "dit-tiny2", tmp_path)
   # block 0 is the trained block, block 1 the fresh model's (the seed's) block 1, the rest the source's
   params, before = _flat(model.denoiser), _flat(trained)
   for path, value in params.items():
@@ -90,7 +101,7 @@ def test_grown_dit_computes_the_source_exactly(source, tmp_path):
 def test_new_blocks_learn(grown_runs):
   """After training, the new block is no longer the identity: the grown DiT differs from itself without it."""
   grown = load_trained(grown_runs[0]).denoiser
-  shallow = VARIANTS["dit-tiny"].build(rngs=nnx.Rngs(0)).denoiser
+  shallow = _fresh_dit("dit-tiny", 0).denoiser
   kept = nnx.state(shallow, nnx.Param)
   pure = nnx.to_pure_dict(nnx.state(grown, nnx.Param))
   nnx.replace_by_pure_dict(kept, {**pure, "transformer_blocks": {0: pure["transformer_blocks"][0]}})
