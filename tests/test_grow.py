@@ -16,6 +16,8 @@ from dfjax.training import TrainConfig, load_trained, train
 from dfjax.training import grow, loop
 from dfjax.training.default_model import default_model_dir
 from dfjax.training.model import VARIANTS
+from dfjax.training.pipeline_plan import PipelineConfig
+from dfjax.training.pipeline_train import train_pipelined
 
 SOURCE = dict(model="dit-tiny", steps=3, batch=2, lr=0.05, warmup_steps=0, ema_decay=0.0, save_every=3, log_every=3)
 SOURCE_COMMAND = "dfjax train --model dit-tiny --steps 3 --batch 2 --lr 0.05 --warmup-steps 0 --ema-decay 0"
@@ -146,3 +148,17 @@ def test_what_cannot_grow_is_refused(folder, variant, message, source, grown_run
 def test_train_refuses_a_missing_source(tmp_path):
   with pytest.raises(ValueError, match="no such folder"):
     train(TrainConfig(out=str(tmp_path / "run"), grow_from=str(tmp_path / "nothing"), **GROWN), progress=False)
+
+
+@pytest.mark.slow  # each compiles a 1-step run: 20 s (the pipelined one more)
+@pytest.mark.parametrize("pipeline", [None, PipelineConfig(stages=2, microbatches=2, schedule="1f1b")],
+                         ids=["single", "pipelined"])
+def test_a_first_step_exports_the_source(pipeline, source, tmp_path):
+  """Both trainers start a grown run as the source: the warm-up's first step has learning rate 0, so a
+  1-step run (no EMA) exports the grown init, which computes the source's output."""
+  cfg = TrainConfig(out=str(tmp_path / "run"), grow_from=str(source), **{**GROWN, "steps": 1})
+  folder = (train(cfg, progress=False) if pipeline is None
+            else train_pipelined(cfg, pipeline, progress=False, echo=lambda _: None))
+  grown = load_trained(folder).denoiser
+  assert grown.config.num_layers == 2
+  np.testing.assert_allclose(_forward(grown), _forward(load_trained(source).denoiser), rtol=0, atol=1e-6)

@@ -21,8 +21,10 @@ import json
 from pathlib import Path
 
 import jax
+from flax import nnx
 
 from dfjax import data
+from dfjax.training import grow
 from dfjax.training.checkpointed import CHECKPOINTS, run_steps
 from dfjax.training.export import LatentEncoder
 from dfjax.training.loop import TrainConfig, export_run, make_optimizer
@@ -49,7 +51,12 @@ class Pipelined:
     return self.executor.fresh_state(seed)
 
   def jitted_init(self, seed, *, cfg=None):
-    return jax.device_put(self.executor.init_state(seed), self.executor.shardings())
+    if self.cfg.grow_from is None:
+      state = self.executor.init_state(seed)
+    else:  # step 0 of a `--grow-from` run: the fresh model with the source's params grown in
+      fresh = self.executor.backbone.build(rngs=nnx.Rngs(jax.random.key(seed)))
+      state = self.executor.state_from(grow.grown_start(fresh, self.cfg.grow_from, self.cfg.model, self.cfg.out))
+    return jax.device_put(state, self.executor.shardings())
 
   def train_step(self, state: dict, images, labels, *, cfg=None):
     if self._step is None:  # the first step of this process: its frozen work up front
