@@ -32,7 +32,7 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       f"# dfjax default {family.title}" if latent is None else f"# dfjax {family.kind}, trained on latents",
       "",
       f"A small class-conditional {family.kind} (diffusers `{family.diffusers}` architecture, run by dfjax's",
-      *(_describe_pixels(family) if latent is None else _describe_latents(latent)),
+      *(_describe_pixels(family, grown) if latent is None else _describe_latents(latent)),
       "",
       "## Reproduce",
       "",
@@ -118,14 +118,16 @@ def _reproduce_grown(training: Mapping[str, Any]) -> list[str]:
 
 def _grown_init(grown: Mapping[str, Any], num_layers: int) -> list[str]:
   factor = num_layers // grown["num_layers"]
-  return [f"- Grown from the {grown['num_layers']}-block DiT of the first command: at step 0 block {factor}·k was "
-          f"its block k, the embeddings and the final layer its own, and the other {num_layers - grown['num_layers']}",
-          "  blocks fresh adaLN-Zero blocks (their modulation zero: each the identity), so the model started",
-          "  as exactly the source's function; then every param trained."]
+  return [f"- Grown from the {grown['num_layers']}-block DiT of the first command: at step 0 block {factor}·k was its "
+          "block k, the embeddings and",
+          f"  the final layer its own, the other {num_layers - grown['num_layers']} blocks fresh adaLN-Zero blocks "
+          "(their modulation zero: each the",
+          "  identity), so the model started as exactly the source's function; then every param trained."]
 
 
-def _describe_pixels(family: _Family) -> list[str]:
-  return ["own Flax NNX port) trained from scratch on dfjax's procedural shapes dataset. It is an",
+def _describe_pixels(family: _Family, grown: Mapping[str, Any] | None) -> list[str]:
+  how = "trained from scratch" if grown is None else "grown from a shallower one (see Reproduce) and trained"
+  return [f"own Flax NNX port) {how} on dfjax's procedural shapes dataset. It is an",
           f"embedded model of `dfjax generate{family.generate_flag}`, on which dfjax measures the fidelity of",
           f"{family.parallelism}. It draws 64×64 RGB pixels directly (no VAE)."]
 
