@@ -82,6 +82,22 @@ def test_warm_up_over_every_step_equals_single(dit, dit_single, stages, patches)
   assert _error(got, dit_single) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def dit8():
+  """TINY_DIT with 8 blocks: one per device at N = 8 stages."""
+  model = DiTTransformer2DModel(DiTConfig.from_diffusers_config({**TINY_DIT, "num_layers": 8}), rngs=nnx.Rngs(2))
+  _perturb(model)
+  return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patches,warmup_steps", [(8, STEPS), (1, 0)], ids=["M=8 warm-up over every step", "M=1"])
+def test_eight_stages_are_exact(dit8, patches, warmup_steps):
+  """N = 8 (8 blocks, one per device): with warm-up over every step, and one patch at every step."""
+  got = _run(dit8, make_mesh(stage=8, patch=1), Strategy.pipefusion(num_patches=patches, warmup_steps=warmup_steps))
+  assert _error(got, _run(dit8, None, Strategy.single())) <= 1e-5
+
+
 @pytest.mark.parametrize("stages", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_one_patch_is_a_plain_pipeline_exact_at_every_step(dit, dit_single, stages):
   strategy = Strategy.pipefusion(num_patches=1, warmup_steps=0)  # pipelined from step 1 on
