@@ -2,7 +2,7 @@
 
 Usage: python multihost_worker.py OUT.npz  with DFJAX_COORDINATOR / DFJAX_NUM_PROCESSES /
 DFJAX_PROCESS_ID set; process 0 writes the `RUNS`' latents under their names. Importing it has
-no side effects: the test computes the single-process references in its own 8-device process.
+no side effects: the test computes the one-device reference (`single_latents`) in its own process.
 """
 
 import os
@@ -27,16 +27,25 @@ UNET = {
 }
 
 
-def _latents(mesh, strategy: Strategy) -> np.ndarray:
-  """A 4-step run over `mesh` (all 8 devices, whichever processes hold them), gathered to every process."""
+def _sample(mesh=None, strategy: Strategy | None = None) -> jax.Array:
+  """A 4-step run of a tiny UNet on the same inputs in every process (mesh None: on one device)."""
   model = UNet2DConditionModel(UNetConfig.from_diffusers_config(UNET), rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(0)  # the same inputs in every process
+  rng = np.random.default_rng(0)
   noise = rng.standard_normal((1, 32, 8, 4), np.float32)
   cond, uncond = (Conditioning(rng.standard_normal((1, 5, 32), np.float32)) for _ in range(2))
   jax.config.update("jax_default_matmul_precision", "highest")
-  latents = sample(model, noise, cond, uncond=uncond, num_steps=4, mesh=mesh, strategy=strategy,
-                   scheduler_config={"clip_sample": False})
-  return multihost_utils.process_allgather(latents, tiled=True)
+  return sample(model, noise, cond, uncond=uncond, num_steps=4, mesh=mesh, strategy=strategy,
+                scheduler_config={"clip_sample": False})
+
+
+def single_latents() -> np.ndarray:
+  """The reference every run equals (`exact` is `single` to float rounding): one device, one process."""
+  return np.asarray(_sample())
+
+
+def _latents(mesh, strategy: Strategy) -> np.ndarray:
+  """A run over `mesh` (all 8 devices, whichever processes hold them), gathered to every process."""
+  return multihost_utils.process_allgather(_sample(mesh, strategy), tiled=True)
 
 
 def exact_latents() -> np.ndarray:

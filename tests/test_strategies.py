@@ -6,6 +6,8 @@ displaced steps consume none of their collectives, exact steps do, and the per-s
 equals the analytic volume.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -103,14 +105,20 @@ def test_single_strategy_refuses_a_patch_mesh(model):
     _run(model, mesh=make_mesh(1, 1, 2), strategy=Strategy.single())
 
 
-def _compiled_text(model, height, mesh, strategy):
-  args, kwargs = _sample_args(model, height, mesh, strategy)
-  return lower_sample(*args, **kwargs).compile().as_text()
+@pytest.fixture(scope="module")
+def compiled_text(model):
+  """(height, mesh, strategy) → the compiled sampling program's text, each compiled once in this module: the
+  consumption test reads the exact and displaced programs on patch=4 that the traffic test counts."""
+  @functools.cache
+  def of(height, mesh, strategy):
+    args, kwargs = _sample_args(model, height, mesh, strategy)
+    return lower_sample(*args, **kwargs).compile().as_text()
+  return of
 
 
-def test_displaced_steps_consume_only_the_input_halo_and_exact_steps_everything(model):
+def test_displaced_steps_consume_only_the_input_halo_and_exact_steps_everything(model, compiled_text):
   mesh = make_mesh(1, 1, 4)
-  text = _compiled_text(model, HEIGHT, mesh, Strategy.displaced(warmup_steps=1))
+  text = compiled_text(HEIGHT, mesh, Strategy.displaced(warmup_steps=1))
   warmup, displaced = comm.consumed_in_step(text)
   assert warmup, "warm-up steps are synchronous: their collectives are consumed at once"
   # The one synchronous exchange of a displaced step: conv_in's halo rows of this step's latent, one
@@ -123,7 +131,7 @@ def test_displaced_steps_consume_only_the_input_halo_and_exact_steps_everything(
     assert comm.collective_kind(inst.opcode) == "collective-permute"
     ((dtype, shape),) = hlo.array_shapes(inst.shape)[-1:]
     assert shape == (2, 1, 8, model.config.in_channels), shape  # pair·batch, 1 row, W, C
-  (exact,) = comm.consumed_in_step(_compiled_text(model, HEIGHT, mesh, Strategy.exact()))
+  (exact,) = comm.consumed_in_step(compiled_text(HEIGHT, mesh, Strategy.exact()))
   assert len(exact) > 2
 
 
@@ -144,11 +152,11 @@ def test_fresh_input_halo_brings_displaced_closer_to_single(model, single, monke
 
 
 @pytest.mark.parametrize("patch", [2, 4])
-def test_traffic_per_step_matches_the_analytic_volume(model, patch):
+def test_traffic_per_step_matches_the_analytic_volume(model, compiled_text, patch):
   config, height, width, batch = model.config, HEIGHT, 8, 2  # batch 2: the guidance pair of one image
   expected = analytic.bytes_per_step(config, height, width, patch, batch, activation_bytes=4)
   for strategy in (Strategy.exact(), Strategy.displaced(warmup_steps=1)):
-    for traffic in comm.traffic_per_step(_compiled_text(model, height, make_mesh(1, 1, patch), strategy)):
+    for traffic in comm.traffic_per_step(compiled_text(height, make_mesh(1, 1, patch), strategy)):
       kinds = traffic.by_kind
       assert kinds["collective-permute"][1] == expected["halo"] + expected["input_halo"]
       assert kinds["all-gather"][1] == expected["kv"] + expected["moments"]
@@ -171,7 +179,7 @@ def test_analytic_stale_kv_of_sdxl_at_1024_is_the_papers_figure():
     assert abs(kv / 1e9 - 0.42) < 0.005
 
 
-def test_guidance_split_over_cfg_adds_its_analytic_gather(model):
+def test_guidance_split_over_cfg_adds_its_analytic_gather(model, compiled_text):
   """cfg=2 × patch=2: each device computes one guidance half of its rows and gathers the other's."""
   from sharding.strategies import Guidance
   height, width, patch, channels = HEIGHT, 8, 2, model.config.out_channels
@@ -179,7 +187,7 @@ def test_guidance_split_over_cfg_adds_its_analytic_gather(model):
   strategy = Strategy.exact()
   expected = strategy.expected_traffic(model.config, height, width, sizes, 1, activation_bytes=4)  # one half: batch 1
   guidance = Guidance.for_mesh(True, sizes).expected_traffic(height // patch * width * channels, activation_bytes=4)
-  (traffic,) = comm.traffic_per_step(_compiled_text(model, height, make_mesh(1, 2, patch), strategy))
+  (traffic,) = comm.traffic_per_step(compiled_text(height, make_mesh(1, 2, patch), strategy))
   assert traffic.by_kind["collective-permute"][1] == expected["halo"] + expected["input_halo"]
   assert traffic.by_kind["all-gather"][1] == expected["kv"] + expected["moments"] + guidance["guidance"]
 

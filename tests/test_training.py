@@ -29,27 +29,37 @@ def _loss_csv(folder):
     return list(csv.DictReader(f))
 
 
-def _run_pair(root, model: str):
-  """An uninterrupted 3-step run of `model` (through the CLI), and one stopped after step 1 (inside a
-  logging interval, between checkpoints) and resumed."""
-  whole, split = root / "whole", root / "split"
-  flags = ["--model", model, "--steps", "3", "--batch", "2", "--save-every", "2",
-           "--log-every", "2", "--warmup-steps", "2"]
-  assert commands.main(["train", "--out", str(whole), *flags]) == 0
+FLAGS = ["--steps", "3", "--batch", "2", "--save-every", "2", "--log-every", "2", "--warmup-steps", "2"]  # TINY's
+
+
+def _whole_run(root, model: str):
+  """An uninterrupted 3-step run of `model`, through the CLI: its exported model folder."""
+  assert commands.main(["train", "--out", str(root / "whole"), "--model", model, *FLAGS]) == 0
+  return root / "whole" / "model"
+
+
+def _resumed_run(root, model: str):
+  """The same run stopped after step 1 (inside a logging interval, between checkpoints) and resumed."""
   settings = {**TINY, "model": model}
-  assert train(TrainConfig(out=str(split), **settings), stop_at=1, progress=False) is None
-  resumed = train(TrainConfig(out=str(split), **settings), resume=True, progress=False)
-  return whole / "model", resumed
+  assert train(TrainConfig(out=str(root / "split"), **settings), stop_at=1, progress=False) is None
+  return train(TrainConfig(out=str(root / "split"), **settings), resume=True, progress=False)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  return _run_pair(tmp_path_factory.mktemp("train"), "tiny")
+  root = tmp_path_factory.mktemp("train")
+  return _whole_run(root, "tiny"), _resumed_run(root, "tiny")
 
 
 @pytest.fixture(scope="module")
-def dit_runs(tmp_path_factory):
-  return _run_pair(tmp_path_factory.mktemp("train-dit"), "dit-tiny")
+def dit_whole(tmp_path_factory):
+  """The DiT's export, for the tests that read it; its resumed twin is built only for the (slow) resume test."""
+  return _whole_run(tmp_path_factory.mktemp("train-dit"), "dit-tiny")
+
+
+@pytest.fixture(scope="module")
+def dit_runs(dit_whole):
+  return dit_whole, _resumed_run(dit_whole.parent.parent, "dit-tiny")
 
 
 @pytest.mark.parametrize("pair", ["runs", pytest.param("dit_runs", marks=pytest.mark.slow)])  # the DiT: 15 s
@@ -118,18 +128,17 @@ def test_a_checkpoint_keeps_the_history_of_its_own_step(runs, tmp_path, monkeypa
   assert histories[1]["pending"] == histories[2]["pending"][:1] and histories[2]["step"] == []
 
 
-def test_dit_export_is_a_class_conditional_dit(dit_runs):
+def test_dit_export_is_a_class_conditional_dit(dit_whole):
   """The DiT export: its own class embedding (no class tokens), the null class for guidance, a card
   that names the DiT; what it predicts depends on the class."""
-  folder, _ = dit_runs
-  trained = load_trained(folder)
+  trained = load_trained(dit_whole)
   dit, tokens, scheduler_config = trained
   assert type(dit).__name__ == "DiTTransformer2DModel" and tokens is None
   assert trained.num_classes == data.num_classes == dit.config.null_class
   assert scheduler_config == VARIANTS["dit-tiny"].scheduler_config  # the schedule it was trained with
-  manifest = json.loads((folder / "manifest.json").read_text())
+  manifest = json.loads((dit_whole / "manifest.json").read_text())
   assert manifest["model"] == "DiTTransformer2DModel" and "classes.json" in manifest["files"]
-  assert "# dfjax default DiT" in (folder / "MODEL_CARD.md").read_text()
+  assert "# dfjax default DiT" in (dit_whole / "MODEL_CARD.md").read_text()
   cond, uncond = trained.conditioning(np.array([0, 3]))
   np.testing.assert_array_equal(uncond.class_labels, [data.num_classes] * 2)
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
@@ -137,9 +146,9 @@ def test_dit_export_is_a_class_conditional_dit(dit_runs):
   assert eps_cond.shape == (2, 64, 64, 3) and float(jnp.max(jnp.abs(eps_cond - eps_null))) > 0
 
 
-def test_a_damaged_dit_export_is_refused(dit_runs, tmp_path):
+def test_a_damaged_dit_export_is_refused(dit_whole, tmp_path):
   import shutil
-  shutil.copytree(dit_runs[0], tmp_path / "dit")
+  shutil.copytree(dit_whole, tmp_path / "dit")
   (tmp_path / "dit" / "classes.json").write_text('{"num_classes": 3}')
   with pytest.raises(ValueError, match="damaged"):
     load_trained(tmp_path / "dit")
