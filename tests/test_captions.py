@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from dfjax import data
+from dfjax import commands, data
 from dfjax.generation import GenerateConfig, generate
 from dfjax.training import TrainConfig, load_trained
 from dfjax.training.captions import END, START, TEXT_SEED, CaptionEncoder, text_params
@@ -194,7 +194,16 @@ def test_single_device_loss_reads_the_exported_context():
 
 
 @pytest.mark.slow
-def test_generate_samples_a_frozen_text_export(exported, tmp_path):
-  result = generate(GenerateConfig(checkpoint=str(exported), strategies=("single",), steps=2, images=2, size=16,
-                                   out=str(tmp_path / "out")), progress=False)
+def test_dfjax_train_frozen_text_pipelined_then_generate(tmp_path, capsys):
+  """`dfjax train --frozen-text clip` pipelined (its text encoder in the bubbles) for 2 steps, and `dfjax
+  generate` sampling its export: the table is the encoder's context, the samples finite."""
+  out = tmp_path / "run"
+  assert commands.main(["train", "--out", str(out), "--model", "tiny", "--steps", "2", "--batch", "4",
+                        "--frozen-text", "clip", "--pipeline-stages", "2", "--micro-batches", "2"]) == 0
+  assert "text_encoder" in capsys.readouterr().out  # its pieces in the printed timeline
+  model = load_trained(out / "model")
+  np.testing.assert_allclose(np.asarray(model.class_tokens.embedding[...]), _transformers_context(), rtol=1e-5,
+                             atol=1e-5)
+  result = generate(GenerateConfig(checkpoint=str(out / "model"), strategies=("single",), steps=2, images=2, size=16,
+                                   out=str(tmp_path / "samples")), progress=False)
   assert result.files and all(f.exists() for f in result.files)

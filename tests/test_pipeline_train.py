@@ -454,7 +454,7 @@ def test_calibrated_costs_decide_the_partition(monkeypatch):
   monkeypatch.setattr(pipeline_plan, "timed_costs", lambda *args: asked.append(args) or timed)
   calibrated = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe", calibrate=True), CFG.model, 8, IMAGE)
   analytic = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe"), CFG.model, 8, IMAGE)
-  assert asked == [(CFG.model, IMAGE, 4)]  # timed once, for the plan's micro-batch of 4
+  assert asked == [(CFG.model, IMAGE, 4, "none")]  # timed once, for the plan's micro-batch of 4 (class tokens)
   assert (calibrated.forward, calibrated.backward) == tuple(map(tuple, timed))
   assert calibrated.stage_of_segment == (0,) + (1,) * (len(names) - 1)
   assert analytic.stage_of_segment.count(0) > 1

@@ -84,6 +84,10 @@ class Captions:
     rows = [[index[START], *(index[w] for w in text.split()), index[END]] for text in self.texts]
     return np.asarray([row + [index[END]] * (self.tokens - len(row)) for row in rows], np.int32)
 
+  def token_ids(self, labels_b: jax.Array) -> jax.Array:
+    """(B,) class ids → (B, T) their captions' token ids (out-of-range ids clipped, as ClassTokens does)."""
+    return jnp.take(jnp.asarray(self.ids), labels_b, axis=0, mode="clip")  # B, T
+
   def text_config(self, text: str, dim: int) -> CLIPTextConfig:
     """The CLIP text config of frozen text encoder `text` for a UNet whose cross_attention_dim is `dim`."""
     size = FROZEN_TEXT[text]
@@ -133,17 +137,13 @@ class CaptionEncoder(nnx.Module):
     """The id of the null (unconditional) class: the empty caption."""
     return self.num_classes
 
-  def token_ids(self, labels_b: jax.Array) -> jax.Array:
-    """(B,) class ids → (B, T) their captions' token ids (out-of-range ids clipped, as ClassTokens does)."""
-    return jnp.take(jnp.asarray(self.captions.ids), labels_b, axis=0, mode="clip")  # B, T
-
   def __call__(self, labels_b: jax.Array) -> jax.Array:
     """(B,) int ids in [0, num_classes] (num_classes = null) → (B, T, D) context tokens."""
     labels_b = jnp.asarray(labels_b)
     if labels_b.ndim != 1 or not jnp.issubdtype(labels_b.dtype, jnp.integer):
       raise ValueError(f"class labels must be a (B,) int array, got shape {labels_b.shape} and "
                        f"dtype {labels_b.dtype}")
-    return text_model(self.config)(self.token_ids(labels_b)).last_hidden_state  # B, T, D
+    return text_model(self.config)(self.captions.token_ids(labels_b)).last_hidden_state  # B, T, D
 
   def null(self, batch: int) -> jax.Array:
     """(batch, T, D) context of the null class: the unconditional half of guidance."""

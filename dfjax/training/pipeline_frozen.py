@@ -3,7 +3,7 @@
 A `FrozenPart` is a non-trainable model in front of the backbone, seen as a chain of layers: the
 planner (dfjax/training/pipeline_plan.py) gives the greedy filler each layer's cost, and the
 executor (dfjax/training/pipeline_step.py) runs each (layer, sample range) piece where the filler
-put it, for the next step's batch. Two parts exist:
+put it, for the next step's batch. Three parts exist:
 
   class_tokens  the UNet's class-token table (one layer: labels → the cross-attention context), built
                 with the UNet from the run's seed and never trained in pipeline mode;
@@ -143,7 +143,7 @@ class TextPart(FrozenPart):
 
   def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
     if index == 0:  # labels → their captions' token ids (a lookup: the same in any piece)
-      x = jnp.take(jnp.asarray(self.captions.ids), x, axis=0, mode="clip")  # b, T
+      x = self.captions.token_ids(x)  # b, T
     # one sample at a time, as the VAE encoder's layers (a matrix product's blocking may follow the batch)
     return jax.lax.map(lambda one: module.text_model.run_layer(index, one[None])[0], x)  # b, T, D
 
