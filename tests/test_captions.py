@@ -168,6 +168,7 @@ def test_export_stores_the_encoders_context_as_the_class_tokens(exported):
   assert "learned tokens" not in card
 
 
+@pytest.mark.slow  # compiles the tiny UNet's loss: the default exactness case runs loop._loss with the text encoder
 def test_single_device_loss_reads_the_exported_context():
   """loop._loss with the frozen text encoder (its context of the dropped labels' captions computed in the
   step) equals loop._loss of the same UNet conditioned by the exported class-token table (a learned-token
