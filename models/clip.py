@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import EMBED, HEADS, MLP, Dtype, Embed, LayerNorm, Linear
+from models.layers import EMBED, HEADS, MLP, Cost, Dtype, Embed, LayerNorm, Linear
 from models.text_encoder import (TextEncoderOutput, activation, check_positive, check_token_batch,
                                  fields_from_config)
 
@@ -93,6 +93,13 @@ class CLIPAttention(nnx.Module):
     o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask_b1tt)  # B, T, N, H
     return self.out_proj(o_btnh.reshape(b, t, d))  # B, T, D
 
+  def cost(self, tokens: int) -> Cost:
+    """One prompt of `tokens` tokens: the projections, and scores and values over every (query, key) pair
+    (the causal mask hides half of them, but the product is computed whole)."""
+    width = self.q_proj.kernel.shape[1]
+    projections = [proj.cost(tokens) for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj)]
+    return sum(projections, Cost({"attention": 2 * 2 * tokens * tokens * width}))
+
 
 class CLIPMLP(nnx.Module):
   """`fc1`, the config's activation, `fc2`."""
@@ -105,6 +112,9 @@ class CLIPMLP(nnx.Module):
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     return self.fc2(self.act(self.fc1(x_btd)))  # B, T, D (through B, T, F)
+
+  def cost(self, tokens: int) -> Cost:
+    return self.fc1.cost(tokens) + self.fc2.cost(tokens)
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -120,6 +130,9 @@ class CLIPEncoderLayer(nnx.Module):
   def __call__(self, x_btd: jax.Array, mask_b1tt: jax.Array) -> jax.Array:
     x_btd = x_btd + self.self_attn(self.layer_norm1(x_btd), mask_b1tt)  # B, T, D
     return x_btd + self.mlp(self.layer_norm2(x_btd))  # B, T, D
+
+  def cost(self, tokens: int) -> Cost:
+    return self.self_attn.cost(tokens) + self.mlp.cost(tokens)
 
 
 class CLIPEmbeddings(nnx.Module):
@@ -155,10 +168,7 @@ class CLIPTextTransformer(nnx.Module):
 
   def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None) -> TextEncoderOutput:
     check_token_batch(input_ids_bt, attention_mask_bt, "CLIP text", self.config.max_position_embeddings)
-    t = input_ids_bt.shape[1]
-    causal_tt = jnp.tril(jnp.ones((t, t), bool))  # T, T: query row, key column
-    keep_b1tt = causal_tt[None, None] if attention_mask_bt is None else (
-        causal_tt[None, None] & attention_mask_bt.astype(bool)[:, None, None, :])  # B|1, 1, T, T
+    keep_b1tt = keep_mask(input_ids_bt.shape[1], attention_mask_bt)  # B|1, 1, T, T
     h_btd = self.embeddings(input_ids_bt)  # B, T, D
     hidden_states = [h_btd]
     for layer in self.encoder.layers:
@@ -171,6 +181,39 @@ class CLIPTextTransformer(nnx.Module):
       pooled_at_b = jnp.argmax(input_ids_bt == self.config.eos_token_id, axis=-1)  # B
     pooled_bd = jnp.take_along_axis(last_btd, pooled_at_b[:, None, None], axis=1)[:, 0]  # B, D
     return TextEncoderOutput(last_btd, tuple(hidden_states), pooled_bd)
+
+  # The encoder as a chain of layers (no attention mask: every prompt attends causally to its padding
+  # too, as Stable Diffusion's pipelines run CLIP), for schedulers that place its work layer by layer
+  # (DiffusionPipe fills pipeline bubbles with a frozen text encoder's layers, each on a part of the batch).
+
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    """"embeddings", "encoder.layers.i" per layer, "final_layer_norm": `last_hidden_state` after them."""
+    return ("embeddings", *(f"encoder.layers.{i}" for i in range(len(self.encoder.layers))), "final_layer_norm")
+
+  def run_layer(self, index: int, x: jax.Array) -> jax.Array:
+    """Layer `index` of `layer_names` on its input: (B, T) token ids for 0, the previous layer's (B, T, D)
+    output else → (B, T, D)."""
+    if index == 0:
+      return self.embeddings(x)  # B, T, D
+    if index == len(self.layer_names) - 1:
+      return self.final_layer_norm(x)  # B, T, D
+    return self.encoder.layers[index - 1](x, keep_mask(x.shape[1]))  # B, T, D
+
+  def layer_costs(self, tokens: int) -> dict[str, Cost]:
+    """Each layer's cost for one prompt of `tokens` tokens, by `layer_names`: the matrix work of
+    `models.layers`' cost model (the embeddings, a lookup, and the final layer norm have none)."""
+    layers = {f"encoder.layers.{i}": layer.cost(tokens) for i, layer in enumerate(self.encoder.layers)}
+    return {"embeddings": self.embeddings.token_embedding.cost(), **layers, "final_layer_norm": Cost()}
+
+
+def keep_mask(tokens: int, attention_mask_bt: jax.Array | None = None) -> jax.Array:
+  """Which keys each query attends to: the causal mask (1, 1, T, T), and with an attention mask (1: token,
+  0: padding) not the padding (B, 1, T, T)."""
+  causal_tt = jnp.tril(jnp.ones((tokens, tokens), bool))  # T, T: query row, key column
+  if attention_mask_bt is None:
+    return causal_tt[None, None]  # 1, 1, T, T
+  return causal_tt[None, None] & attention_mask_bt.astype(bool)[:, None, None, :]  # B, 1, T, T
 
 
 class CLIPTextModel(nnx.Module):

@@ -1,10 +1,10 @@
 """DiffusionPipe's pipelined training step (dfjax/training/pipeline_step.py) on 8 CPU devices, fp32:
 one pipelined step, under every schedule, with and without data parallelism, of the UNet and of the
 DiT, equals the single-device step of `dfjax.training.loop` (its `_loss` on the whole batch, the
-UNet's class tokens frozen, its optimiser on the denoiser): loss, gradients (read from AdamW's first moment, so one compiled
+UNet's class tokens or `--frozen-text` encoder frozen, its optimiser on the denoiser): loss, gradients (read from AdamW's first moment, so one compiled
 step serves the whole comparison), and the params and EMA after two steps; the
-class tokens computed in the bubbles for the next batch are bit-identical to computing them up
-front. Plans that do not fit are refused with the valid choices; a pipelined `dfjax train` run
+frozen parts' outputs (class tokens or text encoder context, VAE latents) computed in the bubbles for the next
+batch are bit-identical to computing them up front. Plans that do not fit are refused with the valid choices; a pipelined `dfjax train` run
 stopped and resumed gives the uninterrupted run's loss curve and weights."""
 
 import csv
@@ -20,14 +20,17 @@ from flax import nnx
 
 from dfjax import commands
 from dfjax.training import TrainConfig, load_trained
-from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer
-from dfjax.training.model import VARIANTS
+from dfjax.data import class_names
+from dfjax.training.captions import CaptionEncoder
+from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer, noised_batch
+from dfjax.training.model import run_spec
 from dfjax.training.pipeline_calibrate import describe_costs
-from dfjax.training.pipeline_frozen import FROZEN_ENCODERS, X0, encoder_params, encoder_part
+from dfjax.training.pipeline_frozen import CONDITION, FROZEN_ENCODERS, X0, encoder_params, encoder_part
 from dfjax.training.pipeline_plan import Piece, PipelineConfig, analytic_costs, make_plan
 from dfjax.training.pipeline_schedule import BACKWARD, FORWARD, FROZEN
 from dfjax.training.pipeline_step import executor_for, step_key
 from dfjax.training.pipeline_train import train_pipelined
+from models.clip import CLIPTextModel
 from models.layers import Workload
 from models.vae import Encoder
 from sharding.accounting import comm
@@ -40,8 +43,8 @@ IMAGES = {("tiny", "none"): IMAGE, ("dit-tiny", "none"): (16, 16, 3), ("tiny", "
           ("dit-tiny", "vae"): (32, 32, 3)}
 
 
-def _cfg(model):
-  return dataclasses.replace(CFG, model=model)
+def _cfg(model, text="none"):
+  return dataclasses.replace(CFG, model=model, frozen_text=text)
 
 
 @functools.cache
@@ -72,18 +75,20 @@ def _encode(encoder, image_shape, whole_batch):
 
 
 @functools.cache
-def _model(model):
-  """The variant at seed 0, initialised in one fast-compiled program (built eagerly, each initialiser
-  compiles on its own: minutes for the tiny UNet on a loaded 2-core machine)."""
-  graphdef = nnx.split(nnx.eval_shape(lambda: VARIANTS[model].build(rngs=nnx.Rngs(0))))[0]
-  state = jax.jit(lambda: nnx.split(VARIANTS[model].build(rngs=nnx.Rngs(jax.random.key(0))))[1],
+def _model(model, text="none"):
+  """The variant at seed 0 (with `text`, the UNet's class tokens given way to that frozen text encoder of
+  the captions, which has no params), initialised in one fast-compiled program (built eagerly, each
+  initialiser compiles on its own: minutes for the tiny UNet on a loaded 2-core machine)."""
+  spec = run_spec(model, text)
+  graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))))[0]
+  state = jax.jit(lambda: nnx.split(spec.build(rngs=nnx.Rngs(jax.random.key(0))))[1],
                   compiler_options=FAST_COMPILE)()
   return nnx.merge(graphdef, state)
 
 
-def _state_from(ex, model):
-  """The executor's training state of `_model(model)`, packed in one fast-compiled program."""
-  graphdef, state = nnx.split(_model(model))
+def _state_from(ex, model, text="none"):
+  """The executor's training state of `_model(model, text)`, packed in one fast-compiled program."""
+  graphdef, state = nnx.split(_model(model, text))
   return jax.jit(lambda s: ex.state_from(nnx.merge(graphdef, s)), compiler_options=FAST_COMPILE)(state)
 
 
@@ -94,21 +99,22 @@ def _first_moment(opt_state):
 
 
 def _denoiser_key(model):
-  return "unet" if "class_tokens" in nnx.state(_model(model), nnx.Param) else "dit"
+  return "unet" if "unet" in nnx.state(_model(model), nnx.Param) else "dit"
 
 
 @functools.cache
-def _reference(model, encoder="none"):
+def _reference(model, encoder="none", text="none"):
   """Two single-device steps: loop._loss on the whole batch (of images, or of the frozen encoder's
-  latents of them), gradients of the denoiser's params only (the UNet's class tokens frozen; the DiT
-  has none), loop's optimiser (global-norm clipping, AdamW) and EMA on them."""
-  full, key, cfg = nnx.state(_model(model), nnx.Param), _denoiser_key(model), _cfg(model)
+  latents of them; the UNet's context its class tokens or, with `text`, the frozen text encoder's of
+  the captions), gradients of the denoiser's params only (the UNet's class tokens frozen; the DiT has
+  none), loop's optimiser (global-norm clipping, AdamW) and EMA on them."""
+  full, key, cfg = nnx.state(_model(model, text), nnx.Param), _denoiser_key(model), _cfg(model, text)
   frozen = {name: part for name, part in full.items() if name != key}
   optimizer = make_optimizer(cfg)[0]
 
   def loss_of(denoiser, images, labels, step):
     params = nnx.State({key: denoiser, **frozen})
-    return _loss(params, _graphdef(model), images, labels, step_key(cfg, step), cfg.static())
+    return _loss(params, _graphdef(model, text), images, labels, step_key(cfg, step), cfg.static())
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def one_step(unet, opt_state, ema, images, labels, step):
@@ -129,15 +135,15 @@ def _reference(model, encoder="none"):
 
 
 @functools.cache
-def _pipelined(stages, microbatches, data, schedule, model="tiny", encoder="none"):
+def _pipelined(stages, microbatches, data, schedule, model="tiny", encoder="none", text="none"):
   """Two pipelined steps (one compile): their losses, the first moment after the first step, the
   params and EMA after both, the next batch's inputs (from the bubbles, and up front), and the compiled
   step's HLO."""
   plan = make_plan(PipelineConfig(stages, microbatches, data, schedule, frozen_encoder=encoder), model, BATCH,
-                   IMAGES[model, encoder])
-  ex = executor_for(_cfg(model), plan)
+                   IMAGES[model, encoder], frozen_text=text)
+  ex = executor_for(_cfg(model, text), plan)
   batches = _batches(model, encoder)
-  state = jax.device_put(_state_from(ex, model), ex.shardings())
+  state = jax.device_put(_state_from(ex, model, text), ex.shardings())
   inputs = ex.frozen_outputs(state, *batches[0])
   compiled = ex.step.lower(state, inputs, *batches[1]).compile()
   losses, carried, up_front = [], [], []
@@ -151,6 +157,17 @@ def _pipelined(stages, microbatches, data, schedule, model="tiny", encoder="none
   return {"losses": losses, "moment": moment, "params": ex.denoiser_params(state["params"]),
           "ema": ex.denoiser_params(state["ema"]), "carried": carried, "up_front": up_front, "plan": plan,
           "row": state["params"]["rows"]["float32"], "hlo": compiled.as_text()}
+
+
+@functools.cache
+def _caption_context():
+  encoder = CaptionEncoder(class_names, run_spec("tiny").token_dim)
+  return jax.jit(lambda labels: encoder(labels))
+
+
+def _captioned(labels):
+  """The frozen text encoder's context of `labels`' captions: `CaptionEncoder` on the whole batch at once."""
+  return np.asarray(_caption_context()(jnp.asarray(labels)))
 
 
 def _close(actual, expected, rtol):
@@ -178,27 +195,31 @@ def _close_after_adamw(actual, expected, moment, rtol, model):
     assert np.all(np.abs(a - e) <= bound), float(np.max(np.abs(a - e) - bound))
 
 
-# the default suite's compiles: the UNet's (with the frozen VAE encoder: both frozen parts in the bubbles, and
-# the encoder's last two layers partly left over, shared by the stages after the pipeline) and the DiT's
-# smallest pipelined case; the grids are slow
-CASES = [(2, 4, 2, "diffusionpipe", "tiny", "vae"), (2, 2, 1, "diffusionpipe", "dit-tiny", "none")]
-GRID = [(s, m, d, sched, "tiny", "none") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4)
+# the default suite's compiles: the UNet's (with the frozen text encoder of the captions and the frozen VAE
+# encoder: both in the bubbles, the VAE encoder's last two layers partly left over, shared by the stages after
+# the pipeline) and the DiT's smallest pipelined case; the grids are slow
+CASES = [(2, 4, 2, "diffusionpipe", "tiny", "vae", "clip"), (2, 2, 1, "diffusionpipe", "dit-tiny", "none", "none")]
+GRID = [(s, m, d, sched, "tiny", "none", "none") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 4)
         for m in (1, 2, 4, 8) for d in (1, 2)]
 # dit-tiny has 3 segments (embed, its one block, out): S = 2 and 3
-DIT_GRID = [(s, m, d, sched, "dit-tiny", "none") for sched in ("diffusionpipe", "1f1b", "gpipe") for s in (2, 3)
-            for m in (1, 4) for d in (1, 2) if (s, m, d, sched, "dit-tiny", "none") not in CASES]
+DIT_GRID = [(s, m, d, sched, "dit-tiny", "none", "none") for sched in ("diffusionpipe", "1f1b", "gpipe")
+            for s in (2, 3) for m in (1, 4) for d in (1, 2) if (s, m, d, sched, "dit-tiny", "none", "none") not in CASES]
 # the frozen encoder under the other schedules (all of it after the pipeline), with DP, and with the DiT
-ENCODER_GRID = [(2, 2, 2, "diffusionpipe", "tiny", "vae"), (2, 4, 1, "diffusionpipe", "tiny", "vae"), (4, 8, 1, "diffusionpipe", "tiny", "vae"),
-                (2, 2, 2, "1f1b", "tiny", "vae"), (2, 4, 2, "gpipe", "tiny", "vae"),
-                (1, 1, 2, "1f1b", "tiny", "vae"), (3, 4, 1, "diffusionpipe", "dit-tiny", "vae")]
+ENCODER_GRID = [(2, 2, 2, "diffusionpipe", "tiny", "vae", "none"), (2, 4, 1, "diffusionpipe", "tiny", "vae", "none"),
+                (4, 8, 1, "diffusionpipe", "tiny", "vae", "none"), (2, 2, 2, "1f1b", "tiny", "vae", "none"),
+                (2, 4, 2, "gpipe", "tiny", "vae", "none"), (1, 1, 2, "1f1b", "tiny", "vae", "none"),
+                (3, 4, 1, "diffusionpipe", "dit-tiny", "vae", "none")]
+# the frozen text encoder alone (its pieces in the bubbles, partial batches, leftover after them), and under 1F1B
+TEXT_GRID = [(2, 2, 2, "diffusionpipe", "tiny", "none", "clip"), (4, 8, 1, "diffusionpipe", "tiny", "none", "clip"),
+             (2, 4, 1, "1f1b", "tiny", "none", "clip")]
 
 
 @pytest.mark.parametrize("case", CASES + [pytest.param(c, marks=pytest.mark.slow)
-                                          for c in GRID + DIT_GRID + ENCODER_GRID],
-                         ids=lambda c: "{4}-S{0}-M{1}-D{2}-{3}-{5}".format(*c))
+                                          for c in GRID + DIT_GRID + ENCODER_GRID + TEXT_GRID],
+                         ids=lambda c: "{4}-S{0}-M{1}-D{2}-{3}-{5}-{6}".format(*c))
 def test_pipelined_step_equals_single_device(case):
-  model, encoder = case[-2:]
-  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference(model, encoder)
+  model, encoder, text = case[-3:]
+  got, ref_losses, ref_moment, ref_params, ref_ema = _pipelined(*case), *_reference(model, encoder, text)
   np.testing.assert_allclose(got["losses"], np.asarray(ref_losses), rtol=1e-5)
   _close(got["moment"], ref_moment, 1e-5)
   _close_after_adamw(got["params"], ref_params, ref_moment, 1e-5, model)
@@ -214,6 +235,12 @@ def test_pipelined_step_equals_single_device(case):
   # and those latents are the encoder's (run on the whole batch at once: equal up to rounding)
   for carried, (images, _) in zip(got["carried"], _batches(model, encoder)[1:]):
     _close(carried[X0], _encoded(images, encoder, whole_batch=True), 1e-5)
+  # and the context is the text encoder's (models.clip's whole model on the batch's captions at once) of the
+  # next step's dropped labels
+  if text != "none":
+    for step, (carried, (images, labels)) in enumerate(zip(got["carried"], _batches(model, encoder)[1:]), start=1):
+      dropped = noised_batch(step_key(_cfg(model, text), step), images, labels, _cfg(model, text))[3]
+      _close(carried[CONDITION], _captioned(dropped), 1e-5)
   # each device holds its own stage's row of the params, not the model
   assert got["row"].addressable_shards[0].data.shape[0] == 1
 
@@ -427,7 +454,7 @@ def test_calibrated_costs_decide_the_partition(monkeypatch):
   monkeypatch.setattr(pipeline_plan, "timed_costs", lambda *args: asked.append(args) or timed)
   calibrated = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe", calibrate=True), CFG.model, 8, IMAGE)
   analytic = make_plan(PipelineConfig(2, 2, 1, "diffusionpipe"), CFG.model, 8, IMAGE)
-  assert asked == [(CFG.model, IMAGE, 4)]  # timed once, for the plan's micro-batch of 4
+  assert asked == [(CFG.model, IMAGE, 4, "none")]  # timed once, for the plan's micro-batch of 4 (class tokens)
   assert (calibrated.forward, calibrated.backward) == tuple(map(tuple, timed))
   assert calibrated.stage_of_segment == (0,) + (1,) * (len(names) - 1)
   assert analytic.stage_of_segment.count(0) > 1

@@ -6,6 +6,7 @@ import dataclasses
 
 from dfjax.commands.options import Flag, add_config_arguments, config_from_args
 from dfjax.eval.train_classifier import ClassifierTrainConfig, train_classifier
+from dfjax.training.captions import FROZEN_TEXT
 from dfjax.training.loop import TrainConfig, train
 from dfjax.training.model import VARIANTS
 from dfjax.training.pipeline_frozen import FROZEN_ENCODERS
@@ -35,6 +36,9 @@ def register(commands) -> None:
       "grad_clip": Flag("global-norm gradient clipping"),
       "ema_decay": Flag("EMA of the params (0 disables it; the exported model is the EMA)"),
       "label_drop": Flag("probability of the null class (classifier-free guidance)"),
+      "frozen_text": Flag("a UNet's context from a frozen text encoder (fixed-seed CLIP) of a fixed caption per class "
+                          "instead of learned class tokens; the UNet alone trains (pipelined: DiffusionPipe runs its "
+                          "layers in the bubbles); exported as the class-token table", choices=["none", *FROZEN_TEXT]),
       "seed": Flag("fixes the init, the data, the noise and the label drops"),
       "save_every": Flag("checkpoint interval (steps)"),
       "log_every": Flag("loss-curve interval (steps)"),
@@ -49,8 +53,8 @@ def register(commands) -> None:
                      name="pipeline_stages"),
       "microbatches": Flag("micro-batches per data shard's batch (pipelined training)", name="micro_batches"),
       "data": Flag("data-parallel degree beside the pipeline (the mesh is data × stages devices)"),
-      "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the UNet's frozen class tokens in its "
-                       "bubbles; a DiT has no frozen part)",
+      "schedule": Flag("pipeline schedule (diffusionpipe: 1F1B with the frozen parts in its bubbles: the UNet's "
+                       "class tokens or --frozen-text encoder, the --frozen-encoder)",
                        choices=[s.value for s in Schedule]),
       "calibrate": Flag("plan the pipeline with each segment's forward and backward timed once on this device "
                         "(printed beside the analytic FLOPs) instead of the FLOPs alone"),

@@ -55,7 +55,7 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       "",
       "## Model",
       "",
-      *family.describe(denoiser_config, classes, num_params),
+      *family.describe(denoiser_config, classes, num_params, training.get("frozen_text")),
       *(family.fresh_init if grown is None else _grown_init(grown, denoiser_config["num_layers"])),
       f"- Noise schedule (`scheduler_config.json`): {scheduler_config['beta_schedule']} betas "
       f"{scheduler_config['beta_start']}–{scheduler_config['beta_end']}, "
@@ -200,24 +200,36 @@ class _Family(NamedTuple):
   load_argument: str
   parallelism: str
   limits: tuple[str, ...]
-  describe: Callable[[Mapping[str, Any], Mapping[str, Any], int], list[str]]
+  describe: Callable[[Mapping[str, Any], Mapping[str, Any], int, Mapping[str, Any] | None], list[str]]
   fresh_init: tuple[str, ...] = ()  # how a run trained from scratch initialises it, when notable
 
 
-def _describe_unet(config: Mapping[str, Any], tokens: Mapping[str, Any], num_params: int) -> list[str]:
+def _describe_unet(config: Mapping[str, Any], tokens: Mapping[str, Any], num_params: int,
+                   text: Mapping[str, Any] | None) -> list[str]:
   token_params = (tokens["num_classes"] + 1) * tokens["num_tokens"] * tokens["dim"]
-  return [
+  unet = [
       f"- UNet: block_out_channels {config['block_out_channels']}, down blocks "
       f"{', '.join(config['down_block_types'])}; {config['layers_per_block']} resnet(s) "
       f"per level, GroupNorm({config['norm_num_groups']}), heads "
       f"{config['attention_head_dim']}, self- and cross-attention (linear projections) at the "
-      f"attention levels and the mid block; {num_params:,} params.",
-      f"- Class tokens: {tokens['num_tokens']} learned tokens of width {tokens['dim']} per class "
-      f"(the UNet's `encoder_hidden_states`), plus the null class id {tokens['null_id']} for "
-      f"classifier-free guidance; {token_params:,} params."]
+      f"attention levels and the mid block; {num_params:,} params."]
+  if text is None:
+    return [*unet, f"- Class tokens: {tokens['num_tokens']} learned tokens of width {tokens['dim']} per class "
+                   f"(the UNet's `encoder_hidden_states`), plus the null class id {tokens['null_id']} for "
+                   f"classifier-free guidance; {token_params:,} params."]
+  clip = text["config"]
+  captions = ", ".join(f"{i} \"{caption}\"" for i, caption in enumerate(text["captions"]))
+  return [*unet,
+          f"- Context (`encoder_hidden_states`, `class_tokens/`): {text['note']}. The `{text['name']}` encoder: "
+          f"a CLIP text model of {clip['num_hidden_layers']} layers, width {clip['hidden_size']}, "
+          f"{clip['num_attention_heads']} heads, {text['tokens']} positions, over a {len(text['vocab'])}-token "
+          f"word vocabulary, weights from the fixed seed {text['seed']}. Captions by class id (the null class "
+          f"{tokens['null_id']}, for classifier-free guidance, the empty one): {captions}."]
 
 
-def _describe_dit(config: Mapping[str, Any], classes: Mapping[str, Any], num_params: int) -> list[str]:
+def _describe_dit(config: Mapping[str, Any], classes: Mapping[str, Any], num_params: int,
+                  text: Mapping[str, Any] | None) -> list[str]:
+  del text  # a DiT reads no text
   p, side = config["patch_size"], config["sample_size"]
   heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
   return [

@@ -9,7 +9,8 @@ The folder is an ordinary dfjax checkpoint (the layout of `convert/format.py`, s
   manifest.json           format marker; "source" describes the training run; "files" the sha256
                           of params/, config.json, scheduler_config.json, the class files and the
                           latent encoder's files
-  class_tokens/           UNet: the ClassTokens params (orbax)
+  class_tokens/           UNet: the ClassTokens params (orbax); a `--frozen-text` run's are its frozen text
+                          encoder's outputs of the class captions (its conditioning: one caption per class)
   class_tokens.json       UNet: num_classes, null_id, num_tokens, dim and the class names
   classes.json            DiT (its class embedding is in params/): num_classes, null_id, class names
   latent_encoder/         `--frozen-encoder` runs: the frozen VAE encoder's params (orbax); the denoiser
@@ -47,6 +48,7 @@ from convert.format import (CONFIG, MANIFEST, PARAMS_DIR, SCHEDULER_CONFIG, as_f
 from convert.keymap import path_str
 from dfjax.loading import load_model, load_scheduler_config, restore_params, verify_files
 from dfjax.sampling import Conditioning
+from dfjax.training.captions import CaptionEncoder
 from dfjax.training.card import LATENTS_NOTE, write_model_card
 from models.class_tokens import ClassTokens
 from models.dit_config import DiTConfig
@@ -135,7 +137,7 @@ def _encode(graphdef, params, images_bhwc, config: VAEConfig) -> jax.Array:
   return posterior_mean_latents(nnx.merge(graphdef, params)(images_bhwc), config)  # B, h, w, L
 
 
-def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: ClassTokens | None, *,
+def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: ClassTokens | CaptionEncoder | None, *,
                 denoiser_config: Mapping, scheduler_config: Mapping, class_names: Sequence[str],
                 training: Mapping[str, Any], loss_rows: Sequence[tuple[int, float, float]],
                 latent_encoder: LatentEncoder | None = None, overwrite: bool = True) -> Path:
@@ -145,7 +147,9 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
     folder: destination; an existing dfjax checkpoint there is replaced when `overwrite` (a
       symlink's target).
     denoiser, class_tokens: the modules whose `nnx.Param`s are stored (as they are: float32);
-      class_tokens None for a DiT (its class embedding is one of its params).
+      class_tokens None for a DiT (its class embedding is one of its params); a CaptionEncoder (a
+      `--frozen-text` run) is stored as its table of the class captions' contexts, and training.json
+      records the encoder and the captions ("frozen_text").
     denoiser_config: the denoiser's diffusers config dict (config.json).
     scheduler_config: the diffusers scheduler config the model was trained with.
     class_names: name of each class id.
@@ -166,6 +170,9 @@ def write_model(folder: str | os.PathLike, denoiser: nnx.Module, class_tokens: C
   flat = _flat(denoiser)
   check_weights(flat, "trained denoiser params")
   model_name = denoiser_config.get("_class_name", "UNet2DConditionModel")
+  if isinstance(class_tokens, CaptionEncoder):  # fixed captions: the conditioning is a table of their contexts
+    training = {**training, "frozen_text": class_tokens.record()}
+    class_tokens = class_tokens.class_tokens()
   if class_tokens is None:
     json_files = {CLASSES_CONFIG: {"num_classes": denoiser.config.null_class, "null_id": denoiser.config.null_class,
                                    "class_names": list(class_names)}}

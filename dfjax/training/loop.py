@@ -33,7 +33,7 @@ from dfjax import data
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import export, grow
 from dfjax.training.checkpointed import RunFields, loss_rows, run_record, run_steps
-from dfjax.training.model import VARIANTS
+from dfjax.training.model import VARIANTS, run_spec
 from models.class_tokens import drop_labels
 from models.dit_config import DiTConfig
 
@@ -54,6 +54,8 @@ class TrainConfig(RunFields):
     weight_decay: AdamW decoupled weight decay; grad_clip: global-norm clipping.
     ema_decay: EMA of the params (0 disables; the exported model is the EMA when enabled).
     label_drop: probability of replacing a label by the null class (classifier-free guidance).
+    frozen_text: "none" (the UNet's learned class tokens), or a frozen text encoder of the class captions
+      (dfjax/training/captions.py `FROZEN_TEXT`) whose output is the UNet's context; the UNet alone trains.
     seed: fixes the init, the data, the noise and the label drops.
     save_every: orbax checkpoint interval in steps (and at the end).
     log_every: loss-curve interval in steps (mean loss over the interval).
@@ -74,6 +76,7 @@ class TrainConfig(RunFields):
   grad_clip: float = 1.0
   ema_decay: float = 0.999
   label_drop: float = 0.1
+  frozen_text: str = "none"
   seed: int = 0
   save_every: int = 200
   log_every: int = 25
@@ -81,8 +84,7 @@ class TrainConfig(RunFields):
   grow_from: str | None = None
 
   def __post_init__(self):
-    if self.model not in VARIANTS:
-      raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(VARIANTS)}")
+    run_spec(self.model, self.frozen_text)  # raises on an unknown model, or frozen text it cannot read
     self.check_run_fields()
     for name in ("ema_decay", "label_drop", "final_lr_fraction"):
       if not 0.0 <= getattr(self, name) < 1.0 + (name == "final_lr_fraction"):
@@ -109,15 +111,15 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 
 
 @functools.lru_cache(maxsize=None)
-def _graphdef(model: str) -> nnx.GraphDef:
-  """The structure of a variant's model (abstract: nothing is initialised)."""
-  abstract = nnx.eval_shape(lambda: VARIANTS[model].build(rngs=nnx.Rngs(0)))
+def _graphdef(model: str, frozen_text: str = "none") -> nnx.GraphDef:
+  """The structure of a variant's model as a run trains it (abstract: nothing is initialised)."""
+  abstract = nnx.eval_shape(lambda: run_spec(model, frozen_text).build(rngs=nnx.Rngs(0)))
   return nnx.split(abstract, nnx.Param)[0]
 
 
 def init_state(seed: jax.Array, *, cfg: TrainConfig) -> dict:
   """Fresh training state {params, opt_state, ema, step} (`train` runs it jitted)."""
-  return state_of(VARIANTS[cfg.model].build(rngs=nnx.Rngs(jax.random.key(seed))), cfg)
+  return state_of(run_spec(cfg.model, cfg.frozen_text).build(rngs=nnx.Rngs(jax.random.key(seed))), cfg)
 
 
 def state_of(model: nnx.Module, cfg: TrainConfig) -> dict:
@@ -140,7 +142,7 @@ def train_step(state: dict, images_bhwc: jax.Array, labels_b: jax.Array, *, cfg:
 
 def _step(state: dict, images_bhwc: jax.Array, labels_b: jax.Array, *, cfg: TrainConfig
           ) -> tuple[dict, jax.Array]:
-  graphdef = _graphdef(cfg.model)
+  graphdef = _graphdef(cfg.model, cfg.frozen_text)
   key = jax.random.fold_in(jax.random.key(cfg.seed), state["step"])
   loss, grads = jax.value_and_grad(_loss)(state["params"], graphdef, images_bhwc, labels_b, key, cfg)
   updates, opt_state = make_optimizer(cfg)[0].update(grads, state["opt_state"], state["params"])
@@ -212,7 +214,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
   if finished is None:
     return None
   state, history = finished
-  model = nnx.merge(_graphdef(cfg.model), state["ema"] if cfg.ema_decay > 0 else state["params"])
+  model = nnx.merge(_graphdef(cfg.model, cfg.frozen_text), state["ema"] if cfg.ema_decay > 0 else state["params"])
   return export_run(cfg, model, history, command)
 
 
@@ -227,7 +229,7 @@ def export_run(cfg: TrainConfig, model: nnx.Module, history: dict, command: str 
   """The finished run's model folder (cfg.export or OUT/model) with its loss curve and training.json;
   `latent_encoder`: the frozen encoder whose latents the model was trained on (a `--frozen-encoder`
   run), stored beside it, the config then describing those latents."""
-  spec, schedule = VARIANTS[cfg.model], make_optimizer(cfg)[1]
+  spec, schedule = run_spec(cfg.model, cfg.frozen_text), make_optimizer(cfg)[1]
   out = Path(cfg.out).absolute()
   rows = loss_rows(history, schedule)
   training = {**run_record(cfg, history, command), "model": spec.to_json(),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dfjax.training.captions import FROZEN_TEXT, CaptionEncoder, Captions
 from models.class_tokens import ClassTokens
 from models.config import UNetConfig
 from models.dit_config import DiTConfig
@@ -173,11 +174,14 @@ class UNetSpec(ModelSpec):
       token width).
     classes: real classes (the null class is one more id).
     num_tokens: context tokens per class.
+    frozen_text: "none" (learned class tokens), or a `FROZEN_TEXT` encoder of the class captions in their
+      place (dfjax/training/captions.py; num_tokens is then the captions' length): `with_frozen_text`.
   """
 
   unet_config: dict[str, Any]
   classes: int
   num_tokens: int = 4
+  frozen_text: str = dataclasses.field(default="none", kw_only=True)
 
   def __post_init__(self):
     config = UNetConfig.from_diffusers_config(self.unet_config)  # raises on a bad config
@@ -185,6 +189,14 @@ class UNetSpec(ModelSpec):
       raise ValueError("the class goes in through the class tokens: the UNet config must have no "
                        f"class embedding ({config.class_embedding_kind}) or addition embedding "
                        f"({config.addition_embed_type})")
+    if self.frozen_text != "none" and self.frozen_text not in FROZEN_TEXT:
+      raise ValueError(f"unknown frozen text encoder {self.frozen_text!r}; valid: none, {', '.join(FROZEN_TEXT)}")
+
+  def with_frozen_text(self, text: str) -> UNetSpec:
+    """This UNet conditioned by frozen text encoder `text` on the class captions instead of learned tokens."""
+    from dfjax import data
+
+    return dataclasses.replace(self, frozen_text=text, num_tokens=Captions(data.class_names).tokens)
 
   @property
   def denoiser_config(self) -> dict[str, Any]:
@@ -202,8 +214,9 @@ class UNetSpec(ModelSpec):
     return ClassConditionalUNet(self, rngs=rngs)
 
   def to_json(self) -> dict[str, Any]:
+    frozen = {} if self.frozen_text == "none" else {"frozen_text": self.frozen_text}
     return {"unet_config": copy.deepcopy(self.unet_config), "num_classes": self.classes,
-            "num_tokens": self.num_tokens}
+            "num_tokens": self.num_tokens, **frozen}
 
   family = "UNet"
 
@@ -301,8 +314,29 @@ def _variants() -> dict[str, ModelSpec]:
 VARIANTS: dict[str, ModelSpec] = _variants()
 
 
+def run_spec(model: str, frozen_text: str = "none") -> ModelSpec:
+  """Variant `model` as a run trains it: with `frozen_text` ("none": learned class tokens), its UNet
+  conditioned by that frozen text encoder's outputs of the class captions.
+
+  Raises:
+    ValueError: an unknown variant, or frozen text for a DiT (it embeds its labels itself).
+  """
+  if model not in VARIANTS:
+    raise ValueError(f"unknown model {model!r}; valid: {', '.join(VARIANTS)}")
+  spec = VARIANTS[model]
+  if frozen_text == "none":
+    return spec
+  if not isinstance(spec, UNetSpec):
+    unets = [name for name, variant in VARIANTS.items() if isinstance(variant, UNetSpec)]
+    raise ValueError(f"--frozen-text {frozen_text}: the {model!r} {spec.family} embeds its class labels itself and "
+                     f"reads no text; a frozen text encoder conditions the UNet variants: {', '.join(unets)}")
+  return spec.with_frozen_text(frozen_text)
+
+
 class ClassConditionalUNet(nnx.Module):
-  """The trained pair: `unet` (diffusers' UNet2DConditionModel) and `class_tokens`."""
+  """The trained pair: `unet` (diffusers' UNet2DConditionModel) and `class_tokens`: a learned
+  ClassTokens table, or with `spec.frozen_text` the frozen text encoder of the class captions
+  (a CaptionEncoder: no params, so the UNet alone trains)."""
 
   def __init__(self, spec: UNetSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32):
@@ -310,7 +344,12 @@ class ClassConditionalUNet(nnx.Module):
 
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.unet = UNet2DConditionModel(UNetConfig.from_diffusers_config(spec.unet_config), **kw)
-    self.class_tokens = ClassTokens(spec.num_classes, spec.num_tokens, spec.token_dim, **kw)
+    if spec.frozen_text == "none":
+      self.class_tokens = ClassTokens(spec.num_classes, spec.num_tokens, spec.token_dim, **kw)
+    else:
+      from dfjax import data
+
+      self.class_tokens = CaptionEncoder(data.class_names, spec.token_dim, spec.frozen_text)
 
   @property
   def denoiser(self) -> nnx.Module:

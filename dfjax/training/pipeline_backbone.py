@@ -5,12 +5,12 @@ segments ("embed", the blocks, "out") folded over an explicit carry, so the pipe
 at its segments. They differ in what conditions the denoiser, which their specs answer
 (`ModelSpec.condition_shape`, `condition_inputs`, `class_token_shape`):
 
-  UNet  the class-token table turns the (dropped) labels into the cross-attention context; it is
-        a frozen part, whose forward DiffusionPipe places in the bubbles
-        (dfjax/training/pipeline_frozen.py);
+  UNet  the class-token table (or, with `--frozen-text`, the class captions' frozen text encoder)
+        turns the (dropped) labels into the cross-attention context; it is a frozen part, whose
+        forward DiffusionPipe places in the bubbles (dfjax/training/pipeline_frozen.py);
   DiT   embeds the labels itself, inside its trainable "embed" segment: the condition is the labels.
 
-`Backbone.of(model)` gives the one object the planner, the calibration and the executor ask.
+`Backbone.of(model, frozen_text)` gives the one object the planner, the calibration and the executor ask.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from dfjax.training.model import VARIANTS, ModelSpec
+from dfjax.training.model import VARIANTS, ModelSpec, run_spec
 from models.config import UNetConfig
 from models.dit_config import DiTConfig
 from models.layers import Workload
@@ -33,20 +33,23 @@ class Backbone:
 
   Attributes:
     model: the variant's name in `VARIANTS`.
+    frozen_text: the UNet's frozen text encoder of the class captions ("none": its class tokens).
   """
 
   model: str
+  frozen_text: str = "none"
 
   @classmethod
-  def of(cls, model: str) -> Backbone:
+  def of(cls, model: str, frozen_text: str = "none") -> Backbone:
     if model not in VARIANTS:
       raise ValueError(f"the pipelined step trains a `dfjax train` variant; --model {model} is none: "
                        f"pick one of {', '.join(VARIANTS)}")
-    return cls(model)
+    run_spec(model, frozen_text)  # raises on frozen text for a DiT
+    return cls(model, frozen_text)
 
   @property
   def spec(self) -> ModelSpec:
-    return VARIANTS[self.model]
+    return run_spec(self.model, self.frozen_text)
 
   @property
   def kind(self) -> str:

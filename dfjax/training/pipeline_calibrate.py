@@ -35,11 +35,12 @@ def _seconds(fn, *args, repeats: int) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def timed_costs(model: str, image_shape: tuple[int, ...], microbatch: int, *, repeats: int = 3,
-                seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def timed_costs(model: str, image_shape: tuple[int, ...], microbatch: int, frozen_text: str = "none", *,
+                repeats: int = 3, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(forward, backward) seconds per micro-batch of each segment of `model`'s UNet or DiT on the default
-  device; timed once per process (the schedules `dfjax bench train` compares share one timing)."""
-  backbone = Backbone.of(model)
+  device (`frozen_text`: its context the captions' tokens); timed once per process (the schedules
+  `dfjax bench train` compares share one timing)."""
+  backbone = Backbone.of(model, frozen_text)
   options = FAST_COMPILE if backbone.spec.fast_compile else None  # the executor's compiled code, not faster code
   denoiser = backbone.build(rngs=nnx.Rngs(jax.random.key(seed))).denoiser
   graphdef, params = nnx.split(denoiser, nnx.Param)

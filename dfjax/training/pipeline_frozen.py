@@ -3,10 +3,14 @@
 A `FrozenPart` is a non-trainable model in front of the backbone, seen as a chain of layers: the
 planner (dfjax/training/pipeline_plan.py) gives the greedy filler each layer's cost, and the
 executor (dfjax/training/pipeline_step.py) runs each (layer, sample range) piece where the filler
-put it, for the next step's batch. Two parts exist:
+put it, for the next step's batch. Three parts exist:
 
   class_tokens  the UNet's class-token table (one layer: labels → the cross-attention context), built
                 with the UNet from the run's seed and never trained in pipeline mode;
+  text_encoder  `--frozen-text clip`, in the class tokens' place: the class captions' frozen CLIP text
+                encoder (dfjax/training/captions.py; weights from a fixed seed), layer by layer: the
+                embeddings (labels → their captions' token ids → token and position embeddings), each
+                CLIPEncoderLayer, the final layer norm, whose output is the UNet's context;
   vae_encoder   `--frozen-encoder vae`: a small `models.vae.Encoder` (FROZEN_ENCODERS), weights from
                 a fixed seed (a stand-in for a pretrained VAE, the same in every run), that turns the
                 images into the latents the backbone then trains on: the posterior mean, scaled.
@@ -15,10 +19,10 @@ What a part reads is the step's dropped labels or its images; what its last laye
 backbone's condition or its training input x0. Where no part makes one, it passes straight through
 (the DiT's condition is the labels; without an encoder x0 is the images).
 
-Each of the encoder's layers runs one sample at a time (`lax.map`): XLA's CPU convolutions choose
-their blocking by batch size, so a batched layer's result for a sample would depend, in the last
-bits, on which piece of the batch it ran in; one at a time, a sample's latents are the same in any
-piece, in any bubble, and up front.
+Each of the encoders' layers runs one sample at a time (`lax.map`): XLA's CPU convolutions (and
+matrix products) choose their blocking by batch size, so a batched layer's result for a sample would
+depend, in the last bits, on which piece of the batch it ran in; one at a time, a sample's latents (or
+context) are the same in any piece, in any bubble, and up front.
 
 Shape letters: b samples (a piece or a batch), H, W image, h, w latent, L latent channels, T class
 tokens, D token width.
@@ -34,8 +38,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dfjax import data
+from dfjax.training.captions import CaptionEncoder, Captions, text_params
 from dfjax.training.loop import FAST_COMPILE
 from dfjax.training.model import ModelSpec
+from models.clip import CLIPTextConfig, CLIPTextModel
 from models.layers import Workload
 from models.vae import Encoder, VAEConfig, posterior_mean_latents
 
@@ -72,50 +79,108 @@ class FrozenPart:
   """A frozen model in front of the backbone (hashable: part of the plan).
 
   Attributes:
-    name: "class_tokens" or "vae_encoder"; also its params' key in the training state's "frozen".
+    name: "class_tokens", "text_encoder" or "vae_encoder"; also its params' key in the training state's "frozen".
     reads: LABELS or IMAGES; makes: CONDITION or X0.
     layers: its layers in order.
-    encoder: the VAE encoder's `FROZEN_ENCODERS` name ("" for the class tokens).
   """
 
   name: str
   reads: str
   makes: str
   layers: tuple[FrozenLayer, ...]
-  encoder: str = ""
 
   def params(self, model: nnx.Module) -> nnx.State:
-    """The part's params: the joint model's class tokens, or the encoder's fixed weights (made on the
-    first call, which must not be inside a trace: `PipelineExecutor` makes them when it is built)."""
-    if not self.encoder:
-      return nnx.state(model.class_tokens, nnx.Param)
+    """The part's params (a fixed encoder's made on the first call, which must not be inside a trace:
+    `PipelineExecutor` makes them when it is built)."""
+    raise NotImplementedError
+
+  def abstract(self, model: nnx.Module) -> nnx.Module:
+    """The part's module, abstract (`model`: the abstract joint model)."""
+    raise NotImplementedError
+
+  def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
+    """Layer `index` on b samples of its input (the labels or images for layer 0) → (b, *sample_shape)."""
+    raise NotImplementedError
+
+  def run(self, module: nnx.Module, x: jax.Array) -> jax.Array:
+    """All layers on b samples: the part's output computed up front."""
+    for index in range(len(self.layers)):
+      x = self.run_layer(module, index, x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassTokensPart(FrozenPart):
+  """The joint model's class-token table, built with the UNet from the run's seed, never trained here."""
+
+  def params(self, model: nnx.Module) -> nnx.State:
+    return nnx.state(model.class_tokens, nnx.Param)
+
+  def abstract(self, model: nnx.Module) -> nnx.Module:
+    return model.class_tokens
+
+  def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
+    return module(x)  # b, T, D
+
+
+@dataclasses.dataclass(frozen=True)
+class TextPart(FrozenPart):
+  """`--frozen-text`: the class captions' fixed-seed CLIP text encoder (dfjax/training/captions.py), layer
+  by layer (`models.clip.CLIPTextTransformer.layer_names`).
+
+  Attributes:
+    captions: the class captions; config: the CLIP text model's.
+  """
+
+  captions: Captions
+  config: CLIPTextConfig
+
+  def params(self, model: nnx.Module) -> nnx.State:
+    return text_params(self.config)
+
+  def abstract(self, model: nnx.Module) -> nnx.Module:
+    return nnx.eval_shape(lambda: CLIPTextModel(self.config, rngs=nnx.Rngs(0)))
+
+  def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
+    if index == 0:  # labels → their captions' token ids (a lookup: the same in any piece)
+      x = self.captions.token_ids(x)  # b, T
+    # one sample at a time, as the VAE encoder's layers (a matrix product's blocking may follow the batch)
+    return jax.lax.map(lambda one: module.text_model.run_layer(index, one[None])[0], x)  # b, T, D
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderPart(FrozenPart):
+  """`--frozen-encoder`: a VAE encoder from `FROZEN_ENCODERS`, its fixed weights from ENCODER_SEED.
+
+  Attributes:
+    encoder: its `FROZEN_ENCODERS` name.
+  """
+
+  encoder: str
+
+  def params(self, model: nnx.Module) -> nnx.State:
     return encoder_params(self.encoder)
 
   def abstract(self, model: nnx.Module) -> nnx.Module:
-    if not self.encoder:
-      return model.class_tokens
     return nnx.eval_shape(lambda: Encoder(self.encoder_config, rngs=nnx.Rngs(self.encoder_seed)))
 
   @property
   def encoder_config(self) -> VAEConfig:
-    """The VAE encoder's config (an encoder part)."""
+    """The VAE encoder's config."""
     return FROZEN_ENCODERS[self.encoder]
 
   @property
   def encoder_seed(self) -> int:
-    """The seed the VAE encoder's weights are drawn from, whatever the run's (an encoder part)."""
+    """The seed the VAE encoder's weights are drawn from, whatever the run's."""
     return ENCODER_SEED
 
   def encoder_module(self, params: nnx.State) -> Encoder:
-    """The VAE encoder with `params` (an encoder part; e.g. the training state's, for the export)."""
+    """The VAE encoder with `params` (e.g. the training state's, for the export)."""
     encoder = self.abstract(None)  # built from its config alone: no model needed
     nnx.update(encoder, params)
     return encoder
 
   def run_layer(self, module: nnx.Module, index: int, x: jax.Array) -> jax.Array:
-    """Layer `index` on b samples of its input (the labels or images for layer 0) → (b, *sample_shape)."""
-    if not self.encoder:
-      return module(x)  # b, T, D
     last = index == len(self.layers) - 1
     config = self.encoder_config
 
@@ -124,12 +189,6 @@ class FrozenPart:
       return posterior_mean_latents(y, config) if last else y  # the last: h, w, L
 
     return jax.lax.map(one, x)  # b, *sample_shape
-
-  def run(self, module: nnx.Module, x: jax.Array) -> jax.Array:
-    """All layers on b samples: the part's output computed up front."""
-    for index in range(len(self.layers)):
-      x = self.run_layer(module, index, x)
-    return x
 
 
 @functools.cache
@@ -142,14 +201,31 @@ def encoder_params(encoder: str) -> nnx.State:
   return jax.device_get(make())
 
 
-def class_tokens_part(spec: ModelSpec) -> FrozenPart | None:
-  """The class-token table as a one-layer part (None for a family that embeds its labels itself)."""
+def condition_part(spec: ModelSpec) -> FrozenPart | None:
+  """What turns the labels into the UNet's context: its class-token table as a one-layer part, or with
+  `spec.frozen_text` the captions' text encoder (None for a family that embeds its labels itself)."""
   shape = spec.class_token_shape
   if shape is None:
     return None
+  if spec.frozen_text != "none":
+    return text_part(spec)
   # a lookup: no FLOPs, a copy of T × D values per sample, the cost the filler places
-  return FrozenPart("class_tokens", LABELS, CONDITION,
-                    (FrozenLayer("lookup", shape, "float32", float(math.prod(shape))),))
+  return ClassTokensPart("class_tokens", LABELS, CONDITION,
+                         (FrozenLayer("lookup", shape, "float32", float(math.prod(shape))),))
+
+
+def text_part(spec: ModelSpec) -> TextPart:
+  """The UNet's frozen text encoder of the class captions, one layer per CLIP layer, each costed per sample
+  by the models' cost model (matrix work); the embeddings and the final layer norm, which have none,
+  by their T × D elementwise values (the filler still gives them their place)."""
+  encoder = CaptionEncoder(data.class_names, spec.token_dim, spec.frozen_text)
+  tokens = encoder.captions.tokens
+  module = nnx.eval_shape(lambda: CLIPTextModel(encoder.config, rngs=nnx.Rngs(0))).text_model
+  costs = module.layer_costs(tokens)
+  shape = (tokens, encoder.config.hidden_size)
+  layers = tuple(FrozenLayer(name, shape, "float32", float(sum(costs[name].flops.values()) or math.prod(shape)))
+                 for name in module.layer_names)
+  return TextPart("text_encoder", LABELS, CONDITION, layers, encoder.captions, encoder.config)
 
 
 def encoder_part(encoder: str, image_shape) -> FrozenPart:
@@ -171,7 +247,7 @@ def encoder_part(encoder: str, image_shape) -> FrozenPart:
     if index == len(shapes) - 1:
       sample_shape = (*sample_shape[:-1], config.latent_channels)  # the mean of (mean, log-variance)
     layers.append(FrozenLayer(name, sample_shape, "float32", float(sum(costs[name].flops.values()))))
-  return FrozenPart("vae_encoder", IMAGES, X0, tuple(layers), encoder)
+  return EncoderPart("vae_encoder", IMAGES, X0, tuple(layers), encoder)
 
 
 def _layer_outputs(module: Encoder, x_bhwc):
@@ -183,9 +259,9 @@ def _layer_outputs(module: Encoder, x_bhwc):
 
 
 def frozen_parts(spec: ModelSpec, encoder: str, image_shape) -> tuple[FrozenPart, ...]:
-  """The frozen parts in front of `spec`'s backbone: the class tokens (a UNet), and `encoder`'s
-  VAE encoder ("none": the backbone trains on the images)."""
-  parts = [part for part in (class_tokens_part(spec),) if part is not None]
+  """The frozen parts in front of `spec`'s backbone: the class tokens or the frozen text encoder (a UNet),
+  and `encoder`'s VAE encoder ("none": the backbone trains on the images)."""
+  parts = [part for part in (condition_part(spec),) if part is not None]
   if encoder != "none":
     parts.append(encoder_part(encoder, image_shape))
   return tuple(parts)

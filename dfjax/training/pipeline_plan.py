@@ -9,8 +9,9 @@ arrives from the neighbouring stages, and which buffer slot holds it (`Slots`: a
 flight at once).
 
 The backbone is a UNet or a DiT (dfjax/training/pipeline_backbone.py); in front of it are its frozen
-parts (dfjax/training/pipeline_frozen.py): the UNet's class-token table, and with `frozen_encoder`
-a VAE encoder whose latents the backbone trains on. Each is a chain of `FrozenJob` layers over a
+parts (dfjax/training/pipeline_frozen.py): the UNet's class-token table (with `frozen_text`, the
+class captions' frozen CLIP text encoder in its place), and with `frozen_encoder` a VAE encoder whose
+latents the backbone trains on. Each is a chain of `FrozenJob` layers over a
 data shard's batch, costed per layer by the models' cost model: DiffusionPipe's filler places
 pieces (a layer on a run of whole samples, after the pieces of the layer below that made them) into
 the bubbles, for the next step's batch; what does not fit, and all of it under GPipe / 1F1B, runs
@@ -104,6 +105,7 @@ class PipelinePlan:
     timeline: the schedule's ticked timeline (with the frozen pieces for DiffusionPipe).
     frozen_pieces: the pieces in the bubbles, in the timeline's order (the branch table's numbering).
     leftover_pieces: the frozen work run after the pipeline, in dependency order.
+    frozen_text: the UNet's frozen text encoder (`TrainConfig.frozen_text`; "none": its class tokens).
   """
 
   config: PipelineConfig
@@ -118,6 +120,7 @@ class PipelinePlan:
   timeline: ps.Timeline
   frozen_pieces: tuple[Piece, ...]
   leftover_pieces: tuple[Piece, ...]
+  frozen_text: str = "none"
 
   @property
   def stages(self) -> int:
@@ -239,10 +242,11 @@ def segment_names(model: str) -> tuple[str, ...]:
   return model_segment_names(Backbone.of(model).config)
 
 
-def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int
+def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int, frozen_text: str = "none"
                    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """(forward, backward) FLOPs per micro-batch of each segment; the backward at twice the forward."""
-  backbone = Backbone.of(model)
+  """(forward, backward) FLOPs per micro-batch of each segment; the backward at twice the forward
+  (`frozen_text`: the UNet's cross-attention reads the captions' tokens)."""
+  backbone = Backbone.of(model, frozen_text)
   backbone.config.check_latent_size(*image_shape[:2])
   costs = segment_costs(backbone.config, backbone.workload(image_shape))
   forward = tuple(float(microbatch * sum(cost.flops.values())) for cost in costs.values())
@@ -250,21 +254,25 @@ def analytic_costs(model: str, image_shape: Sequence[int], microbatch: int
 
 
 def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Sequence[int], *,
-              costs: tuple[Sequence[float], Sequence[float]] | None = None) -> PipelinePlan:
+              costs: tuple[Sequence[float], Sequence[float]] | None = None, frozen_text: str = "none"
+              ) -> PipelinePlan:
   """The plan of a pipelined step for `model` on a global batch of `batch` images of `image_shape`.
 
   Args:
+    frozen_text: the UNet's frozen text encoder of the class captions, a frozen part in its class tokens'
+      place (`TrainConfig.frozen_text`).
     costs: (forward, backward) per segment and micro-batch; default `timed_costs` when
       `pipeline.calibrate`, else `analytic_costs`.
   Raises:
     ValueError: a batch the data × micro-batch split does not divide, more stages than segments,
-      or a mesh larger than the devices — each naming the valid choices.
+      or a mesh larger than the devices — each naming the valid choices; frozen text for a DiT.
   """
+  backbone = Backbone.of(model, frozen_text)
   names = segment_names(model)
   s, m, d = pipeline.stages, pipeline.microbatches, pipeline.data
   if s > len(names):
     listed = ", ".join(f"{i} {n}" for i, n in enumerate(names))
-    raise ValueError(f"--pipeline-stages {s}: the {model!r} {Backbone.of(model).kind} has {len(names)} segments "
+    raise ValueError(f"--pipeline-stages {s}: the {model!r} {backbone.kind} has {len(names)} segments "
                      f"({listed}); use 1 to {len(names)} stages")
   if batch % (d * m):
     valid = [k for k in range(1, batch // d + 1) if batch % (d * k) == 0] if batch % d == 0 else []
@@ -276,11 +284,11 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
     raise ValueError(f"--pipeline-stages {s} × --data {d} = {s * d} devices, but {devices} are available; "
                      f"choose stages × data ≤ {devices} (on a CPU, --cpu-devices N)")
   micro, shard = batch // (d * m), batch // d
-  parts = frozen_parts(Backbone.of(model).spec, pipeline.frozen_encoder, tuple(image_shape))
+  parts = frozen_parts(backbone.spec, pipeline.frozen_encoder, tuple(image_shape))
   x_shape = backbone_shape(parts, image_shape)
-  flops = analytic_costs(model, x_shape, micro)
+  flops = analytic_costs(model, x_shape, micro, frozen_text)
   if costs is None:
-    costs = timed_costs(model, x_shape, micro) if pipeline.calibrate else flops
+    costs = timed_costs(model, x_shape, micro, frozen_text) if pipeline.calibrate else flops
   forward, backward = map(tuple, costs)
   # the frozen layers' FLOPs in the backbone's cost unit: seconds at the backbone's timed FLOP rate
   unit = sum(forward) / sum(flops[0])
@@ -297,4 +305,4 @@ def make_plan(pipeline: PipelineConfig, model: str, batch: int, image_shape: Seq
       if done < shard:
         leftover.append(Piece(i, layer, done, shard - done))
   return PipelinePlan(pipeline, batch, tuple(image_shape), x_shape, names, stages_of(timeline.cuts, len(names)),
-                      forward, backward, parts, timeline, pieces, tuple(leftover))
+                      forward, backward, parts, timeline, pieces, tuple(leftover), frozen_text)

@@ -11,7 +11,8 @@ action in a static (ticks, S) table and runs it with `lax.switch` —
          batch, the others read the activation they received; the last stage takes the loss);
   B(m)   the backward: `jax.vjp` of the stage, recomputed from the stashed input, with the
          gradient received from the next stage (the last stage starts from the loss);
-  piece  one layer of a frozen part (the UNet's class tokens, the VAE encoder: pipeline_frozen.py) on
+  piece  one layer of a frozen part (the UNet's class tokens or text encoder, the VAE encoder:
+         pipeline_frozen.py) on
          a run of samples of the NEXT step's batch, in a bubble (DiffusionPipe's cross-iteration
          overlap, partial batches);
 
@@ -28,7 +29,8 @@ clipping (elementwise on the packed rows: the norm is the only reduction over `s
 update the rows, exactly the optimiser `dfjax.training.loop` runs on one device.
 
 The UNet's class tokens are frozen in pipeline mode (they keep their initial values): that is the
-frozen part of this model, as the text and VAE encoders are for Stable Diffusion. The DiT embeds
+frozen part of this model, as the text and VAE encoders are for Stable Diffusion; with `--frozen-text`
+a real one takes their place, the class captions' fixed-seed CLIP text encoder. The DiT embeds
 its labels in its trainable "embed" segment, so all of it trains, as in `dfjax.training.loop`, and
 its "condition" (what the previous step hands on) is the dropped labels themselves. What a step
 hands the next is {"condition": …, "x0": what the backbone trains on (the images, or the frozen
@@ -118,7 +120,10 @@ class PipelineExecutor:
   def __init__(self, cfg: TrainConfig, plan: PipelinePlan):
     self.cfg, self.plan = cfg.static(), plan
     self.mesh = plan.mesh()
-    self.backbone = Backbone.of(cfg.model)
+    if plan.frozen_text != cfg.frozen_text:
+      raise ValueError(f"the plan was made for frozen text {plan.frozen_text!r}, the run trains with "
+                       f"{cfg.frozen_text!r}: make the plan with make_plan(..., frozen_text=cfg.frozen_text)")
+    self.backbone = Backbone.of(cfg.model, cfg.frozen_text)
     abstract = self.backbone.abstract()
     self.denoiser_graphdef, denoiser_state = nnx.split(abstract.denoiser, nnx.Param)
     self.part_graphdefs = [nnx.split(part.abstract(abstract), nnx.Param)[0] for part in plan.frozen_parts]

@@ -7,7 +7,8 @@ checkpoints, now of the per-stage state (each stage's rows are saved from, and r
 own devices), the same loss curve and export.
 
 The backbone is the UNet or the DiT (dfjax/training/pipeline_backbone.py). A step's condition (the
-UNet's frozen class tokens; the DiT's labels) and, with `--frozen-encoder vae`, the latents it trains
+UNet's frozen class tokens, or with `--frozen-text` its frozen text encoder's context of the class
+captions; the DiT's labels) and, with `--frozen-encoder vae`, the latents it trains
 on come from the previous step's bubbles (cross-iteration overlap); the first step of a process
 computes them up front, which gives the same values, so a resumed run continues exactly. Such a run's
 export holds the encoder beside the denoiser, whose config then describes the latents it draws
@@ -70,7 +71,7 @@ class Pipelined:
 
 def plan_for(cfg: TrainConfig, pipeline: PipelineConfig) -> PipelinePlan:
   """The plan of `dfjax train`'s pipelined step (its batch of `data.IMAGE_SIZE`² RGB images)."""
-  return make_plan(pipeline, cfg.model, cfg.batch, (data.IMAGE_SIZE, data.IMAGE_SIZE, 3))
+  return make_plan(pipeline, cfg.model, cfg.batch, (data.IMAGE_SIZE, data.IMAGE_SIZE, 3), frozen_text=cfg.frozen_text)
 
 
 def train_pipelined(cfg: TrainConfig, pipeline: PipelineConfig, *, resume: bool = False,
@@ -90,7 +91,8 @@ def train_pipelined(cfg: TrainConfig, pipeline: PipelineConfig, *, resume: bool 
                      f"now {settings}; use the original flags or another --out")
   runner = Pipelined(cfg, plan)
   if pipeline.calibrate:
-    echo(describe_costs(plan.segment_names, analytic_costs(cfg.model, plan.backbone_shape, plan.microbatch)[0],
+    echo(describe_costs(plan.segment_names,
+                        analytic_costs(cfg.model, plan.backbone_shape, plan.microbatch, cfg.frozen_text)[0],
                         (plan.forward, plan.backward)))
   echo(plan.describe_partition())
   echo(describe(plan.timeline))
