@@ -79,19 +79,21 @@ def _methods(devices: int, microbatches: int, calibrate: bool, encoder: str) -> 
 
 
 def measure(model: str = "tiny", batch: int = 8, image_size: int = 32, devices: int = 4, microbatches: int = 4,
-            iters: int = 3, *, calibrate: bool = False, frozen_encoder: str = "none", echo=print) -> list[TrainRow]:
+            iters: int = 3, *, calibrate: bool = False, frozen_encoder: str = "none", frozen_text: str = "none",
+            echo=print) -> list[TrainRow]:
   """Steps/s and idle fractions of the four methods on `devices` devices, one global batch
   (`calibrate`: planned with timed segment costs, which `echo` prints beside the analytic FLOPs;
-  `frozen_encoder`: every method trains on that frozen encoder's latents of the images)."""
-  cfg = TrainConfig(out="", model=model, batch=batch, warmup_steps=1)
+  `frozen_encoder`: every method trains on that frozen encoder's latents of the images; `frozen_text`:
+  the UNet reads that frozen text encoder's captions, `dfjax train --frozen-text`)."""
+  cfg = TrainConfig(out="", model=model, batch=batch, warmup_steps=1, frozen_text=frozen_text)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
   labels = rng.integers(0, 4, batch).astype(np.int32)
   rows = []
   for method, pipeline in _methods(devices, microbatches, calibrate, frozen_encoder):
-    run_plan = make_plan(pipeline, model, batch, (image_size, image_size, 3))
+    run_plan = make_plan(pipeline, model, batch, (image_size, image_size, 3), frozen_text=frozen_text)
     if calibrate and method == "diffusionpipe":
-      analytic = analytic_costs(model, run_plan.backbone_shape, run_plan.microbatch)[0]
+      analytic = analytic_costs(model, run_plan.backbone_shape, run_plan.microbatch, frozen_text)[0]
       echo(f"{method}'s segment costs per micro-batch of {run_plan.microbatch} (planned with the timed ones):\n"
            + describe_costs(run_plan.segment_names, analytic, (run_plan.forward, run_plan.backward))
            + "\n" + run_plan.describe_partition())
@@ -186,11 +188,12 @@ COLUMNS = [Column("method", "method", align="<", width=13), Column("S", "stages"
 
 
 def run(model: str, batch: int, image_size: int, devices: int, microbatches: int, iters: int,
-        calibrate: bool = False, frozen_encoder: str = "none") -> tuple[list, list]:
+        calibrate: bool = False, frozen_encoder: str = "none", frozen_text: str = "none") -> tuple[list, list]:
   measured = measure(model, batch, image_size, devices, microbatches, iters, calibrate=calibrate,
-                     frozen_encoder=frozen_encoder)
+                     frozen_encoder=frozen_encoder, frozen_text=frozen_text)
   costs = "segment costs timed on this device (--calibrate)" if calibrate else "analytic FLOPs"
   encoder = "" if frozen_encoder == "none" else f" through the frozen {frozen_encoder!r} VAE encoder (its latents)"
+  encoder += "" if frozen_text == "none" else f", conditioned by the frozen {frozen_text!r} text encoder"
   print(f"measured: {model} ({Backbone.of(model).kind}), global batch {batch} of {image_size}² images{encoder}, {devices} "
         f"devices ({device_name()}; virtual CPU devices share the cores: steps/s are the executor's cost, not a "
         f"pipeline's gain); idle = the executed schedule's timeline under {costs}")

@@ -9,6 +9,7 @@ from dfjax.bench import fidelity, quality, simulate, simulate_stages, strategies
 from dfjax.commands.options import (Flag, add_config_arguments, add_flag, config_from_args, groupnorm_flag,
                                    strategies_over, strategy_flag)
 from dfjax.training import EMBEDDED_MODELS
+from dfjax.training.captions import FROZEN_TEXT
 from dfjax.training.pipeline_frozen import FROZEN_ENCODERS
 from models.presets import FAMILIES, PRESETS
 from models.vae_config import VAE_PRESETS
@@ -222,6 +223,9 @@ def _add_train(benches) -> None:
   parser.add_argument("--frozen-encoder", default="none", choices=["none", *FROZEN_ENCODERS],
                       help="every method trains on a frozen VAE encoder's latents (DiffusionPipe runs its layers "
                            "in the bubbles, the others after the pipeline)")
+  parser.add_argument("--frozen-text", default="none", choices=["none", *FROZEN_TEXT],
+                      help="the UNet reads a frozen text encoder's class captions (DiffusionPipe runs its layers in "
+                           "the bubbles, the others after the pipeline)")
   parser.set_defaults(run=lambda args: train.run(args.model, args.batch, args.image_size, args.devices,
                                                  args.micro_batches, args.iters, args.calibrate,
-                                                 args.frozen_encoder))
+                                                 args.frozen_encoder, args.frozen_text))
