@@ -57,7 +57,7 @@ from dfjax.eval.quality import QualityJudge
 from dfjax.inputs import initial_noise, standin_conditioning
 from dfjax.loading import load_model, load_scheduler_config
 from dfjax.sampling import Conditioning, prepare_sample
-from dfjax.training import EMBEDDED_MODELS, load_default_model, load_trained
+from dfjax.training import load_default_model, load_trained
 from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
 from dfjax.training.export import TrainedModel, is_trained_model, latent_encoder_record
 from sharding.axes import PATCH, STAGE
@@ -114,8 +114,7 @@ class GenerateConfig:
   out: str = "dfjax-out"
 
   def __post_init__(self):
-    if self.model not in EMBEDDED_MODELS:
-      raise ValueError(f"unknown embedded model {self.model!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    default_model_dir(self.model)  # raises on an unknown name, naming the embedded models
     if self.strategies is not None and not self.strategies:
       raise ValueError(f"no strategy given: name at least one of {', '.join(strategy_names())}")
     if self.strategies is not None and len(set(self.strategies)) != len(self.strategies):
@@ -357,7 +356,7 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
             else checkpoint_source(config.checkpoint, config.images, config.seed))
   bar.update()
   unet_config = source.unet.config
-  size = config.size or _model_size(unet_config)
+  size = config.size or model_size(unet_config)
   unet_config.check_latent_size(size, size)
   strategies = config.for_model(strategies, unet_config)
   meshes, skipped = strategy_meshes(strategies, unet_config, size, config, len(jax.devices()))
@@ -404,7 +403,8 @@ def _generate(config: GenerateConfig, strategies: list[Strategy], bar) -> Genera
   return GenerateResult(config, description, runs, files, skipped)
 
 
-def _model_size(unet_config) -> int:
+def model_size(unet_config) -> int:
+  """The side a denoiser config samples at (its sample_size, or the first of its pair)."""
   size = unet_config.sample_size
   if size is None:
     raise ValueError("the model's config has no sample_size: pass the size (--size)")

@@ -39,10 +39,9 @@ from dfjax.bench.table import Column
 from dfjax.bench.timing import device_name
 from dfjax.eval.quality import Quality, QualityJudge
 from dfjax.generation import (DEFAULT_GUIDANCE, REFERENCE, Source, can_judge, check_output_path, checkpoint_source,
-                              embedded_source, resolve_patch, timed_sample)
+                              embedded_source, model_size, resolve_patch, timed_sample)
 from dfjax.inputs import initial_noise
-from dfjax.training import EMBEDDED_MODELS
-from dfjax.training.default_model import DEFAULT_EMBEDDED
+from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
 from sharding.axes import PATCH
 from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import axis_sizes, describe, make_mesh
@@ -103,8 +102,7 @@ class FidelityConfig:
       GroupNormMode.parse(mode)
     if not self.tables or set(self.tables) - set(TABLES):
       raise ValueError(f"tables={list(self.tables)}: name one or more of {', '.join(TABLES)}")
-    if self.model not in EMBEDDED_MODELS:
-      raise ValueError(f"unknown embedded model {self.model!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    default_model_dir(self.model)  # raises on an unknown name, naming the embedded models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +206,7 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
     raise ValueError("bench fidelity compares images; this checkpoint outputs latents and dfjax has "
                      "no VAE to decode them yet: use the embedded model or a `dfjax train` folder")
   unet = source.unet
-  size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+  size = model_size(unet.config)
   if "main" in config.tables:
     for patch in config.patch:  # every patch count fits before anything runs
       resolve_patch(unet.config, size, patch, 1, len(jax.devices()))

@@ -18,11 +18,10 @@ import numpy as np
 
 from dfjax.bench.timing import device_name
 from dfjax.eval.quality import Quality, QualityJudge
-from dfjax.generation import (DEFAULT_GUIDANCE, Source, can_judge, check_output_path, checkpoint_source,
-                              embedded_source, timed_sample)
+from dfjax.generation import (DEFAULT_GUIDANCE, can_judge, check_output_path, checkpoint_source, embedded_source,
+                              model_size, timed_sample)
 from dfjax.inputs import initial_noise
-from dfjax.training import EMBEDDED_MODELS
-from dfjax.training.default_model import DEFAULT_EMBEDDED
+from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
 from sharding.mesh import make_mesh
 from sharding.strategies import Strategy
 
@@ -49,8 +48,7 @@ class QualityConfig:
       raise ValueError(f"samples={self.samples!r} must be an integer ≥ 2 (a Fréchet distance needs 2 images)")
     if not isinstance(self.steps, int) or self.steps < 1:
       raise ValueError(f"steps={self.steps!r} must be a positive integer")
-    if self.model not in EMBEDDED_MODELS:
-      raise ValueError(f"unknown embedded model {self.model!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    default_model_dir(self.model)  # raises on an unknown name, naming the embedded models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +75,7 @@ def measure(config: QualityConfig) -> QualityReport:
   """
   source = (embedded_source(config.samples, config.model) if config.checkpoint is None
             else checkpoint_source(config.checkpoint, config.samples, 0))
-  size = _side(source)
+  size = model_size(source.unet.config)
   if not can_judge(source, size):
     raise ValueError(f"bench quality judges class-conditional models of dfjax's shapes dataset that draw "
                      f"64×64 RGB images; {source.description} is not one: use the embedded models or a "
@@ -91,11 +89,6 @@ def measure(config: QualityConfig) -> QualityReport:
   names = dict(zip(source.labels.tolist(), source.captions))
   per_class = {names[k]: float(np.mean(quality.correct[source.labels == k])) for k in sorted(names)}
   return QualityReport(quality, per_class, source.description, sample_s)
-
-
-def _side(source: Source) -> int:
-  size = source.unet.config.sample_size
-  return size if isinstance(size, int) else size[0]
 
 
 def format_report(report: QualityReport) -> str:
