@@ -20,7 +20,8 @@ from flax import nnx
 from dfjax import commands, data
 from dfjax.generation import GenerateConfig, generate
 from dfjax.training import TrainConfig, load_trained
-from dfjax.training.captions import END, START, TEXT_SEED, CaptionEncoder, text_params
+from dfjax.training.captions import END, START, TEXT_SEED, CaptionEncoder
+from dfjax.training.fixed_weights import fixed_seed_params
 from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, export_run
 from dfjax.training.model import run_spec
 from dfjax.training.pipeline_frozen import condition_part
@@ -47,7 +48,7 @@ def _torch_clip(encoder: CaptionEncoder) -> torch.nn.Module:
       max_position_embeddings=c.max_position_embeddings, hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
       eos_token_id=c.eos_token_id, pad_token_id=c.eos_token_id, bos_token_id=c.eos_token_id - 1))
   state = {}
-  for path, value in nnx.to_flat_state(text_params(c)):
+  for path, value in nnx.to_flat_state(fixed_seed_params(CLIPTextModel, c, TEXT_SEED)):
     *module, leaf = [str(p) for p in path]
     value = np.asarray(value)
     if leaf == "kernel":

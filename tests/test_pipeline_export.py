@@ -23,7 +23,8 @@ from dfjax.training import TrainConfig, export, load_trained
 from dfjax.training.export import ENCODER_CONFIG, ENCODER_DIR, load_latent_encoder
 from dfjax.training.loop import FAST_COMPILE, _graphdef, export_run, latent_config
 from dfjax.training.model import VARIANTS
-from dfjax.training.pipeline_frozen import FROZEN_ENCODERS, encoder_params, encoder_part
+from dfjax.training.fixed_weights import fixed_seed_params
+from dfjax.training.pipeline_frozen import ENCODER_SEED, FROZEN_ENCODERS, encoder_part
 from dfjax.training.pipeline_plan import PipelineConfig
 from dfjax.training.pipeline_train import latent_encoder, plan_for, train_pipelined
 from models.dit_blocks import PatchEmbed
@@ -53,9 +54,14 @@ def exported(tmp_path_factory):
   model = nnx.merge(_graphdef(cfg.model), jax.tree.map(lambda a: (0.1 * rng.normal(size=a.shape)).astype(a.dtype),
                                                        nnx.state(abstract, nnx.Param)))
   history = {"step": [2, 3], "loss": [0.5, 0.25], "seconds": 3.0}
-  frozen = {"vae_encoder": jax.tree.map(jnp.copy, encoder_params("vae"))}  # as the training state holds it
+  frozen = {"vae_encoder": jax.tree.map(jnp.copy, _vae_params())}  # as the training state holds it
   return export_run(cfg, model, history, "dfjax train (test)", latent_encoder=latent_encoder(plan_for(cfg, PIPELINE),
                                                                                             frozen))
+
+
+def _vae_params():
+  """The frozen VAE encoder's fixed weights, made as the stand-in's are (an independent call)."""
+  return fixed_seed_params(Encoder, FROZEN_ENCODERS["vae"], ENCODER_SEED)
 
 
 @functools.cache
@@ -69,7 +75,7 @@ def _trained_latents():
   part = encoder_part("vae", IMAGE)
   graphdef = nnx.split(nnx.eval_shape(lambda: Encoder(FROZEN_ENCODERS["vae"], rngs=nnx.Rngs(0))), nnx.Param)[0]
   run = jax.jit(lambda p, x: part.run(nnx.merge(graphdef, p), x), compiler_options=FAST_COMPILE)
-  return np.asarray(run(encoder_params("vae"), _images()))
+  return np.asarray(run(_vae_params(), _images()))
 
 
 def _check_latent_export(folder):
@@ -82,7 +88,7 @@ def _check_latent_export(folder):
   loaded = load_latent_encoder(folder)
   assert (loaded.name, loaded.image_size, loaded.latent_shape) == ("vae", data.IMAGE_SIZE, (LATENT_SIDE, LATENT_SIDE, 3))
   stored = nnx.to_flat_state(nnx.state(loaded.encoder, nnx.Param))
-  expected = nnx.to_flat_state(encoder_params("vae"))
+  expected = nnx.to_flat_state(_vae_params())
   assert [p for p, _ in stored] == [p for p, _ in expected]
   for (path, a), (_, b) in zip(stored, expected):
     assert np.asarray(a).dtype == np.asarray(b).dtype == np.float32

@@ -22,15 +22,15 @@ from dfjax import commands
 from dfjax.training import TrainConfig, load_trained
 from dfjax.data import class_names
 from dfjax.training.captions import CaptionEncoder
+from dfjax.training.fixed_weights import fixed_seed_params
 from dfjax.training.loop import FAST_COMPILE, _graphdef, _loss, make_optimizer, noised_batch
 from dfjax.training.model import run_spec
 from dfjax.training.pipeline_calibrate import describe_costs
-from dfjax.training.pipeline_frozen import CONDITION, FROZEN_ENCODERS, X0, encoder_params, encoder_part
+from dfjax.training.pipeline_frozen import CONDITION, ENCODER_SEED, FROZEN_ENCODERS, X0, encoder_part
 from dfjax.training.pipeline_plan import Piece, PipelineConfig, analytic_costs, make_plan
 from dfjax.training.pipeline_schedule import BACKWARD, FORWARD, FROZEN
 from dfjax.training.pipeline_step import executor_for, step_key
 from dfjax.training.pipeline_train import train_pipelined
-from models.clip import CLIPTextModel
 from models.layers import Workload
 from models.vae import Encoder
 from sharding.accounting import comm
@@ -61,7 +61,8 @@ def _encoded(images, encoder, *, whole_batch=False):
   on the batch at once (independent of the pipeline code; equal up to rounding)."""
   if encoder == "none":
     return images
-  return np.asarray(_encode(encoder, images.shape[1:], whole_batch)(encoder_params(encoder), images))
+  params = fixed_seed_params(Encoder, FROZEN_ENCODERS[encoder], ENCODER_SEED)
+  return np.asarray(_encode(encoder, images.shape[1:], whole_batch)(params, images))
 
 
 @functools.cache

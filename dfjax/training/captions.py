@@ -21,13 +21,13 @@ the null class.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dfjax.training.fixed_weights import fixed_seed_params
 from models.class_tokens import ClassTokens
 from models.clip import CLIPTextConfig, CLIPTextModel
 
@@ -99,20 +99,11 @@ class Captions:
                           max_position_embeddings=self.tokens, eos_token_id=len(self.vocab) - 1)
 
 
-@functools.cache
-def text_params(config: CLIPTextConfig) -> nnx.State:
-  """The frozen text encoder's weights from TEXT_SEED, on the host: made once by one program, so that
-  every run (and every program that reads them) has the same bits; evaluated now even when first asked
-  inside a trace."""
-  make = jax.jit(lambda: nnx.state(CLIPTextModel(config, rngs=nnx.Rngs(TEXT_SEED)), nnx.Param))
-  with jax.ensure_compile_time_eval():
-    return jax.device_get(make())
-
-
 def text_model(config: CLIPTextConfig, params: nnx.State | None = None) -> CLIPTextModel:
-  """The CLIP text model of `config` with `params` (default: its fixed `text_params`)."""
+  """The CLIP text model of `config` with `params` (default: its fixed weights from TEXT_SEED)."""
   graphdef = nnx.split(nnx.eval_shape(lambda: CLIPTextModel(config, rngs=nnx.Rngs(0))), nnx.Param)[0]
-  return nnx.merge(graphdef, text_params(config) if params is None else params)
+  return nnx.merge(graphdef, fixed_seed_params(CLIPTextModel, config, TEXT_SEED) if params is None
+                         else params)
 
 
 class CaptionEncoder(nnx.Module):

@@ -33,12 +33,12 @@ from dfjax import data
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
 from dfjax.training import export, grow
 from dfjax.training.checkpointed import RunFields, loss_rows, run_record, run_steps
+from dfjax.training.fixed_weights import FAST_COMPILE
 from dfjax.training.model import VARIANTS, run_spec
 from models.class_tokens import drop_labels
 from models.dit_config import DiTConfig
 
 MODEL = "model"
-FAST_COMPILE = {"xla_backend_optimization_level": 0}  # a third of the compile time, slower code
 
 
 @dataclasses.dataclass(frozen=True)

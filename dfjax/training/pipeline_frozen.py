@@ -31,7 +31,6 @@ tokens, D token width.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dfjax import data
-from dfjax.training.captions import CaptionEncoder, Captions, text_params
-from dfjax.training.loop import FAST_COMPILE
+from dfjax.training.captions import TEXT_SEED, CaptionEncoder, Captions
+from dfjax.training.fixed_weights import fixed_seed_params
 from dfjax.training.model import ModelSpec
 from models.clip import CLIPTextConfig, CLIPTextModel
 from models.layers import Workload
@@ -136,7 +135,7 @@ class TextPart(FrozenPart):
   config: CLIPTextConfig
 
   def params(self, model: nnx.Module) -> nnx.State:
-    return text_params(self.config)
+    return fixed_seed_params(CLIPTextModel, self.config, TEXT_SEED)
 
   def abstract(self, model: nnx.Module) -> nnx.Module:
     return nnx.eval_shape(lambda: CLIPTextModel(self.config, rngs=nnx.Rngs(0)))
@@ -159,7 +158,7 @@ class EncoderPart(FrozenPart):
   encoder: str
 
   def params(self, model: nnx.Module) -> nnx.State:
-    return encoder_params(self.encoder)
+    return fixed_seed_params(Encoder, self.encoder_config, self.encoder_seed)
 
   def abstract(self, model: nnx.Module) -> nnx.Module:
     return nnx.eval_shape(lambda: Encoder(self.encoder_config, rngs=nnx.Rngs(self.encoder_seed)))
@@ -189,16 +188,6 @@ class EncoderPart(FrozenPart):
       return posterior_mean_latents(y, config) if last else y  # the last: h, w, L
 
     return jax.lax.map(one, x)  # b, *sample_shape
-
-
-@functools.cache
-def encoder_params(encoder: str) -> nnx.State:
-  """The encoder's fixed weights, on the host: made once by one program, so that every run (and every
-  program that starts one) has the same bits. Built eagerly, every initialiser would compile on its
-  own (minutes on a loaded 2-core machine)."""
-  make = jax.jit(lambda: nnx.state(Encoder(FROZEN_ENCODERS[encoder], rngs=nnx.Rngs(ENCODER_SEED)), nnx.Param),
-                 compiler_options=FAST_COMPILE)
-  return jax.device_get(make())
 
 
 def condition_part(spec: ModelSpec) -> FrozenPart | None:
