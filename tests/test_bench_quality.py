@@ -5,6 +5,8 @@ random weights: the plumbing is under test, not the model; the embedded UNet com
 suite's XLA level); bad settings are refused before anything runs."""
 
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,10 +38,17 @@ def folder(tmp_path_factory):
 def test_bench_quality_judges_the_samples_it_names(folder, tmp_path, capsys, monkeypatch):
   judge = QualityJudge(reference_images=200, bootstraps=10)  # a small reference: the judge is tested elsewhere
   monkeypatch.setattr(bench_quality, "QualityJudge", lambda: judge)
+  recorded = Path(shutil.copytree(folder, tmp_path / "model"))
+  assert "quality was not measured" in (recorded / "MODEL_CARD.md").read_text()
   out = tmp_path / "quality.json"
-  assert commands.main(["bench", "quality", "--checkpoint", str(folder), "--samples", str(SAMPLES), "--steps",
-                        str(STEPS), "--json", str(out)]) == 0
+  assert commands.main(["bench", "quality", "--checkpoint", str(recorded), "--samples", str(SAMPLES), "--steps",
+                        str(STEPS), "--json", str(out), "--record"]) == 0
   got = json.loads(out.read_text())
+  assert json.loads((recorded / "quality.json").read_text()) == got
+  card = (recorded / "MODEL_CARD.md").read_text()
+  assert "quality was not measured" not in card
+  assert f"recognises {100 * got['accuracy']:.0f} % of them" in card and f"{got['frechet']:.2f} ±" in card
+  assert load_trained(recorded).scheduler_config == load_trained(folder).scheduler_config  # still loads
   model, labels = load_trained(folder), np.arange(SAMPLES) % data.num_classes
   cond, uncond = model.conditioning(labels)
   images = dfjax.sample(model.denoiser, initial_noise(0, SAMPLES, data.IMAGE_SIZE, data.IMAGE_SIZE, 3), cond,
@@ -60,3 +69,11 @@ def test_bad_settings_are_refused(flags, message, capsys, tmp_path):
   out = tmp_path / "q.json"
   assert commands.main(["bench", "quality", *flags, "--json", str(out)]) == 2
   assert message.replace("\\", "") in capsys.readouterr().err and not out.exists()
+
+
+def test_record_needs_a_dfjax_train_folder(folder, tmp_path, capsys):
+  converted = Path(shutil.copytree(folder, tmp_path / "model"))
+  (converted / "training.json").unlink()
+  assert commands.main(["bench", "quality", "--checkpoint", str(converted), "--record"]) == 2
+  assert "--record writes quality.json into a `dfjax train` export" in capsys.readouterr().err
+  assert not (converted / "quality.json").exists()

@@ -5,6 +5,7 @@ The figures the model cards and the README's "Sample quality" quote: `samples` i
 draw them), sampled by `single` with DDIM and the model's own scheduler config, judged by the shipped
 classifier (dfjax/eval/quality.py): class accuracy overall and per class, the Fréchet classifier
 distance with its bootstrap spread, and the distance fresh dataset images score at the same count.
+`--record` keeps them with the model: the folder's quality.json, which its MODEL_CARD.md quotes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dfjax.eval.quality import Quality, QualityJudge
 from dfjax.generation import (DEFAULT_GUIDANCE, can_judge, check_output_path, checkpoint_source, embedded_source,
                               model_size, timed_sample)
 from dfjax.inputs import initial_noise
+from dfjax.training.card import MODEL_CARD, QUALITY, write_model_card
 from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
+from dfjax.training.export import TRAINING
 from sharding.mesh import make_mesh
 from sharding.strategies import Strategy
 
@@ -34,7 +37,7 @@ class QualityConfig:
     samples: images (sample i draws class i mod K); at least 2 (a Fréchet distance needs 2).
     steps: DDIM steps.
     guidance_scale: the sampler's classifier-free guidance.
-    model, checkpoint: the embedded model (`EMBEDDED_MODELS`: unet, dit), or a `dfjax train` folder instead.
+    model, checkpoint: the embedded model (`EMBEDDED_MODELS`: unet, dit, dit8), or a `dfjax train` folder instead.
   """
 
   samples: int = 100
@@ -100,12 +103,22 @@ def format_report(report: QualityReport) -> str:
       f"{q.samples} samples: {q.dataset_floor:.2f}; reference: {q.reference_images} dataset images)"])
 
 
-def run(config: QualityConfig, json_out: str | None = None, command: str = "dfjax bench quality") -> QualityReport:
+def run(config: QualityConfig, json_out: str | None = None, command: str = "dfjax bench quality", *,
+        record: bool = False) -> QualityReport:
   """`dfjax bench quality`: measures, prints the figures with machine and command, writes JSON.
 
-  An unwritable `json_out` raises its OSError before anything runs."""
-  if json_out:
-    check_output_path(Path(json_out), folder=False)
+  `record`: also write the JSON as the model folder's QUALITY (the checkpoint, or the embedded model's
+  folder in the package) and rewrite its model card, which quotes it. An unwritable `json_out` or
+  record raises its OSError, and a folder that is no `dfjax train` export a ValueError, before anything runs."""
+  outputs = [Path(json_out)] if json_out else []
+  if record:
+    folder = Path(config.checkpoint) if config.checkpoint is not None else default_model_dir(config.model)
+    if not (folder / TRAINING).is_file():
+      raise ValueError(f"--record writes {QUALITY} into a `dfjax train` export and rewrites its {MODEL_CARD}; "
+                       f"{folder} has no {TRAINING}: drop --record, or use --json")
+    outputs.append(folder / QUALITY)
+  for path in outputs:
+    check_output_path(path, folder=False)
   start = time.perf_counter()
   report = measure(config)
   wall_s = time.perf_counter() - start
@@ -113,10 +126,15 @@ def run(config: QualityConfig, json_out: str | None = None, command: str = "dfja
         f"{config.guidance_scale:g}, single device")
   print(f"machine: {device_name()}; command: {command}; wall time {wall_s:.0f} s (sampling {report.sample_s:.0f} s)")
   print(format_report(report))
-  if json_out:
-    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_out).write_text(json.dumps({"machine": device_name(), "command": command, "wall_s": wall_s,
-                                          "config": dataclasses.asdict(config), **report.to_json()},
-                                         indent=2, allow_nan=False) + "\n")
-    print(f"wrote {json_out}")
+  text = json.dumps({"machine": device_name(), "command": command, "wall_s": wall_s,
+                     "config": dataclasses.asdict(config), **report.to_json()}, indent=2, allow_nan=False) + "\n"
+  for path in outputs:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # a crash leaves the old file whole
+    partial.write_text(text)
+    partial.replace(path)
+    print(f"wrote {path}")
+  if record:
+    write_model_card(folder)
+    print(f"wrote {folder / MODEL_CARD}")
   return report

@@ -127,8 +127,11 @@ def _add_quality(benches) -> None:
       "model": Flag("the embedded model run when no checkpoint is given", choices=list(EMBEDDED_MODELS)),
       "checkpoint": Flag("a `dfjax train` model folder instead of the embedded model", metavar="DIR")})
   parser.add_argument("--json", metavar="OUT", help="also write the figures (and each sample's verdict) to this JSON file")
+  parser.add_argument("--record", action="store_true",
+                      help="also write them as the model folder's quality.json and rewrite its MODEL_CARD.md, which "
+                      "quotes them (the checkpoint's folder, or the embedded model's in the package)")
   parser.set_defaults(run=lambda args: quality.run(config_from_args(quality.QualityConfig, args), args.json,
-                                                   command=args.command_line))
+                                                   command=args.command_line, record=args.record))
 
 
 def _add_simulate(benches) -> None:

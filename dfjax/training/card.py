@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 MODEL_CARD = "MODEL_CARD.md"
+QUALITY = "quality.json"  # `dfjax bench quality --record`'s figures of the folder's samples, quoted by the card
 _CURVE_ROWS = 16  # loss-curve rows shown in the card (loss.csv has them all)
 _TARGETS = {"epsilon": "noise", "v_prediction": "velocity v = sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0",
             "sample": "clean image"}
@@ -16,10 +18,13 @@ LATENTS_NOTE = ("trained on the latents of a fixed-seed stand-in VAE encoder (ra
 
 def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
                scheduler_config: Mapping[str, Any], classes: Mapping[str, Any],
-               num_params: int, loss_rows: Sequence[tuple[int, float, float]]) -> str:
+               num_params: int, loss_rows: Sequence[tuple[int, float, float]],
+               quality: Mapping[str, Any] | None = None) -> str:
   """The card's markdown text.
 
   `classes`: class_tokens.json (a UNet's token table) or classes.json (a DiT's) of the export.
+  `quality`: the folder's QUALITY record (`dfjax bench quality --record`), quoted under Limits; None:
+  not measured, and the card says how to measure it.
   A `--frozen-encoder` run (training["latent_encoder"]) gets a card of what its latents are instead
   of the embedded models' claims.
   """
@@ -90,7 +95,7 @@ def model_card(training: Mapping[str, Any], denoiser_config: Mapping[str, Any],
       "|---:|---:|---:|",
   ]
   lines += [f"| {s} | {l:.4f} | {r:.2e} |" for s, l, r in subsample(loss_rows, _CURVE_ROWS)]
-  lines += ["", *(_use_pixels(family) if latent is None else _use_latents(latent)), ""]
+  lines += ["", *(_use_pixels(quality, wall) if latent is None else _use_latents(latent)), ""]
   return "\n".join(lines)
 
 
@@ -127,9 +132,9 @@ def _grown_init(grown: Mapping[str, Any], num_layers: int) -> list[str]:
 
 def _describe_pixels(family: _Family, grown: Mapping[str, Any] | None) -> list[str]:
   how = "trained from scratch" if grown is None else "grown from a shallower one (see Reproduce) and trained"
-  return [f"own Flax NNX port) {how} on dfjax's procedural shapes dataset. It is an",
-          f"embedded model of `dfjax generate{family.generate_flag}`, on which dfjax measures the fidelity of",
-          f"{family.parallelism}. It draws 64×64 RGB pixels directly (no VAE)."]
+  return [f"own Flax NNX port) {how} on dfjax's procedural shapes dataset: a model on which to measure the",
+          f"fidelity of {family.parallelism} (`dfjax generate --checkpoint FOLDER`). It draws 64×64 RGB pixels",
+          "directly (no VAE)."]
 
 
 def _describe_latents(latent: Mapping[str, Any]) -> list[str]:
@@ -145,13 +150,14 @@ def _describe_latents(latent: Mapping[str, Any]) -> list[str]:
       "refuses the model, and its samples can be compared only with the encoder's latents of real images."]
 
 
-def _use_pixels(family: _Family) -> list[str]:
+def _use_pixels(quality: Mapping[str, Any] | None, wall: str) -> list[str]:
   return [
       "## Use",
       "",
       "```python",
-      "from dfjax.training import load_default_model",
-      f"model = load_default_model({family.load_argument})",
+      "import dfjax",
+      "from dfjax.training import load_trained",
+      "model = load_trained(FOLDER)",
       "cond, uncond = model.conditioning(labels)                # (B,) class ids; uncond: the null class",
       "images = dfjax.sample(model.denoiser, noise_b64643, cond, uncond=uncond,",
       "                      scheduler_config=model.scheduler_config, num_steps=50,",
@@ -160,9 +166,26 @@ def _use_pixels(family: _Family) -> list[str]:
       "",
       "## Limits",
       "",
-      *family.limits,
-      "It exists to make the artefacts of parallel sampling visible and measurable, not as an",
-      "image generator."]
+      f"A few-MB model trained for {wall} on a CPU. It exists to make the artefacts of parallel sampling",
+      "visible and measurable, not as an image generator.",
+      "",
+      *_measured_quality(quality)]
+
+
+def _measured_quality(quality: Mapping[str, Any] | None) -> list[str]:
+  """What `dfjax bench quality --record` measured of this folder's samples (QUALITY), or how to measure it."""
+  if quality is None:
+    return ["Its sample quality was not measured: `dfjax bench quality --checkpoint FOLDER --record` measures it",
+            f"and writes it here ({QUALITY})."]
+  cfg = quality["config"]
+  missed = [f"{name} {100 * share:.0f} %" for name, share in quality["per_class"].items() if share < 1]
+  return textwrap.wrap(f"`{quality['command']}` ({cfg['samples']} samples, classes in turn, {cfg['steps']}-step DDIM, guidance "
+          f"{cfg['guidance_scale']:g}; {quality['machine']}): the shipped shapes classifier recognises "
+          f"{100 * quality['accuracy']:.0f} % of them"
+          + (f" (below 100 %: {', '.join(missed)})" if missed else "")
+          + f"; Fréchet classifier distance {quality['frechet']:.2f} ± {quality['frechet_std']:.2f} (bootstrap "
+          f"std; dataset images at the same count: {quality['dataset_floor']:.2f}). Every figure is in {QUALITY}.",
+                       width=100, break_on_hyphens=False)
 
 
 def _use_latents(latent: Mapping[str, Any]) -> list[str]:
@@ -196,10 +219,7 @@ class _Family(NamedTuple):
   title: str
   kind: str
   diffusers: str
-  generate_flag: str
-  load_argument: str
   parallelism: str
-  limits: tuple[str, ...]
   describe: Callable[[Mapping[str, Any], Mapping[str, Any], int, Mapping[str, Any] | None], list[str]]
   fresh_init: tuple[str, ...] = ()  # how a run trained from scratch initialises it, when notable
 
@@ -242,20 +262,10 @@ def _describe_dit(config: Mapping[str, Any], classes: Mapping[str, Any], num_par
 
 
 _FAMILIES = {
-    "UNet2DConditionModel": _Family("model", "UNet", "UNet2DConditionModel", "", "",
-                                    "patch-parallel sampling",
-                                    ("A few-MB model trained for an hour on a CPU: it draws the classes (the shipped",
-                                     "classifier recognises 98 % of 100 samples), but its colours are muted (mean",
-                                     "per-pixel channel spread 0.21 against the data's 0.46) and its edges and stripes",
-                                     "softer and less regular than the data."), _describe_unet),
-    "DiTTransformer2DModel": _Family("DiT", "diffusion transformer", "DiTTransformer2DModel", " --model dit",
-                                     '"dit"', "sequence- and patch-parallel sampling",
-                                     ("A few-MB model trained for 6,000 steps (about 5 hours on a shared CPU): the shipped",
-                                      "classifier recognises 92 % of 100 samples (`dfjax bench quality --model dit`; Fréchet",
-                                      "distance 7.98 ± 4.90, the dataset's own 0.29). Every class is drawn; radial gradients",
-                                      "(40 %) and discs (80 %) are the ones it misses, edges step along its 4×4-pixel tokens",
-                                      "and their seams show faintly on smooth backgrounds."),
-                                     _describe_dit,
+    "UNet2DConditionModel": _Family("model", "UNet", "UNet2DConditionModel", "patch-parallel sampling",
+                                    _describe_unet),
+    "DiTTransformer2DModel": _Family("DiT", "diffusion transformer", "DiTTransformer2DModel",
+                                     "sequence- and patch-parallel sampling", _describe_dit,
                                      ("- Initialised as in the DiT paper (adaLN-Zero): every block's modulation and the "
                                       "final layer", "  start at zero.")),
 }
@@ -281,5 +291,6 @@ def write_model_card(folder) -> None:
     rows = [(int(r["step"]), float(r["loss"]), float(r["learning_rate"])) for r in csv.DictReader(f)]
   classes = next(name for name in ("class_tokens.json", "classes.json") if (folder / name).is_file())
   text = model_card(read("training.json"), read("config.json"), read("scheduler_config.json"),
-                    read(classes), read("manifest.json")["num_params"], rows)
+                    read(classes), read("manifest.json")["num_params"], rows,
+                    read(QUALITY) if (folder / QUALITY).is_file() else None)
   (folder / MODEL_CARD).write_text(text)
