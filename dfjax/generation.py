@@ -79,7 +79,7 @@ class GenerateConfig:
   """Settings of one `dfjax generate` run (its flags).
 
   Attributes:
-    model: the embedded model sampled when there is no checkpoint (`EMBEDDED_MODELS`: unet, dit).
+    model: the embedded model sampled when there is no checkpoint (`EMBEDDED_MODELS`: unet, dit, dit8).
     checkpoint: a model folder; None samples the embedded `model`.
     strategies: strategy names, run in this order; `single` is the reference of the metrics.
       None: those of DEFAULT_STRATEGIES that fit the model and the mesh.
@@ -199,7 +199,7 @@ class GenerateResult:
 # ------------------------------------------------------------------------------ what is sampled
 
 def embedded_source(count: int | None, name: str = DEFAULT_EMBEDDED) -> Source:
-  """The shipped class-conditional model `name` (unet, dit); `count` images cycling over the classes."""
+  """The shipped class-conditional model `name` (unet, dit, dit8); `count` images cycling over the classes."""
   return _class_source(load_default_model(name), count, f"embedded {name} ({default_model_dir(name)})")
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from dfjax import commands, data
 from dfjax.loading import load_model
 from dfjax.schedulers import SchedulerConfig, prediction_target, train_alphas_cumprod
-from dfjax.training import TrainConfig, load_default_model, load_trained, train
+from dfjax.training import EMBEDDED_MODELS, TrainConfig, load_default_model, load_trained, train
 from dfjax.training.model import VARIANTS
 
 TINY = dict(model="tiny", steps=3, batch=2, save_every=2, log_every=2, warmup_steps=2)
@@ -157,7 +157,7 @@ def test_a_damaged_dit_export_is_refused(dit_whole, tmp_path):
     load_trained(tmp_path / "dit")
 
 
-@pytest.mark.parametrize("name", ["unet", "dit"])
+@pytest.mark.parametrize("name", EMBEDDED_MODELS)
 def test_default_model_is_trained(name):
   """On noised training images the shipped model's prediction (of its scheduler's target) beats
   predicting 0 by far, for a class label and for the null class."""

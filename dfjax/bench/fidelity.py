@@ -71,7 +71,7 @@ class FidelityConfig:
     tables: which tables run: "main" (displaced and naive by patch count), "warmup" (the ablation),
       "pipeline" (AsyncDiff and PipeFusion).
     guidance_scale: the sampler's guidance.
-    model, checkpoint: the embedded model (`EMBEDDED_MODELS`: unet, dit), or a `dfjax train` folder instead.
+    model, checkpoint: the embedded model (`EMBEDDED_MODELS`: unet, dit, dit8), or a `dfjax train` folder instead.
   """
 
   seeds: int = 16

@@ -1,7 +1,8 @@
-"""The models dfjax ships: a small class-conditional UNet and DiT trained on `dfjax.data`, in the package.
+"""The models dfjax ships: a small class-conditional UNet and DiT trained on `dfjax.data`, in the package,
+and the DiT grown to 8 blocks (so that PipeFusion and AsyncDiff cut it into 8 stages).
 
-Their folders, `dfjax/assets/default_model/` (the UNet) and `dfjax/assets/default_dit/`, are
-`dfjax train` exports (see MODEL_CARD.md there for the command that produced each, the data, the
+Their folders, `dfjax/assets/default_model/` (the UNet), `dfjax/assets/default_dit/` and
+`dfjax/assets/default_dit8/`, are `dfjax train` exports (see MODEL_CARD.md there for the command that produced each, the data, the
 loss curve and the machine).
 """
 
@@ -16,7 +17,7 @@ import jax
 from dfjax.training.export import TrainedModel, load_trained
 
 # Embedded model name (`dfjax generate --model`) → its folder under dfjax/assets; the first is the default.
-EMBEDDED_MODELS = {"unet": "default_model", "dit": "default_dit"}
+EMBEDDED_MODELS = {"unet": "default_model", "dit": "default_dit", "dit8": "default_dit8"}
 DEFAULT_EMBEDDED = next(iter(EMBEDDED_MODELS))
 
 
@@ -32,7 +33,7 @@ def load_default_model(name: str = DEFAULT_EMBEDDED, *, dtype: Any = None, param
   """Loads a shipped model: `denoiser, class_tokens, scheduler_config = load_default_model()`.
 
   Args:
-    name: "unet" (the default) or "dit" (`EMBEDDED_MODELS`).
+    name: "unet" (the default), "dit" or "dit8" (`EMBEDDED_MODELS`).
     dtype: computation dtype (None: float32); param_dtype: dtype the params are restored in.
     sharding: placed on every param (e.g. replicated over a mesh); None: the default device.
   Raises:
