@@ -11,9 +11,9 @@ from dfjax.bench import fidelity
 from test_generate import tiny_dit_source
 
 
-def _run(monkeypatch, tmp_path, **grid):
+def _run(monkeypatch, tmp_path, tables=("pipeline",), **grid):
   monkeypatch.setattr(fidelity, "embedded_source", lambda count, name: tiny_dit_source(count))
-  config = fidelity.FidelityConfig(seeds=2, steps=2, tables=("pipeline",), model="dit", **grid)
+  config = fidelity.FidelityConfig(seeds=2, steps=2, tables=tables, model="dit", **grid)
   return fidelity.run(config, json_out=str(tmp_path / "f.json")), json.loads((tmp_path / "f.json").read_text())
 
 
@@ -33,6 +33,16 @@ def test_pipeline_rows_run_on_their_stage_meshes_and_misfits_are_skipped(monkeyp
   assert "skipped pipefusion (16 patches, warm-up 1) on stage=8: 2 blocks cannot fill 8 stages" in out
   assert "Pipeline methods vs single" in out and "cfg=1×stage=2×patch=1, 4 patches, warm-up 1" in out
   assert len(saved["skipped"]) == 2 and saved["rows"][2]["options"] == "4 patches, warm-up 1"
+
+
+def test_a_model_without_groupnorm_gets_one_displaced_row_per_patch_count(monkeypatch, tmp_path, capsys):
+  """A DiT has no GroupNorm, so the modes would sample one image several times: the first runs, the others
+  are reported as skipped, saying why."""
+  rows, saved = _run(monkeypatch, tmp_path, tables=("main",), patch=(2,), groupnorm=("sync", "stale"))
+  assert [(r.strategy, r.groupnorm, r.patch) for r in rows] == [
+      ("single", None, 1), ("displaced", "sync", 2), ("naive", None, 2)]
+  assert "skipped displaced with GroupNorm stale: the model has no GroupNorm" in capsys.readouterr().out
+  assert len(saved["skipped"]) == 1
 
 
 @pytest.mark.slow

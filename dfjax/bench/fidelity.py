@@ -42,6 +42,7 @@ from dfjax.generation import (DEFAULT_GUIDANCE, REFERENCE, Source, can_judge, ch
                               embedded_source, model_size, resolve_patch, timed_sample)
 from dfjax.inputs import initial_noise
 from dfjax.training.default_model import DEFAULT_EMBEDDED, default_model_dir
+from models.config import UNetConfig
 from sharding.axes import PATCH
 from sharding.exchange.groupnorm import GroupNormMode
 from sharding.mesh import axis_sizes, describe, make_mesh
@@ -145,14 +146,15 @@ class Row:
             "ssim_mean": ssim_mean, "ssim_std": ssim_std}
 
 
-def _configurations(config: FidelityConfig, ablation_patch: int):
+def _configurations(config: FidelityConfig, ablation_patch: int, groupnorm: tuple[str, ...]):
   """(table, patch, strategy, its GroupNorm mode, its warm-up) of every patch run, in run order.
 
-  The mode and warm-up are None for naive, which has neither.
+  `groupnorm`: the displaced rows' modes (those of `config` that change the model's image). The mode and
+  warm-up are None for naive, which has neither.
   """
   if "main" in config.tables:
     for patch in config.patch:
-      for mode in config.groupnorm:
+      for mode in groupnorm:
         yield "main", patch, Strategy.displaced(config.warmup_steps, mode), mode, config.warmup_steps
       yield "main", patch, Strategy.naive(), None, None
   if "warmup" in config.tables and ablation_patch:
@@ -215,9 +217,14 @@ def measure(config: FidelityConfig, *, progress: bool = True) -> tuple[list[Row]
   if "warmup" in config.tables and ablation_patch:
     resolve_patch(unet.config, size, ablation_patch, 1, len(jax.devices()))
   pipelines, skipped = _pipeline_runs(grid, unet.config, size, len(jax.devices()))
+  groupnorm = config.groupnorm
+  if "main" in config.tables and not isinstance(unet.config, UNetConfig) and len(groupnorm) > 1:
+    groupnorm = groupnorm[:1]  # the mode only says how GroupNorm moments combine: one row says it all
+    skipped.append(f"displaced with GroupNorm {', '.join(config.groupnorm[1:])}: the model has no GroupNorm, "
+                   f"so each mode samples the {groupnorm[0]} row's image")
   noise = initial_noise(0, config.seeds, size, size, unet.config.in_channels)
-  runs = [(table, make_mesh(1, 1, patch), strategy, groupnorm, warmup_steps)
-          for table, patch, strategy, groupnorm, warmup_steps in _configurations(config, ablation_patch)]
+  runs = [(table, make_mesh(1, 1, patch), strategy, mode, warmup_steps)
+          for table, patch, strategy, mode, warmup_steps in _configurations(config, ablation_patch, groupnorm)]
   runs += [("pipeline", mesh, strategy, None, strategy.warmup_steps) for strategy, mesh in pipelines]
   main = dict(scheduler="ddim", num_steps=config.steps)
   samplers = {"main": main, "pipeline": main, "warmup": dict(scheduler=ABLATION_SCHEDULER, num_steps=ABLATION_STEPS)}
