@@ -1,6 +1,8 @@
 """Every test sees 8 virtual CPU devices; set before jax is first used."""
 
+import json
 import os
+import time
 
 import pytest
 
@@ -35,6 +37,22 @@ def pytest_xdist_auto_num_workers(config):
 SLOWEST_FILES = ("test_notebook.py", "test_generate.py", "test_pipeline_train.py", "test_multihost.py",
                  "test_training.py", "test_asyncdiff.py", "test_pipefusion.py", "test_sampling.py",
                  "test_strategies.py", "test_tensor.py")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With DFJAX_TEST_TIMELINE=FILE, each test (setup included) appends one JSON line to FILE: its worker,
+  file, id, start and stop times and the CPU seconds its process (and waited-for children) used. It tells
+  idle cores from CPU-bound work in a slow run."""
+  timeline = os.environ.get("DFJAX_TEST_TIMELINE")
+  start, before = time.time(), os.times()
+  yield
+  if timeline:
+    after = os.times()
+    cpu = sum(getattr(after, k) - getattr(before, k) for k in ("user", "system", "children_user", "children_system"))
+    with open(timeline, "a") as f:
+      f.write(json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "file": item.path.name,
+                          "test": item.nodeid, "start": start, "stop": time.time(), "cpu": cpu}) + "\n")
 
 
 def pytest_collection_modifyitems(items):
