@@ -2,8 +2,8 @@
 and the DiT grown to 8 blocks (so that PipeFusion and AsyncDiff cut it into 8 stages).
 
 Their folders, `dfjax/assets/default_model/` (the UNet), `dfjax/assets/default_dit/` and
-`dfjax/assets/default_dit8/`, are `dfjax train` exports (see MODEL_CARD.md there for the command that produced each, the data, the
-loss curve and the machine).
+`dfjax/assets/default_dit8/`, are `dfjax train` exports (see MODEL_CARD.md there for the command that
+produced each, the data, the loss curve, the machine and the measured sample quality).
 """
 
 from __future__ import annotations
